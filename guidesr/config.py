@@ -1,0 +1,169 @@
+"""The one configuration object a GuideSR model is built from, and its presets.
+
+`GuideSRConfig` is the model's only input: `GuideSR(config)` builds every module from it,
+checkpoints store it as JSON, and loading compares it field by field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# SD-Turbo (SD 2.1 architecture at 512 px) as published in its diffusers folder.
+SD_TURBO_UNET: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "use_linear_projection": True,
+    "norm_num_groups": 32,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+SD_TURBO_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 768,
+    "scaling_factor": 0.18215,
+}
+
+# A structurally identical miniature: same block types, 8x VAE, cross-attention, 2 UNet scales.
+TINY_UNET: dict[str, Any] = {
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 32,
+    "use_linear_projection": True,
+    "norm_num_groups": 8,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+TINY_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [16, 32, 64, 64],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 256,
+    "scaling_factor": 0.18215,
+}
+
+# LoRA targets as in pix2pix-turbo / OSEDiff: attention projections, feed-forward and convolutions.
+UNET_LORA_TARGETS = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "conv", "conv_in", "conv_out",
+]
+VAE_LORA_TARGETS = ["conv1", "conv2", "conv_shortcut", "conv", "conv_in", "conv_out", "to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class GuidanceConfig:
+    """Guidance branch (paper §3.1) and its injection into the UNet encoder."""
+
+    channels: int = 32  # C: F0 has C channels, F_d and F_r have 2C
+    num_frb: int = 4  # n full-resolution blocks
+    fca_per_frb: int = 2  # FCA blocks inside each FRB
+    # Width of PixelUnshuffle(F_r) at each UNet scale. At scale s the branch first narrows F_r to
+    # injection_channels / s^2 channels (never more than 2C), so the unshuffled tensor stays this wide.
+    injection_channels: int = 4096
+
+
+@dataclass
+class LoRASettings:
+    unet_rank: int = 8
+    vae_rank: int = 4
+    unet_targets: list[str] = field(default_factory=lambda: list(UNET_LORA_TARGETS))
+    vae_targets: list[str] = field(default_factory=lambda: list(VAE_LORA_TARGETS))
+
+
+@dataclass
+class GuideSRConfig:
+    preset: str = "sd-turbo"
+    scale: int = 4
+    timestep: int = 999  # t_f, the fixed timestep of the one-step model
+    unet: dict[str, Any] = field(default_factory=lambda: dict(SD_TURBO_UNET))
+    vae: dict[str, Any] = field(default_factory=lambda: dict(SD_TURBO_VAE))
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    prompt_length: int = 77
+    # Use the fused Triton kernels on CUDA (inference only; the PyTorch path runs elsewhere).
+    use_triton_kernels: bool = True
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    @property
+    def injection_scales(self) -> list[int]:
+        """Pixel-unshuffle factor s for each UNet encoder scale (input of each down block)."""
+        return [self.vae_factor * 2**i for i in range(len(self.unet["block_out_channels"]))]
+
+    @property
+    def size_multiple(self) -> int:
+        return self.injection_scales[-1]
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.unet["cross_attention_dim"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GuideSRConfig":
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown GuideSR config fields: {sorted(unknown)}")
+        data["guidance"] = GuidanceConfig(**data.get("guidance", {}))
+        data["lora"] = LoRASettings(**data.get("lora", {}))
+        return cls(**data)
+
+
+def tiny_config() -> GuideSRConfig:
+    """A few MB; runs 256x256 in well under 2 s on 2 CPU cores. Tests and the embedded demo use it."""
+    return GuideSRConfig(
+        preset="tiny",
+        unet=dict(TINY_UNET),
+        vae=dict(TINY_VAE),
+        guidance=GuidanceConfig(channels=16, num_frb=2, fca_per_frb=2, injection_channels=512),
+    )
+
+
+def sd_turbo_config() -> GuideSRConfig:
+    """The real SD-Turbo shapes; base weights come from a local diffusers-format folder."""
+    return GuideSRConfig(preset="sd-turbo")
+
+
+PRESETS = {"tiny": tiny_config, "sd-turbo": sd_turbo_config}
+
+
+def preset_config(name: str) -> GuideSRConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()

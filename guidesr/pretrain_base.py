@@ -1,0 +1,78 @@
+"""Make the base model of the `tiny` preset: the stand-in for SD-Turbo that the embedded demo builds on.
+
+SD-Turbo's weights cannot be downloaded here, so the tiny preset gets a base of its own, written as a
+diffusers-format folder exactly like a user's SD-Turbo folder (unet/, vae/):
+
+  * VAE: trained as an autoencoder (L1 + MSE on the decoded posterior mean, a small KL term) on
+    random crops of the scikit-image training photos, so its latent space carries the image, as
+    SD's VAE does.
+  * UNet: random weights with `conv_out` set to zero, so the untrained one-step residual F_m is zero
+    and F_n = F_l; GuideSR's LoRA (which targets conv_out) learns the residual from there.
+
+    python -m guidesr.pretrain_base --out guidesr/weights/tiny-base --steps 1500 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from .config import tiny_config
+from .data import SampleImages, random_crop_flip
+
+
+def train_vae(vae: AutoencoderKL, images: list[torch.Tensor], steps: int, crop: int, batch: int,
+              lr: float, generator: torch.Generator, log_every: int = 100) -> list[float]:
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    losses = []
+    start = time.time()
+    for step in range(steps):
+        picks = torch.randint(len(images), (batch,), generator=generator).tolist()
+        x = torch.stack([random_crop_flip(images[i], crop, generator) for i in picks]) * 2 - 1  # [B, 3, crop, crop]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.mean).sample
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % log_every == 0 or step == steps - 1:
+            print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - start:.0f}s", flush=True)
+    return losses
+
+
+def make_tiny_base(out: Path, steps: int, seed: int, crop: int = 64, batch: int = 8, lr: float = 2e-3) -> None:
+    config = tiny_config()
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    vae = AutoencoderKL(**config.vae)
+    unet = UNet2DConditionModel(**config.unet)
+    torch.nn.init.zeros_(unet.conv_out.weight)
+    torch.nn.init.zeros_(unet.conv_out.bias)
+    images = list(SampleImages("train"))
+    train_vae(vae, images, steps, crop, batch, lr, generator)
+    out.mkdir(parents=True, exist_ok=True)
+    vae.save_pretrained(out / "vae")
+    unet.save_pretrained(out / "unet")
+    print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights" / "tiny-base")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    make_tiny_base(args.out, args.steps, args.seed)
+
+
+if __name__ == "__main__":
+    main()

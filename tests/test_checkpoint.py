@@ -1,0 +1,161 @@
+"""Issue 2: checkpoints (safetensors + JSON) and base folders (diffusers `save_pretrained` layout)."""
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from guidesr.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint, save_checkpoint
+from guidesr.config import tiny_config
+from guidesr.loading import BaseModelError, build_model, load_base_modules, load_model
+from guidesr.model import GuideSR
+
+
+def trained_model(seed: int) -> GuideSR:
+    torch.manual_seed(seed)
+    model = GuideSR(tiny_config())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.01)
+    return model
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny diffusers-format base folder, written the way a user's SD-Turbo folder is laid out."""
+    root = tmp_path_factory.mktemp("base")
+    config = tiny_config()
+    torch.manual_seed(1)
+    UNet2DConditionModel(**config.unet).save_pretrained(root / "unet")
+    AutoencoderKL(**config.vae).save_pretrained(root / "vae")
+    return root
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    source = trained_model(0)
+    json_path = save_checkpoint(source, tmp_path / "ckpt")
+    assert json_path == tmp_path / "ckpt.json" and (tmp_path / "ckpt.safetensors").is_file()
+    record = json.loads(json_path.read_text())
+    assert record["format_version"] == 1 and record["config"]["preset"] == "tiny"
+    target = GuideSR(tiny_config())
+    digest = load_checkpoint(target, json_path)
+    assert digest == record["sha256"] == target.descriptor.checkpoint_sha256
+    saved = source.trained_state_dict()
+    loaded = target.trained_state_dict()
+    assert saved.keys() == loaded.keys() and len(saved) > 50
+    for name in saved:
+        assert torch.equal(saved[name], loaded[name]), name
+
+
+def test_only_trained_parts_are_stored(tmp_path):
+    model = trained_model(0)
+    save_checkpoint(model, tmp_path / "ckpt")
+    from safetensors.torch import load_file
+
+    names = load_file(tmp_path / "ckpt.safetensors").keys()
+    assert all(n.startswith(("guidance.", "injections.", "vae_skips.", "prompt.")) or "lora_" in n for n in names)
+
+
+def test_wrong_preset_fails_naming_both(tmp_path):
+    save_checkpoint(trained_model(0), tmp_path / "ckpt")
+    record_path = tmp_path / "ckpt.json"
+    record = json.loads(record_path.read_text())
+    record["config"]["preset"] = "sd-turbo"
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="preset 'sd-turbo'.*preset 'tiny'"):
+        load_checkpoint(GuideSR(tiny_config()), record_path)
+
+
+def test_other_config_fails_naming_field(tmp_path):
+    save_checkpoint(trained_model(0), tmp_path / "ckpt")
+    config = tiny_config()
+    config.guidance.channels = 8
+    with pytest.raises(CheckpointError, match="guidance"):
+        load_checkpoint(GuideSR(config), tmp_path / "ckpt.json")
+
+
+def test_other_format_version_fails(tmp_path):
+    save_checkpoint(trained_model(0), tmp_path / "ckpt")
+    record = json.loads((tmp_path / "ckpt.json").read_text())
+    record["format_version"] = 99
+    (tmp_path / "ckpt.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_checkpoint(GuideSR(tiny_config()), tmp_path / "ckpt")
+
+
+def test_corrupted_tensors_fail_clearly(tmp_path):
+    save_checkpoint(trained_model(0), tmp_path / "ckpt")
+    tensors = tmp_path / "ckpt.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_checkpoint(GuideSR(tiny_config()), tmp_path / "ckpt")
+
+
+def test_truncated_tensors_fail_clearly_even_without_hash_check(tmp_path):
+    save_checkpoint(trained_model(0), tmp_path / "ckpt")
+    tensors = tmp_path / "ckpt.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cannot be read as safetensors"):
+        load_checkpoint(GuideSR(tiny_config()), tmp_path / "ckpt", verify_hash=False)
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(GuideSR(tiny_config()), tmp_path / "x.json")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(GuideSR(tiny_config()), tmp_path / "missing")
+
+
+def test_checkpoint_paths():
+    assert checkpoint_paths("a/b.safetensors") == checkpoint_paths("a/b") == checkpoint_paths("a/b.json")
+
+
+def test_base_folder_loads_through_user_path(base_dir, tmp_path):
+    unet, vae = load_base_modules(tiny_config(), base_dir)
+    reference = UNet2DConditionModel.from_pretrained(base_dir / "unet")
+    for (name, p), (_, q) in zip(unet.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(p, q), name
+    # the same path a user's SD-Turbo folder takes: checkpoint naming a base folder -> load_model
+    source = build_model(tiny_config(), base_dir)
+    with torch.no_grad():
+        for _, p in source.trainable_parameters():
+            p.add_(0.01)
+    save_checkpoint(source, tmp_path / "ckpt", base_model=str(base_dir))
+    model = load_model(tmp_path / "ckpt.json")
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(model(x).r1, source.eval()(x).r1)
+
+
+def test_missing_subfolder_is_named(base_dir, tmp_path):
+    (tmp_path / "unet").symlink_to(base_dir / "unet")
+    with pytest.raises(BaseModelError, match="no vae/config.json"):
+        load_base_modules(tiny_config(), tmp_path)
+    with pytest.raises(BaseModelError, match="does not exist"):
+        load_base_modules(tiny_config(), tmp_path / "nowhere")
+
+
+def test_wrong_shapes_are_named(tmp_path):
+    config = tiny_config()
+    wrong = dict(config.unet, block_out_channels=[16, 32])
+    UNet2DConditionModel(**wrong).save_pretrained(tmp_path / "unet")
+    AutoencoderKL(**config.vae).save_pretrained(tmp_path / "vae")
+    with pytest.raises(BaseModelError, match=r"block_out_channels: folder \[16, 32\] vs preset \[32, 64\]"):
+        load_base_modules(config, tmp_path)
+
+
+def test_sd_turbo_checkpoint_without_base_asks_for_it(tmp_path):
+    from guidesr.config import sd_turbo_config
+
+    with torch.device("meta"):
+        model = GuideSR(sd_turbo_config())
+    record = {"format": "guidesr-checkpoint", "format_version": 1, "config": model.config.to_dict(),
+              "tensors": "x.safetensors", "sha256": "", "base_model": None}
+    (tmp_path / "x.json").write_text(json.dumps(record))
+    with pytest.raises(BaseModelError, match="--base-model"):
+        load_model(tmp_path / "x.json")

@@ -1,0 +1,161 @@
+"""Issue 2: the GuideSR model (tiny preset on CPU, sd-turbo shapes on the meta device)."""
+
+import copy
+
+import pytest
+import torch
+
+from guidesr.config import preset_config, sd_turbo_config, tiny_config
+from guidesr.diffusion import vae_encode
+from guidesr.model import GuideSR, pad_to_multiple
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return GuideSR(tiny_config()).eval()
+
+
+def randomize_trainable(model: GuideSR, seed: int, only_lora: bool = False) -> None:
+    """Give trainable tensors (zero-convs, LoRA B, ...) random non-zero values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.trainable_parameters():
+            if not only_lora or "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+
+
+@pytest.mark.parametrize("size", [(72, 56), (128, 128), (200, 136)])
+def test_forward_odd_sizes_shape_finite_deterministic(tiny, size):
+    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        first = tiny(x)
+        second = tiny(x)
+    for out in (first.r1, first.r2):
+        assert out.shape == x.shape
+        assert torch.isfinite(out).all()
+        assert out.abs().max() <= 1.0
+    assert torch.equal(first.r1, second.r1) and torch.equal(first.r2, second.r2)
+
+
+def test_same_seed_builds_identical_model():
+    torch.manual_seed(3)
+    a = GuideSR(tiny_config())
+    torch.manual_seed(3)
+    b = GuideSR(tiny_config())
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), name
+
+
+def test_zero_init_equals_plain_diffusion_pipeline(tiny):
+    """Untrained injection and VAE skips: R1 == decode(UNet(encode(x), t_f) + encode(x)), diffusers' own forwards."""
+    x = torch.rand(1, 3, 96, 80, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    vae, unet, cfg = tiny.vae, tiny.unet, tiny.config
+    with torch.no_grad():
+        r1 = tiny(x).r1
+        padded = pad_to_multiple(x, cfg.size_multiple)
+        latent = vae.encode(padded).latent_dist.mean * vae.config.scaling_factor
+        text = tiny.prompt(padded)
+        residual = unet(latent, cfg.timestep, encoder_hidden_states=text).sample
+        plain = vae.decode((latent + residual) / vae.config.scaling_factor).sample
+        plain = plain[..., : x.shape[-2], : x.shape[-1]].clamp(-1, 1)
+    assert (r1 - plain).abs().max().item() <= 1e-6
+
+
+def test_injection_and_skips_change_output_once_trained():
+    torch.manual_seed(0)
+    model = GuideSR(tiny_config()).eval()
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        before = model(x).r1
+        randomize_trainable(model, 5)
+        after = model(x).r1
+    assert (before - after).abs().max() > 1e-3
+
+
+def test_gradients_reach_only_trainable_parts():
+    torch.manual_seed(0)
+    model = GuideSR(tiny_config())
+    randomize_trainable(model, 7)  # with LoRA B = 0, LoRA A would get no gradient
+    x = torch.rand(1, 3, 64, 48) * 2 - 1
+    out = model(x)
+    (out.r1.square().mean() + out.r2.square().mean()).backward()
+    trainable_prefixes = ("guidance.", "injections.", "vae_skips.", "prompt.")
+    for name, p in model.named_parameters():
+        is_trainable = name.startswith(trainable_prefixes) or "lora_" in name
+        assert p.requires_grad == is_trainable, name
+        if is_trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {name}"
+        else:
+            assert p.grad is None, f"base weight {name} got a gradient"
+    groups = {n.split(".")[0] for n, _ in model.trainable_parameters()}
+    assert groups == {"guidance", "injections", "vae_skips", "prompt", "unet", "vae"}
+    assert any("lora_" in n and n.startswith("unet.") for n, _ in model.trainable_parameters())
+    assert any("lora_" in n and n.startswith("vae.") for n, _ in model.trainable_parameters())
+
+
+def test_lora_ranks_follow_config(tiny):
+    ranks = {}
+    for name, p in tiny.named_parameters():
+        if "lora_A" in name:
+            ranks.setdefault(name.split(".")[0], set()).add(p.shape[0])
+    assert ranks == {"unet": {8}, "vae": {4}}
+
+
+def test_merge_lora_keeps_output():
+    """Merging is exact algebra (fp64), and in fp32 costs no more than the model's own fp32 rounding."""
+    torch.manual_seed(0)
+    model = GuideSR(tiny_config()).eval()
+    randomize_trainable(model, 11, only_lora=True)
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()
+        unmerged64 = exact(x.double()).r1
+        exact.merge_lora()
+        assert (exact(x.double()).r1 - unmerged64).abs().max().item() <= 1e-10
+        before = model(x).r1
+        model.merge_lora()
+        after = model(x).r1
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    fp32_rounding = (before.double() - unmerged64).abs().max().item()
+    assert (before - after).abs().max().item() <= max(1e-5, 2 * fp32_rounding)
+
+
+def test_sd_turbo_parameter_counts_on_meta_device():
+    with torch.device("meta"):
+        model = GuideSR(sd_turbo_config())
+    base = lambda module: sum(p.numel() for n, p in module.named_parameters() if "lora_" not in n)  # noqa: E731
+    unet, vae = base(model.unet), base(model.vae)
+    assert round(unet / 1e6, 1) == 865.9
+    assert round(vae / 1e6, 1) == 83.7
+    injection = sum(p.numel() for p in model.injections.parameters())
+    assert injection <= 0.10 * unet
+    assert model.config.size_multiple == 64 and model.config.injection_scales == [8, 16, 32, 64]
+
+
+def test_pad_to_multiple_reflects_and_replicates():
+    x = torch.arange(2 * 3 * 5 * 7, dtype=torch.float32).reshape(2, 3, 5, 7)
+    padded = pad_to_multiple(x, 8)
+    assert padded.shape[-2:] == (8, 8)
+    assert torch.equal(padded[..., :5, :7], x)
+    assert torch.equal(padded[..., 5, :7], x[..., 3, :])  # reflect
+    tiny_image = torch.rand(1, 3, 3, 3)
+    assert pad_to_multiple(tiny_image, 16).shape[-2:] == (16, 16)  # too small to reflect: replicate
+
+
+def test_vae_encode_returns_skip_per_down_block(tiny):
+    latent, skips = vae_encode(tiny.vae, torch.zeros(1, 3, 64, 32))
+    assert latent.shape == (1, 4, 8, 4)
+    assert [s.shape[-1] for s in skips] == [32, 16, 8, 4]
+
+
+def test_preset_lookup():
+    assert preset_config("tiny").preset == "tiny"
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        preset_config("huge")
+
+
+def test_descriptor(tiny):
+    d = tiny.descriptor
+    assert (d.scale, d.size_multiple, d.preset) == (4, 16, "tiny")
+    assert d.input_range == (-1.0, 1.0)

@@ -1,0 +1,246 @@
+"""HR image sources and the (degraded input, ground truth) batches GuideSR trains on.
+
+* `HRImageFolder`: every PNG / JPEG / WebP under a folder, recursively (ImageNet, FFHQ,
+  DIV2K, ... as the paper uses).
+* `SampleImages`: the colour photographs that ship inside scikit-image, so that training
+  and evaluation can run on a machine with no data set at all. `SAMPLE_EVAL` is a fixed
+  held-out subset that `SampleImages("train")` never yields.
+* `TrainingPairs`: an endless, seeded stream of batches: random HR crops with random
+  horizontal flips (done here, per image, on the CPU) -> the Real-ESRGAN degradation of
+  `guidesr.degradations` (batched, on the training device) -> bicubic upsampling back to
+  HR size. `eval_pairs` gives the deterministic counterpart for validation.
+
+Images are read with PIL, EXIF orientation applied, converted to RGB. Tensors handed to
+the model are NCHW float32 in [-1, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from guidesr.degradations import DegradationConfig, degrade, upsample_lr
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+
+# Colour photographs shipped in scikit-image's own data folder (no download), by file name.
+# The stereo pair stays together on the training side: its two views are near-duplicates,
+# and one of them in the evaluation set would leak the other's content into training.
+SAMPLE_FILES: dict[str, str] = {
+    "astronaut": "astronaut.png",  # portrait, 512x512
+    "rocket": "rocket.jpg",  # rocket on its launch pad, 427x640
+    "motorcycle_left": "motorcycle_left.png",  # Middlebury stereo pair, 500x741
+    "motorcycle_right": "motorcycle_right.png",
+    "immunohistochemistry": "ihc.png",  # stained-tissue micrograph, 512x512
+    "retina": "retina.jpg",  # fundus photograph, 1411x1411
+    "hubble_deep_field": "hubble_deep_field.jpg",  # telescope image, 872x1000
+    "coffee": "coffee.png",  # cup of coffee, 400x600
+    "chelsea": "chelsea.png",  # cat, 300x451
+}
+SAMPLE_EVAL: tuple[str, ...] = ("coffee", "chelsea")
+SAMPLE_TRAIN: tuple[str, ...] = tuple(name for name in SAMPLE_FILES if name not in SAMPLE_EVAL)
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """Read an image file as a (3, H, W) float32 tensor in [0, 1], EXIF orientation applied.
+
+    Raises `ValueError` naming the file if PIL cannot decode it, so that one broken file
+    in a large folder is easy to find.
+    """
+    try:
+        with Image.open(path) as image:
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for unreadable / corrupt files
+        raise ValueError(f"cannot read image {path}: {error}") from error
+    array = np.asarray(rgb, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0
+
+
+class HRImageFolder(Dataset):
+    """Every image file (PNG / JPEG / WebP, any letter case) under `root`, recursively,
+    in sorted path order; item i is `load_image(paths[i])`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"HR image folder {self.root} does not exist")
+        self.paths = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.paths:
+            raise ValueError(f"no {'/'.join(sorted(IMAGE_SUFFIXES))} images under {self.root}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return load_image(self.paths[index])
+
+
+def sample_image_dir() -> Path:
+    """scikit-image's bundled data folder."""
+    import skimage.data
+
+    return Path(skimage.data.data_dir)
+
+
+class SampleImages(Dataset):
+    """The built-in `sample` set: scikit-image's bundled colour photographs.
+
+    `split` is "train" (`SAMPLE_TRAIN`), "eval" (`SAMPLE_EVAL`) or "all".
+    """
+
+    def __init__(self, split: str = "train") -> None:
+        splits = {"train": SAMPLE_TRAIN, "eval": SAMPLE_EVAL, "all": tuple(SAMPLE_FILES)}
+        if split not in splits:
+            raise ValueError(f"unknown split {split!r}; expected one of {sorted(splits)}")
+        self.names = splits[split]
+        self.paths = [sample_image_dir() / SAMPLE_FILES[name] for name in self.names]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return load_image(self.paths[index])
+
+
+def _pad_to(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Reflect-pad an image smaller than `size` on a side up to `size` (Real-ESRGAN does
+    the same); images under half the crop cannot be reflected that far and are refused."""
+    _, h, w = image.shape
+    pad_h, pad_w = max(0, size - h), max(0, size - w)
+    if pad_h == 0 and pad_w == 0:
+        return image
+    if pad_h >= h or pad_w >= w:
+        raise ValueError(f"image of {h}x{w} is too small for {size}x{size} crops (needs at least {size // 2 + 1} px a side)")
+    return F.pad(image.unsqueeze(0), (0, pad_w, 0, pad_h), mode="reflect").squeeze(0)
+
+
+def random_crop_flip(image: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random `size` x `size` crop of a (3, H, W) image, mirrored left-right with
+    probability 1/2 (the paper's only augmentation)."""
+    image = _pad_to(image, size)
+    _, h, w = image.shape
+    top = int(torch.randint(h - size + 1, (1,), generator=generator).item())
+    left = int(torch.randint(w - size + 1, (1,), generator=generator).item())
+    crop = image[:, top : top + size, left : left + size]
+    if bool(torch.rand(1, generator=generator).item() < 0.5):
+        crop = crop.flip(-1)
+    return crop.contiguous()
+
+
+def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    image = _pad_to(image, size)
+    _, h, w = image.shape
+    top, left = (h - size) // 2, (w - size) // 2
+    return image[:, top : top + size, left : left + size].contiguous()
+
+
+class _CropDataset(Dataset):
+    """Item (image index, seed) -> that image's random crop, drawn from a generator seeded
+    with `seed`: crops depend only on the sampler's draws, not on worker processes."""
+
+    def __init__(self, images: Dataset, size: int) -> None:
+        self.images = images
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
+        index, seed = item
+        image = self.images[index]
+        try:
+            return random_crop_flip(image, self.size, torch.Generator().manual_seed(seed))
+        except ValueError as error:
+            paths = getattr(self.images, "paths", None)
+            source = paths[index] if paths is not None else f"image {index}"
+            raise ValueError(f"{source}: {error}") from error
+
+
+class _SeededSampler(Sampler):
+    """Endless (image index, crop seed) pairs, uniformly with replacement, from one seed."""
+
+    def __init__(self, num_images: int, seed: int) -> None:
+        self.num_images = num_images
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        while True:
+            index = int(torch.randint(self.num_images, (1,), generator=generator).item())
+            crop_seed = int(torch.randint(2**62, (1,), generator=generator).item())
+            yield index, crop_seed
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    """How training pairs are made. `crop_size` must be a multiple of the degradation
+    scale (and of 8 for the VAE); 256 is the paper's."""
+
+    batch_size: int = 8
+    crop_size: int = 256
+    degradation: DegradationConfig = DegradationConfig()
+    seed: int = 0
+    num_workers: int = 0
+
+
+def _to_model_range(images: torch.Tensor) -> torch.Tensor:
+    return images * 2.0 - 1.0
+
+
+def make_pairs(hr: torch.Tensor, degradation: DegradationConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """HR batch in [0, 1] -> (bicubic-upsampled degraded input, HR), both in [-1, 1]."""
+    lr = degrade(hr, degradation, generator)
+    lq = upsample_lr(lr, hr.shape[-2:])
+    return _to_model_range(lq), _to_model_range(hr)
+
+
+class TrainingPairs:
+    """Endless iterator of `(lq, hr)` training batches, (B, 3, S, S) float32 in [-1, 1] on
+    `device`, where `lq` is the degraded image upsampled back to S x S.
+
+    Reproducible from `config.seed`: crops come from a seeded CPU sampler, degradations
+    from a generator on `device` seeded with the same seed.
+    """
+
+    def __init__(self, images: Dataset, config: PairConfig = PairConfig(), device: str | torch.device = "cpu") -> None:
+        if config.crop_size % config.degradation.scale:
+            raise ValueError(f"crop_size {config.crop_size} is not a multiple of the scale {config.degradation.scale}")
+        self.config = config
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.loader = DataLoader(
+            _CropDataset(images, config.crop_size),
+            batch_size=config.batch_size,
+            sampler=_SeededSampler(len(images), config.seed),
+            num_workers=config.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        self._batches = iter(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        hr = next(self._batches).to(self.device, non_blocking=True)
+        return make_pairs(hr, self.config.degradation, self.generator)
+
+
+def eval_pairs(
+    images: Sequence[torch.Tensor] | Dataset,
+    crop_size: int = 256,
+    degradation: DegradationConfig = DegradationConfig(),
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed validation pairs: the centre crop of every image, degraded with a fixed seed,
+    so that every evaluation sees the same inputs. Returns `(lq, hr)` like `TrainingPairs`."""
+    hr = torch.stack([center_crop(images[i], crop_size) for i in range(len(images))]).to(device)
+    generator = torch.Generator(device=torch.device(device)).manual_seed(seed)
+    return make_pairs(hr, degradation, generator)

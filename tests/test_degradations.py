@@ -1,0 +1,211 @@
+"""Real-ESRGAN degradation pipeline: each stage does what it claims, JPEG is real JPEG,
+and the whole pipeline is reproducible from its generator."""
+
+import io
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+from guidesr.degradations import (
+    DegradationConfig,
+    degrade,
+    filter2d,
+    gaussian_noise,
+    jpeg_compress,
+    jpeg_quant_tables,
+    poisson_noise,
+    random_blur_kernels,
+    random_noise,
+    sinc_kernels,
+    upsample_lr,
+)
+
+
+def photo(name: str = "astronaut", size: tuple[int, int] = (64, 64), top: int = 0, left: int = 0) -> torch.Tensor:
+    """A crop of a real photograph, (1, 3, H, W) in [0, 1]."""
+    array = getattr(skimage.data, name)()[top : top + size[0], left : left + size[1]]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 255.0
+
+
+def high_frequency_energy(images: torch.Tensor) -> float:
+    """Spectral energy above a quarter of the sampling rate; mean removed and Hann-windowed
+    so that the FFT's wrap-around edge does not count as detail."""
+    window = torch.outer(torch.hann_window(images.shape[-2], periodic=False), torch.hann_window(images.shape[-1], periodic=False))
+    spectrum = torch.fft.fft2((images - images.mean(dim=(-2, -1), keepdim=True)) * window).abs() ** 2
+    fy = torch.fft.fftfreq(images.shape[-2]).abs().view(-1, 1)
+    fx = torch.fft.fftfreq(images.shape[-1]).abs().view(1, -1)
+    return float(spectrum[..., (fy > 0.25) | (fx > 0.25)].sum())
+
+
+def blockiness(images: torch.Tensor) -> float:
+    """Mean |horizontal + vertical step| across 8-px block boundaries divided by the mean
+    step inside blocks: ~1 for natural images, > 1 where 8x8 blocks show."""
+    gray = images.mean(dim=1)
+    steps_x = (gray[..., :, 1:] - gray[..., :, :-1]).abs()  # step between column j and j+1
+    steps_y = (gray[..., 1:, :] - gray[..., :-1, :]).abs()
+    across_x = torch.arange(steps_x.shape[-1]) % 8 == 7
+    across_y = torch.arange(steps_y.shape[-2]) % 8 == 7
+    boundary = torch.cat([steps_x[..., across_x].flatten(), steps_y[..., across_y, :].flatten()]).mean()
+    inside = torch.cat([steps_x[..., ~across_x].flatten(), steps_y[..., ~across_y, :].flatten()]).mean()
+    return float(boundary / inside)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
+
+
+def test_default_config_is_real_esrgan_x4plus():
+    c = DegradationConfig()
+    assert c.kernel_sizes == (7, 9, 11, 13, 15, 17, 19, 21)
+    assert c.kernel_prob == (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
+    assert (c.sinc_prob, c.sinc_prob2, c.second_blur_prob, c.final_sinc_prob) == (0.1, 0.1, 0.8, 0.8)
+    assert (c.blur_sigma, c.blur_sigma2) == ((0.2, 3.0), (0.2, 1.5))
+    assert (c.resize_prob, c.resize_range, c.resize_range2) == ((0.2, 0.7, 0.1), (0.15, 1.5), (0.3, 1.2))
+    assert (c.noise_range, c.noise_range2, c.poisson_scale_range, c.poisson_scale_range2) == ((1, 30), (1, 25), (0.05, 3), (0.05, 2.5))
+    assert (c.jpeg_range, c.jpeg_range2, c.scale) == ((30, 95), (30, 95), 4)
+    with pytest.raises(ValueError, match="odd"):
+        DegradationConfig(kernel_sizes=(8,))
+
+
+def test_kernels_sum_to_one_and_respect_their_size():
+    g = torch.Generator().manual_seed(0)
+    kernels = random_blur_kernels(64, (7,), DegradationConfig().kernel_types, DegradationConfig().kernel_prob, 0.1, (0.2, 3.0), (0.5, 4.0), (1.0, 2.0), g)
+    assert kernels.shape == (64, 21, 21)
+    torch.testing.assert_close(kernels.sum(dim=(1, 2)), torch.ones(64, dtype=torch.float64))
+    outside = torch.ones(21, 21, dtype=torch.bool)
+    outside[7:14, 7:14] = False
+    assert kernels[:, outside].abs().max() == 0  # 7x7 kernels zero-padded to 21x21
+    assert not torch.allclose(kernels[0], kernels[1])  # one kernel per image
+
+    sinc = sinc_kernels(torch.tensor([torch.pi / 3]), torch.tensor([21]))[0]
+    torch.testing.assert_close(sinc, sinc.T)
+    assert sinc.min() < 0  # the ringing lobes that make sinc artefacts
+
+
+def test_blur_lowers_high_frequency_energy():
+    image = photo(size=(64, 64), top=100, left=180)
+    g = torch.Generator().manual_seed(0)
+    gaussian = random_blur_kernels(1, (21,), ("iso",), (1.0,), 0.0, (2.0, 2.0), (0.5, 4.0), (1.0, 2.0), g)
+    blurred = filter2d(image, gaussian)
+    assert blurred.shape == image.shape
+    assert high_frequency_energy(blurred) < 0.05 * high_frequency_energy(image)
+    # Blur keeps the mean (kernels sum to 1).
+    assert abs(float(blurred.mean() - image.mean())) < 0.01
+
+
+def test_gaussian_noise_raises_residual_variance_as_specified():
+    image = photo()
+    g = torch.Generator().manual_seed(0)
+    batch = image.repeat(2, 1, 1, 1)
+    noise = gaussian_noise(batch, torch.tensor([20.0, 20.0]), torch.tensor([False, True]), g)
+    assert noise.std().item() == pytest.approx(20 / 255, rel=0.05)
+    assert not torch.equal(noise[0, 0], noise[0, 1])  # colour: channels independent
+    assert torch.equal(noise[1, 0], noise[1, 1]) and torch.equal(noise[1, 1], noise[1, 2])  # grey: one field
+
+    noisy = random_noise(batch, 1.0, (20.0, 20.0), (1.0, 1.0), 0.0, g)
+    assert noisy.min() >= 0 and noisy.max() <= 1
+    assert (noisy - batch).var() > 0.5 * (20 / 255) ** 2
+
+
+def test_poisson_noise_is_signal_dependent():
+    image = photo(size=(128, 128), top=200, left=200)
+    g = torch.Generator().manual_seed(0)
+    noise = poisson_noise(image, torch.tensor([1.0]), torch.tensor([False]), g)
+    # Shot noise: variance = signal / photon count; a photo has >128 distinct 8-bit values,
+    # so Real-ESRGAN's count is 256.
+    signal = (image * 255).round() / 255
+    assert float((noise**2).mean() / signal.mean()) == pytest.approx(1 / 256, rel=0.1)
+    dark, bright = signal < 0.2, signal > 0.6
+    assert dark.sum() > 500 and bright.sum() > 500
+    assert noise[bright].var() > 2 * noise[dark].var()
+    gray = poisson_noise(image, torch.tensor([1.0]), torch.tensor([True]), g)
+    assert torch.equal(gray[0, 0], gray[0, 2])
+
+
+@pytest.mark.parametrize("quality", [10, 50, 75, 95, 100])
+def test_jpeg_quant_tables_match_libjpeg(quality):
+    array = skimage.data.coffee()[:64, :64]
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG", quality=quality)
+    tables = Image.open(io.BytesIO(buffer.getvalue())).quantization
+    luma, chroma = jpeg_quant_tables(torch.tensor([quality]))
+    assert luma[0].flatten().int().tolist() == list(tables[0])
+    assert chroma[0].flatten().int().tolist() == list(tables[1])
+
+
+@pytest.mark.parametrize("quality", [30, 60, 90])
+def test_jpeg_matches_pil(quality):
+    # 100x132: not a multiple of the 16-px MCU, so edge padding is exercised too.
+    array = skimage.data.astronaut()[20:120, 150:282]
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG", quality=quality)
+    pil = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    ours = jpeg_compress(photo(size=(100, 132), top=20, left=150), torch.tensor([quality]))
+    ours = (ours[0].permute(1, 2, 0) * 255).round().byte().numpy()
+    assert psnr(ours, pil) > 40.0  # both decoders differ only in DCT arithmetic and rounding
+    assert psnr(ours, array) == pytest.approx(psnr(pil, array), abs=0.3)  # and lose the same information
+
+
+def test_jpeg_leaves_8x8_block_artifacts():
+    image = photo(size=(96, 96), top=300, left=300)
+    compressed = jpeg_compress(image, torch.tensor([15]))
+    assert blockiness(image) < 1.15
+    assert blockiness(compressed) > 1.3
+    assert torch.equal(compressed, (compressed * 255).round() / 255)  # decoded to 8 bits
+    # Higher quality, fewer artefacts: per-image qualities in one batch.
+    both = jpeg_compress(image.repeat(2, 1, 1, 1), torch.tensor([15, 95]))
+    assert torch.equal(both[0], compressed[0])
+    assert (both[1] - image[0]).abs().mean() < (both[0] - image[0]).abs().mean()
+
+
+def hr_batch() -> torch.Tensor:
+    return torch.cat([photo("astronaut", top=100, left=180), photo("coffee", top=100, left=200), photo("chelsea", top=80, left=150)])
+
+
+def test_degrade_shapes_range_and_8bit_values():
+    hr = hr_batch()
+    lr = degrade(hr, DegradationConfig(), torch.Generator().manual_seed(0))
+    assert lr.shape == (3, 3, 16, 16) and lr.dtype == torch.float32
+    assert lr.min() >= 0 and lr.max() <= 1
+    assert torch.equal(lr, (lr * 255).round() / 255)
+    up = upsample_lr(lr, (64, 64))
+    assert up.shape == hr.shape and up.min() >= 0 and up.max() <= 1
+    # Degraded, not just downscaled: far from the clean area-downsampled image.
+    clean = torch.nn.functional.interpolate(hr, scale_factor=0.25, mode="area")
+    assert (lr - clean).abs().mean() > 0.01
+    with pytest.raises(ValueError, match="multiple of the scale"):
+        degrade(hr[..., :62], DegradationConfig(), torch.Generator())
+
+
+def test_degrade_is_reproducible_from_the_seed():
+    hr = hr_batch()
+    first = degrade(hr, DegradationConfig(), torch.Generator().manual_seed(1234))
+    again = degrade(hr, DegradationConfig(), torch.Generator().manual_seed(1234))
+    other = degrade(hr, DegradationConfig(), torch.Generator().manual_seed(1235))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_every_stage_runs_on_tiny_images_without_failing():
+    # Strong down-scaling of a 32 px crop leaves ~2 px in stage 2: filters must cope.
+    hr = photo(size=(32, 32)).repeat(4, 1, 1, 1)
+    config = DegradationConfig(resize_prob=(0, 1, 0), resize_prob2=(0, 1, 0), second_blur_prob=1.0)
+    for seed in range(3):
+        lr = degrade(hr, config, torch.Generator().manual_seed(seed))
+        assert lr.shape == (4, 3, 8, 8) and torch.isfinite(lr).all()
+
+
+@pytest.mark.gpu
+def test_degrade_on_cuda_is_reproducible_and_jpeg_agrees_with_cpu():
+    hr = hr_batch().cuda()
+    first = degrade(hr, DegradationConfig(), torch.Generator(device="cuda").manual_seed(7))
+    again = degrade(hr, DegradationConfig(), torch.Generator(device="cuda").manual_seed(7))
+    assert first.is_cuda and torch.equal(first, again)
+    cpu = jpeg_compress(hr.cpu(), torch.tensor([40, 60, 80]))
+    gpu = jpeg_compress(hr, torch.tensor([40, 60, 80], device="cuda")).cpu()
+    assert (cpu - gpu).abs().max() <= 2 / 255  # float DCT rounding may flip a level
+    with pytest.raises(ValueError, match="generator is on"):
+        degrade(hr, DegradationConfig(), torch.Generator())

@@ -1,0 +1,44 @@
+"""PSNR/SSIM against scikit-image's implementations, on random and structured images."""
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from guidesr.metrics import max_abs, psnr, rgb_to_y, ssim
+
+
+@pytest.fixture
+def pair():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 37, 53, generator=g)
+    b = (a + 0.05 * torch.randn(3, 37, 53, generator=g)).clamp(0, 1)
+    return a, b
+
+
+def test_psnr_matches_skimage(pair):
+    a, b = pair
+    expected = peak_signal_noise_ratio(a.numpy().astype(np.float64), b.numpy().astype(np.float64), data_range=1.0)
+    assert psnr(a, b) == pytest.approx(expected, abs=1e-9)
+    assert psnr(a, a) == float("inf")
+
+
+def test_ssim_matches_skimage(pair):
+    a, b = pair
+    expected = structural_similarity(
+        a.permute(1, 2, 0).double().numpy(), b.permute(1, 2, 0).double().numpy(), channel_axis=2,
+        data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+    )
+    # skimage crops the (11-1)/2 border of the filtered maps, as our "valid" convolution does
+    assert ssim(a, b) == pytest.approx(expected, abs=1e-6)
+    assert ssim(a, a) == pytest.approx(1.0)
+
+
+def test_border_crop_and_y_channel(pair):
+    a, b = pair
+    b2 = b.clone()
+    b2[:, :4, :] = 1 - a[:, :4, :]  # damage only the border
+    assert psnr(a, b2, crop=4) == pytest.approx(psnr(a[:, 4:-4, 4:-4], b[:, 4:-4, 4:-4]))
+    y = rgb_to_y(torch.ones(1, 3, 2, 2))
+    assert torch.allclose(y, torch.full_like(y, 235 / 255), atol=1e-6)
+    assert max_abs(a, b2) > 0.5

@@ -41,10 +41,12 @@ SD_TURBO_VAE: dict[str, Any] = {
 }
 
 # A structurally identical miniature: same block types, 8x VAE, cross-attention, 2 UNet scales.
+# 16 latent channels (as SD3's VAE) instead of 4: a VAE this small, trained for minutes on a CPU,
+# reconstructs far better through the wider latent.
 TINY_UNET: dict[str, Any] = {
     "sample_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
+    "in_channels": 16,
+    "out_channels": 16,
     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
     "block_out_channels": [32, 64],
@@ -63,7 +65,7 @@ TINY_VAE: dict[str, Any] = {
     "up_block_types": ["UpDecoderBlock2D"] * 4,
     "block_out_channels": [16, 32, 64, 64],
     "layers_per_block": 1,
-    "latent_channels": 4,
+    "latent_channels": 16,
     "norm_num_groups": 8,
     "sample_size": 256,
     "scaling_factor": 0.18215,

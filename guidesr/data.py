@@ -6,9 +6,10 @@
   and evaluation can run on a machine with no data set at all. `SAMPLE_EVAL` is a fixed
   held-out subset that `SampleImages("train")` never yields.
 * `TrainingPairs`: an endless, seeded stream of batches: random HR crops with random
-  horizontal flips (done here, per image, on the CPU) -> the Real-ESRGAN degradation of
-  `guidesr.degradations` (batched, on the training device) -> bicubic upsampling back to
-  HR size. `eval_pairs` gives the deterministic counterpart for validation.
+  horizontal flips (done here, per image, on the CPU, in DataLoader workers if asked) -> the
+  Real-ESRGAN degradation of `guidesr.degradations` (batched, on the training device) -> bicubic
+  upsampling back to HR size. Batch i depends only on (seed, rank, i), so resumed runs are
+  exact. `eval_pairs` gives the deterministic counterpart for validation.
 
 Images are read with PIL, EXIF orientation applied, converted to RGB. Tensors handed to
 the model are NCHW float32 in [-1, 1].
@@ -16,6 +17,7 @@ the model are NCHW float32 in [-1, 1].
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from guidesr.degradations import DegradationConfig, degrade, upsample_lr
 
@@ -141,41 +143,36 @@ def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     return image[:, top : top + size, left : left + size].contiguous()
 
 
-class _CropDataset(Dataset):
-    """Item (image index, seed) -> that image's random crop, drawn from a generator seeded
-    with `seed`: crops depend only on the sampler's draws, not on worker processes."""
+def batch_seed(seed: int, rank: int, index: int) -> int:
+    """The seed of micro-batch `index` on `rank`: batches depend on nothing else."""
+    return (seed * 1_000_003 + rank * 7_919 + index) % (2**63 - 1)
 
-    def __init__(self, images: Dataset, size: int) -> None:
+
+class StepCrops(Dataset):
+    """Item i is the HR batch of micro-step i, (B, 3, S, S) in [0, 1]: which images, their crops
+    and flips, all drawn from a generator seeded with `batch_seed(seed, rank, i)`. Being a pure
+    function of i, it needs no iterator state: DataLoader workers and resumed runs agree."""
+
+    def __init__(self, images: Dataset | Sequence[torch.Tensor], batch_size: int, crop_size: int, seed: int,
+                 rank: int = 0) -> None:
         self.images = images
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
-        index, seed = item
-        image = self.images[index]
-        try:
-            return random_crop_flip(image, self.size, torch.Generator().manual_seed(seed))
-        except ValueError as error:
-            paths = getattr(self.images, "paths", None)
-            source = paths[index] if paths is not None else f"image {index}"
-            raise ValueError(f"{source}: {error}") from error
-
-
-class _SeededSampler(Sampler):
-    """Endless (image index, crop seed) pairs, uniformly with replacement, from one seed."""
-
-    def __init__(self, num_images: int, seed: int) -> None:
-        self.num_images = num_images
+        self.batch_size = batch_size
+        self.crop_size = crop_size
         self.seed = seed
+        self.rank = rank
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(self.seed)
-        while True:
-            index = int(torch.randint(self.num_images, (1,), generator=generator).item())
-            crop_seed = int(torch.randint(2**62, (1,), generator=generator).item())
-            yield index, crop_seed
+    def __getitem__(self, index: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(batch_seed(self.seed, self.rank, index))
+        picks = torch.randint(len(self.images), (self.batch_size,), generator=generator).tolist()
+        crops = []
+        for pick in picks:
+            try:
+                crops.append(random_crop_flip(self.images[pick], self.crop_size, generator))
+            except ValueError as error:
+                paths = getattr(self.images, "paths", None)
+                source = paths[pick] if paths is not None else f"image {pick}"
+                raise ValueError(f"{source}: {error}") from error
+        return torch.stack(crops)
 
 
 @dataclass(frozen=True)
@@ -203,22 +200,26 @@ def make_pairs(hr: torch.Tensor, degradation: DegradationConfig, generator: torc
 
 class TrainingPairs:
     """Endless iterator of `(lq, hr)` training batches, (B, 3, S, S) float32 in [-1, 1] on
-    `device`, where `lq` is the degraded image upsampled back to S x S.
+    `device`, where `lq` is the degraded image upsampled back to S x S, starting at micro-batch
+    `start`.
 
-    Reproducible from `config.seed`: crops come from a seeded CPU sampler, degradations
-    from a generator on `device` seeded with the same seed.
+    Batch i is a pure function of (seed, rank, i): crops come from `StepCrops` (read by
+    DataLoader workers when `num_workers` > 0), degradations run batched on `device` with a
+    generator seeded from (seed + 1, rank, i). A run resumed at step k rebuilds batch k exactly.
     """
 
-    def __init__(self, images: Dataset, config: PairConfig = PairConfig(), device: str | torch.device = "cpu") -> None:
+    def __init__(self, images: Dataset | Sequence[torch.Tensor], config: PairConfig = PairConfig(),
+                 device: str | torch.device = "cpu", rank: int = 0, start: int = 0) -> None:
         if config.crop_size % config.degradation.scale:
             raise ValueError(f"crop_size {config.crop_size} is not a multiple of the scale {config.degradation.scale}")
         self.config = config
         self.device = torch.device(device)
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.rank = rank
+        self.index = start
         self.loader = DataLoader(
-            _CropDataset(images, config.crop_size),
-            batch_size=config.batch_size,
-            sampler=_SeededSampler(len(images), config.seed),
+            StepCrops(images, config.batch_size, config.crop_size, config.seed, rank),
+            batch_size=None,
+            sampler=itertools.count(start),
             num_workers=config.num_workers,
             pin_memory=self.device.type == "cuda",
         )
@@ -229,7 +230,9 @@ class TrainingPairs:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         hr = next(self._batches).to(self.device, non_blocking=True)
-        return make_pairs(hr, self.config.degradation, self.generator)
+        generator = torch.Generator(device=self.device).manual_seed(batch_seed(self.config.seed + 1, self.rank, self.index))
+        self.index += 1
+        return make_pairs(hr, self.config.degradation, generator)
 
 
 def eval_pairs(

@@ -3,9 +3,10 @@
     python -m guidesr.train --preset sd-turbo --base-model DIR --data DIR --out runs/x
     torchrun --nproc_per_node 8 -m guidesr.train --preset sd-turbo --base-model DIR --data DIR --out runs/x
 
-Exact resumption without saving iterator state: every random draw of step k on rank r (which
-images, their crops and flips, every degradation parameter) comes from generators seeded with
-(seed, rank, k), so a resumed run rebuilds the batch of step k from the step number alone. The
+Exact resumption without saving iterator state: every random draw of micro-batch k on rank r
+(which images, their crops and flips, every degradation parameter) comes from generators seeded
+with (seed, rank, k) (guidesr.data.TrainingPairs), so a resumed run rebuilds its batches from the
+step number alone. The
 learning rate is a pure function of the step too (linear warm-up, then cosine). A training-state
 checkpoint holds the trained model parts, the discriminator, both optimisers and the step, all as
 safetensors + JSON (nothing pickled).
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from .checkpoint import save_checkpoint
 from .config import preset_config
-from .data import HRImageFolder, SampleImages, make_pairs, random_crop_flip
+from .data import HRImageFolder, PairConfig, SampleImages, TrainingPairs
 from .degradations import DegradationConfig
 from .discriminators import DiscriminatorConfig, build_discriminator
 from .loading import build_model
@@ -62,6 +63,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; CUDA only for the half precisions)
     seed: int = 0
     checkpoint_every: int = 1000
+    num_workers: int = 0  # DataLoader workers reading and cropping HR images
     save_every_rank: bool = False  # also write each rank's weights to OUT/rankN (checks DDP replicas agree)
     log_every: int = 10
     resume: bool = True
@@ -104,21 +106,6 @@ def init_distributed() -> tuple[Distributed, torch.device]:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return env, device
-
-
-def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
-    mixed = (seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1)
-    return torch.Generator(device=device).manual_seed(mixed)
-
-
-def training_batch(images, config: TrainConfig, rank: int, step: int, micro: int,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (lq, hr) batch of one micro-step, a pure function of (seed, rank, step, micro)."""
-    index = step * config.grad_accum + micro
-    cpu = step_generator(config.seed, rank, index, torch.device("cpu"))
-    picks = torch.randint(len(images), (config.batch_size,), generator=cpu).tolist()
-    hr = torch.stack([random_crop_flip(images[i], config.crop_size, cpu) for i in picks]).to(device)
-    return make_pairs(hr, config.degradation, step_generator(config.seed + 1, rank, index, device))
 
 
 def load_images(data: str):
@@ -215,7 +202,10 @@ class Trainer:
         if config.resume and (self.out / "state" / "state.json").is_file():
             self.step = load_train_state(self.out / "state", self.model, self.discriminator,
                                          self.optimizer, self.disc_optimizer)
-        self.images = load_images(config.data)
+        pairs = PairConfig(batch_size=config.batch_size, crop_size=config.crop_size, degradation=config.degradation,
+                           seed=config.seed, num_workers=config.num_workers)
+        self.batches = TrainingPairs(load_images(config.data), pairs, self.device, rank=self.env.rank,
+                                     start=self.step * config.grad_accum)
         self.ddp_model = self._wrap(self.model)
         self.ddp_disc = self._wrap(self.discriminator) if self.discriminator is not None else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16" and self.device.type == "cuda")
@@ -243,7 +233,7 @@ class Trainer:
         logs: dict[str, float] = {}
         batches = []
         for micro in range(config.grad_accum):
-            lq, hr = training_batch(self.images, config, self.env.rank, self.step, micro, self.device)
+            lq, hr = next(self.batches)
             last = micro == config.grad_accum - 1
             sync = contextlib.nullcontext() if last or self.env.world_size == 1 else self.ddp_model.no_sync()
             if self.discriminator is not None:
@@ -312,7 +302,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--random-base", action="store_true", help="random base weights (smoke tests only)")
     p.add_argument("--data", default=defaults.data, help="'sample' or a folder of HR images (recursive)")
     p.add_argument("--out", default=defaults.out)
-    for name in ("steps", "batch_size", "grad_accum", "crop_size", "warmup_steps", "seed", "checkpoint_every", "log_every"):
+    for name in ("steps", "batch_size", "grad_accum", "crop_size", "warmup_steps", "seed", "checkpoint_every",
+                 "log_every", "num_workers"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     for name in ("lr", "weight_decay", "disc_lr", "min_lr_ratio"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
@@ -332,6 +323,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, crop_size=a.crop_size, lr=a.lr,
         warmup_steps=a.warmup_steps, min_lr_ratio=a.min_lr_ratio, weight_decay=a.weight_decay, disc_lr=a.disc_lr,
         precision=a.precision, seed=a.seed, checkpoint_every=a.checkpoint_every, log_every=a.log_every,
+        num_workers=a.num_workers,
         resume=not a.no_resume, save_every_rank=a.save_every_rank,
         loss=LossConfig(w_mse=a.w_mse, w_lpips=a.w_lpips, w_gan=a.w_gan, lpips_vgg_path=a.lpips_vgg,
                         lpips_linear_path=a.lpips_linear),

@@ -1,5 +1,7 @@
 """HR image sources, the built-in sample set and the seeded (lq, hr) batch producer."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -130,3 +132,18 @@ def test_eval_pairs_are_fixed_centre_crops():
     assert torch.equal(hr[0], first[:, top : top + 64, left : left + 64] * 2 - 1)
     with pytest.raises(ValueError, match="multiple of the scale"):
         TrainingPairs(images, PairConfig(crop_size=66, degradation=DegradationConfig()))
+
+
+def test_training_pairs_resume_at_any_batch_and_ignore_workers():
+    images = SampleImages("train")
+    config = PairConfig(batch_size=2, crop_size=64, seed=5)
+    straight = TrainingPairs(images, config)
+    batches = [next(straight) for _ in range(3)]
+    resumed = TrainingPairs(images, config, start=2)
+    lq, hr = next(resumed)
+    assert torch.equal(lq, batches[2][0]) and torch.equal(hr, batches[2][1])
+    with_workers = TrainingPairs(images, replace(config, num_workers=2), start=1)
+    lq, hr = next(with_workers)
+    assert torch.equal(lq, batches[1][0]) and torch.equal(hr, batches[1][1])
+    other_rank = TrainingPairs(images, config, rank=1)
+    assert not torch.equal(next(other_rank)[1], batches[0][1])

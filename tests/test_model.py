@@ -145,7 +145,7 @@ def test_pad_to_multiple_reflects_and_replicates():
 
 def test_vae_encode_returns_skip_per_down_block(tiny):
     latent, skips = vae_encode(tiny.vae, torch.zeros(1, 3, 64, 32))
-    assert latent.shape == (1, 4, 8, 4)
+    assert latent.shape == (1, 16, 8, 4)
     assert [s.shape[-1] for s in skips] == [32, 16, 8, 4]
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from guidesr.discriminators import DiscriminatorConfig
 from guidesr.losses import LossConfig
-from guidesr.train import TrainConfig, Trainer, learning_rate, training_batch
+from guidesr.train import TrainConfig, Trainer, learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def test_learning_rate_warmup_then_cosine():
 
 def test_loss_decreases_on_a_fixed_batch(tmp_path):
     trainer = Trainer(small_config(tmp_path, loss=LossConfig(w_lpips=0.0, w_gan=0.0)))
-    lq, hr = training_batch(trainer.images, trainer.config, 0, 0, 0, trainer.device)
+    lq, hr = next(trainer.batches)
     losses = []
     for _ in range(8):
         trainer.optimizer.zero_grad()

@@ -51,6 +51,7 @@ class TrainConfig:
     random_base: bool = False  # random base weights: for tests and smoke runs only
     data: str = "sample"  # "sample" (scikit-image photos, training split) or a folder of HR images
     out: str = "runs/guidesr"
+    name: str = "guidesr"  # the checkpoint is OUT/NAME.json + OUT/NAME.safetensors
     steps: int = 100_000
     batch_size: int = 8  # per rank, per micro-step
     grad_accum: int = 1
@@ -268,7 +269,7 @@ class Trainer:
         save_train_state(self.out / "state", self.step, self.model, self.discriminator, self.optimizer,
                          self.disc_optimizer, self.config)
         base = None if self.config.random_base else os.path.relpath(Path(self.config.base_model).resolve(), self.out.resolve())
-        save_checkpoint(self.model, self.out / "guidesr", base_model=base,
+        save_checkpoint(self.model, self.out / self.config.name, base_model=base,
                         extra={"training": {"step": self.step, "config": dataclasses.asdict(self.config)}})
 
     def fit(self, until: int | None = None) -> list[dict[str, float]]:
@@ -302,6 +303,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--random-base", action="store_true", help="random base weights (smoke tests only)")
     p.add_argument("--data", default=defaults.data, help="'sample' or a folder of HR images (recursive)")
     p.add_argument("--out", default=defaults.out)
+    p.add_argument("--name", default=defaults.name, help="checkpoint name inside --out")
     for name in ("steps", "batch_size", "grad_accum", "crop_size", "warmup_steps", "seed", "checkpoint_every",
                  "log_every", "num_workers"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
@@ -319,7 +321,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--clip-path", default=None, help="local CLIP vision model folder for --discriminator clip")
     a = p.parse_args(argv)
     return TrainConfig(
-        preset=a.preset, base_model=a.base_model, random_base=a.random_base, data=a.data, out=a.out,
+        preset=a.preset, base_model=a.base_model, random_base=a.random_base, data=a.data, out=a.out, name=a.name,
         steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, crop_size=a.crop_size, lr=a.lr,
         warmup_steps=a.warmup_steps, min_lr_ratio=a.min_lr_ratio, weight_decay=a.weight_decay, disc_lr=a.disc_lr,
         precision=a.precision, seed=a.seed, checkpoint_every=a.checkpoint_every, log_every=a.log_every,

@@ -1,0 +1,452 @@
+"""Upscale images with GuideSR: the Python API and the command line.
+
+    python -m runtime.upscale photo.jpg -o photo_x4.png
+    python -m runtime.upscale photos/ --recursive -o out/ --format webp --tile 512 --overlap 64
+    torchrun --nproc_per_node 4 -m runtime.upscale photos/ -o out/        # files split between ranks
+
+Python:
+
+    import runtime
+    sr = runtime.upscale("photo.jpg")                 # float32 [H*4, W*4, C] in [0, 1]
+    sr = runtime.upscale(array, backend=my_backend, tile=256, overlap=32)
+
+(`runtime.upscale` is this module, made callable: calling it calls `upscale()` below, while
+`python -m runtime.upscale` stays the command line.)
+
+Per image: the colour channels go through the model in overlapping tiles at output resolution
+(see runtime/tiling.py), each tile bicubic-upsampled from the LR image; grey images are run as
+RGB and turned back to grey (BT.601 luma); alpha is upsampled separately by bicubic and put back.
+
+Batch rules: an output that exists is skipped unless --overwrite (so rerunning a crashed or
+sharded job finishes only what is missing); an unreadable input, a failed write or a model
+output with NaN/Inf is reported with the file's name and the rest go on. Exit status: 0 when
+every image was written or skipped, 2 when any failed, 1 when nothing could start (bad options,
+no model, no backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from .backends import Backend, BackendError, available_backends, create_backend, resolve_device
+from .imageio import (
+    DEFAULT_MAX_MEGAPIXELS,
+    FORMAT_EXTENSION,
+    IMAGE_EXTENSIONS,
+    WRITE_FORMATS,
+    ImageReadError,
+    ImageWriteError,
+    read_image,
+    stale_partial_files,
+    write_image,
+)
+from .sharding import Shard, ShardingError, device_for_shard, shard_from_env, shard_items
+from .tiling import BicubicSource, NonFiniteOutputError, TileBatch, fit_to_shape, plan_tiles, run_tiled
+
+DEFAULT_TILE = 512  # output pixels
+DEFAULT_OVERLAP = 64  # output pixels
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # BT.601, as Pillow's convert("L")
+
+
+# ----------------------------------------------------------------------------------------- the API
+
+
+def load_model(checkpoint: str | None = None, preset: str | None = None, base_model: str | None = None):
+    """The model to run: `guidesr.load_model(...)` when anything is named, else the embedded demo."""
+    import guidesr
+
+    if checkpoint is None and preset is None and base_model is None:
+        return guidesr.load_default_model()
+    return guidesr.load_model(checkpoint=checkpoint, preset=preset, base_model=base_model)
+
+
+def effective_tile(backend: Backend, tile: int | None) -> int | tuple[int, int] | None:
+    """The tile the plan uses: a static backend's own shape, else `tile` rounded down to the model's
+    size multiple (a tile the model would pad internally wastes work); None/0: whole image."""
+    if backend.tile_shape is not None:
+        return backend.tile_shape
+    if not tile:
+        return None
+    multiple = getattr(backend.descriptor, "size_multiple", 1) or 1
+    return max(multiple, tile // multiple * multiple)
+
+
+def upscale_array(
+    image: np.ndarray,
+    backend: Backend,
+    scale: int | None = None,
+    tile: int | None = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    tile_batch: int = 1,
+    on_batch: Callable[[TileBatch], None] | None = None,
+) -> np.ndarray:
+    """[h, w, C] float32 in [0, 1] (C: 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA) -> [h*s, w*s, C]."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"expected an [H, W, C] image with C in 1..4, got shape {image.shape}")
+    if scale is None:
+        scale = getattr(backend.descriptor, "scale", None)
+        if scale is None:
+            raise ValueError("scale not given and the backend's model does not say its scale")
+    channels = image.shape[2]
+    has_alpha = channels in (2, 4)
+    color = image[..., : channels - 1] if has_alpha else image
+    grey = color.shape[2] == 1
+
+    low_res = torch.from_numpy(np.ascontiguousarray(color.transpose(2, 0, 1), dtype=np.float32))
+    if grey:
+        low_res = low_res.expand(3, -1, -1)
+    low_res = low_res * 2 - 1  # the model's [-1, 1]
+    source = BicubicSource(low_res, scale)
+    plan = plan_tiles(source.height, source.width, effective_tile(backend, tile), overlap)
+    function = fit_to_shape(backend, backend.tile_shape) if backend.tile_shape is not None else backend
+    batch = min(tile_batch, backend.max_batch) if backend.max_batch else tile_batch
+    (result,) = run_tiled(source, plan, [function], tile_batch=batch, on_batch=on_batch)
+    result += 1  # in place: [-1, 1] -> [0, 1]
+    result *= 0.5
+    np.clip(result, 0.0, 1.0, out=result)
+    if grey:
+        result = (result @ LUMA)[..., None]
+    if not has_alpha:
+        return result
+    out = np.empty(result.shape[:2] + (channels,), np.float32)
+    out[..., :-1] = result
+    del result
+    out[..., -1] = _upsample_alpha(image[..., -1], scale)
+    return out
+
+
+def _upsample_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
+    tensor = torch.from_numpy(np.ascontiguousarray(alpha, dtype=np.float32))[None, None]
+    up = F.interpolate(tensor, scale_factor=scale, mode="bicubic", align_corners=False)
+    return up[0, 0].clamp_(0.0, 1.0).numpy()
+
+
+def _as_float_image(image) -> np.ndarray:
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image)[0]
+    if isinstance(image, Image.Image):
+        if image.mode not in ("L", "LA", "RGB", "RGBA", "I;16"):
+            image = image.convert("RGBA" if image.has_transparency_data else "RGB")
+        image = np.asarray(image)
+    array = np.asarray(image)
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255
+    if array.dtype == np.uint16:
+        return array.astype(np.float32) / 65535
+    if np.issubdtype(array.dtype, np.floating):
+        return array.astype(np.float32, copy=False)
+    raise TypeError(f"unsupported image dtype {array.dtype}: use uint8, uint16 or float in [0, 1]")
+
+
+def upscale(
+    image,
+    model=None,
+    backend: str | Backend = "auto",
+    scale: int | None = None,
+    tile: int | None = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    tile_batch: int = 1,
+    device: str | None = None,
+    precision: str | None = None,
+) -> np.ndarray:
+    """Upscale one image: a path, a PIL image or an [H, W] / [H, W, C] array (uint8, uint16 or float in [0, 1]).
+
+    Returns float32 [H*scale, W*scale, C] in [0, 1]. `backend` is a `Backend` or a name
+    ('auto', 'torch', ...) built around `model` (default: `guidesr.load_default_model()`).
+    """
+    array = _as_float_image(image)
+    if not isinstance(backend, Backend):
+        backend, _ = create_backend(backend, model if model is not None else load_model(), device, precision)
+    return upscale_array(array, backend, scale=scale, tile=tile, overlap=overlap, tile_batch=tile_batch)
+
+
+def upscale_file(source: str | os.PathLike, destination: str | os.PathLike, backend: Backend, *,
+                 scale: int | None = None, tile: int | None = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
+                 tile_batch: int = 1, overwrite: bool = False, quality: int = 95,
+                 max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+                 on_batch: Callable[[TileBatch], None] | None = None) -> Path:
+    """Read, upscale, write atomically (16 bits and alpha kept where the output format allows)."""
+    array, info = read_image(source, max_megapixels=max_megapixels)
+    try:
+        result = upscale_array(array, backend, scale=scale, tile=tile, overlap=overlap, tile_batch=tile_batch,
+                               on_batch=on_batch)
+    except NonFiniteOutputError as err:  # name the file
+        raise NonFiniteOutputError(err.function_index, err.boxes, path=str(source)) from None
+    return write_image(destination, result, bit_depth=info.bit_depth, overwrite=overwrite, quality=quality,
+                       icc_profile=info.icc_profile)
+
+
+# ------------------------------------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True)
+class Job:
+    source: Path
+    output: Path
+
+
+@dataclass
+class JobList:
+    jobs: list[Job]
+    failures: list[str]  # inputs that cannot become a job, already described
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _scan_folder(folder: Path, recursive: bool, exclude: Path | None) -> list[Path]:
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    found = []
+    for path in candidates:
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            continue  # hidden files and folders, including our own *.partial temporaries
+        if exclude is not None and _is_inside(path, exclude):
+            continue  # never pick up our own outputs when OUT is inside IN
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+            found.append(path)
+    return sorted(found)
+
+
+def collect_jobs(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, recursive: bool = False,
+                 fmt: str | None = None) -> JobList:
+    """Map inputs (files and folders) to output paths. OUT is a file when there is one input file and
+    OUT has an image extension; otherwise OUT is a folder and outputs get `fmt`'s extension (png)."""
+    output = Path(output)
+    input_paths = [Path(p) for p in inputs]
+    single_file_output = output.suffix.lower() in WRITE_FORMATS and not output.is_dir()
+    if single_file_output:
+        if fmt is not None:
+            raise ValueError("--format is for a folder OUT; with a file OUT the format comes from its extension")
+        if len(input_paths) != 1 or input_paths[0].is_dir():
+            raise ValueError(f"-o {output} is a file name, but the input is not a single file; "
+                             f"give a folder to -o for several images")
+        return JobList([Job(input_paths[0], output)], [])
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"-o {output} exists and is not a folder")
+    fmt = (fmt or "png").lower()
+    if fmt not in FORMAT_EXTENSION:
+        raise ValueError(f"--format {fmt!r}: choose one of {sorted(set(FORMAT_EXTENSION))}")
+    extension = FORMAT_EXTENSION[fmt]
+    jobs: list[Job] = []
+    failures: list[str] = []
+    for path in input_paths:
+        if path.is_dir():
+            for found in _scan_folder(path, recursive, output):
+                jobs.append(Job(found, output / found.relative_to(path).with_suffix(extension)))
+        elif path.exists():
+            jobs.append(Job(path, output / (path.stem + extension)))
+        else:
+            failures.append(f"{path}: no such file or folder")
+    by_output: dict[Path, list[Job]] = {}
+    for job in sorted(set(jobs), key=lambda j: str(j.source)):
+        by_output.setdefault(job.output, []).append(job)
+    unique = []
+    for destination, group in by_output.items():
+        unique.append(group[0])
+        for other in group[1:]:
+            failures.append(f"{other.source}: its output {destination} is also the output of {group[0].source}; "
+                            f"rename one of them")
+    return JobList(sorted(unique, key=lambda j: str(j.source)), failures)
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def _say(message: str, error: bool = False) -> None:
+    """A line to stdout (stderr for errors) that does not break the progress bars, flushed at once
+    (under torchrun stdout is a pipe, and a killed rank must not lose what it already reported)."""
+    stream = sys.stderr if error else sys.stdout
+    tqdm.write(message, file=stream)
+    stream.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime.upscale",
+        description="Upscale images with GuideSR (one-step diffusion super-resolution).",
+        epilog="Exit status: 0 all written or skipped, 2 some images failed, 1 nothing could start.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="IN", help="image files and/or folders")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT",
+                        help="output file (one input file, format from the extension) or folder")
+    parser.add_argument("--recursive", action="store_true", help="include images in subfolders (kept as subfolders)")
+    parser.add_argument("--format", choices=sorted(set(FORMAT_EXTENSION)), default=None,
+                        help="output format when OUT is a folder (default png)")
+    parser.add_argument("--scale", type=int, default=None, help="upscaling factor (default: the model's, 4)")
+    parser.add_argument("--tile", type=int, default=DEFAULT_TILE,
+                        help=f"tile size in output pixels, 0 for the whole image (default {DEFAULT_TILE})")
+    parser.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP,
+                        help=f"tile overlap in output pixels (default {DEFAULT_OVERLAP})")
+    parser.add_argument("--tile-batch", type=int, default=1, help="tiles per model call (default 1)")
+    parser.add_argument("--backend", default="auto", choices=["auto", *available_backends()],
+                        help="inference backend (default auto: the fastest available)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"],
+                        help="default auto: fp16 on CUDA when the model supports it, else fp32")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    parser.add_argument("--checkpoint", default=None, help="GuideSR checkpoint (NAME.json)")
+    parser.add_argument("--preset", default=None, help="model preset (tiny, sd-turbo)")
+    parser.add_argument("--base-model", default=None, help="diffusers-format base model folder")
+    parser.add_argument("--jpeg-quality", type=int, default=95, help="JPEG and WebP quality, 1-100 (default 95)")
+    parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
+                        help=f"refuse inputs larger than this (decompression-bomb guard, default "
+                             f"{DEFAULT_MAX_MEGAPIXELS:g}); 0 for no limit")
+    return parser
+
+
+def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.tile < 0:
+        parser.error("--tile must be >= 0")
+    if args.overlap < 0:
+        parser.error("--overlap must be >= 0")
+    if args.tile and args.overlap >= args.tile:
+        parser.error(f"--overlap {args.overlap} must be smaller than --tile {args.tile}")
+    if args.tile_batch < 1:
+        parser.error("--tile-batch must be >= 1")
+    if args.scale is not None and args.scale < 1:
+        parser.error("--scale must be >= 1")
+    if not 1 <= args.jpeg_quality <= 100:
+        parser.error("--jpeg-quality must be in 1..100")
+    if args.max_megapixels < 0:
+        parser.error("--max-megapixels must be >= 0")
+
+
+def _remove_stale_partials(output: Path) -> None:
+    """Where O_TMPFILE is unavailable a killed writer leaves .NAME.*.partial; this rank owns NAME."""
+    for stale in stale_partial_files(output):
+        stale.unlink()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_options(parser, args)
+    try:
+        shard = shard_from_env()
+        job_list = collect_jobs(args.inputs, args.output, args.recursive, args.format)
+    except (ValueError, ShardingError) as err:
+        _say(f"error: {err}", error=True)
+        return 1
+    prefix = shard.label
+    # Failures and jobs are split the same way, so each problem is reported by exactly one rank.
+    failures = shard_items(job_list.failures, shard)
+    for failure in failures:
+        _say(f"{prefix}error: {failure}", error=True)
+    jobs = shard_items(job_list.jobs, shard)
+
+    todo = []
+    skipped = 0
+    for job in jobs:
+        _remove_stale_partials(job.output)
+        if job.output.exists() and not args.overwrite:
+            _say(f"{prefix}skip: {job.output} exists (use --overwrite to replace it)")
+            skipped += 1
+        else:
+            todo.append(job)
+
+    written = 0
+    if todo:
+        try:
+            backend = _make_backend(args, shard)
+        except (BackendError, ShardingError, ValueError, OSError) as err:
+            _say(f"{prefix}error: {err}", error=True)
+            return 1
+        written, failed = _run_jobs(todo, backend, args, shard)
+        failures.extend(failed)
+    _say(f"{prefix}{written} written, {skipped} skipped (already there), {len(failures)} failed")
+    return 2 if failures else 0
+
+
+def _make_backend(args: argparse.Namespace, shard: Shard) -> Backend:
+    device = device_for_shard(resolve_device(args.device), shard)
+    model = load_model(args.checkpoint, args.preset, args.base_model)
+    backend, why = create_backend(args.backend, model, str(device), args.precision)
+    _say(f"{shard.label}{why}")
+    model_scale = getattr(backend.descriptor, "scale", None)
+    if args.scale is not None and model_scale is not None and args.scale != model_scale:
+        _say(f"{shard.label}note: --scale {args.scale} on a model trained for x{model_scale}")
+    tile = effective_tile(backend, args.tile)
+    if args.tile and tile != args.tile:
+        _say(f"{shard.label}note: tile {args.tile} -> {tile} (the model's size multiple or the backend's shape)")
+    if tile and args.overlap >= min((tile, tile) if isinstance(tile, int) else tile):
+        raise ValueError(f"--overlap {args.overlap} must be smaller than the tile actually used, {tile}")
+    return backend
+
+
+def _run_jobs(jobs: list[Job], backend: Backend, args: argparse.Namespace, shard: Shard) -> tuple[int, list[str]]:
+    prefix = shard.label
+    failures: list[str] = []
+    written = 0
+    max_megapixels = args.max_megapixels or None
+    with tqdm(total=len(jobs), unit="image", desc=f"{prefix}images", disable=None, position=0) as images_bar:
+        for job in jobs:
+            started = time.perf_counter()
+            with tqdm(unit="tile", desc=job.source.name, leave=False, disable=None, position=1) as tiles_bar:
+                try:
+                    job.output.parent.mkdir(parents=True, exist_ok=True)
+                    upscale_file(
+                        job.source, job.output, backend, scale=args.scale, tile=args.tile, overlap=args.overlap,
+                        tile_batch=args.tile_batch, overwrite=args.overwrite, quality=args.jpeg_quality,
+                        max_megapixels=max_megapixels, on_batch=lambda batch: _advance(tiles_bar, batch),
+                    )
+                except ImageReadError as err:
+                    failures.append(str(err))
+                    _say(f"{prefix}error: {err}", error=True)
+                except NonFiniteOutputError as err:
+                    failures.append(str(err))
+                    _say(f"{prefix}error: the model output has NaN/Inf, nothing written: {err}", error=True)
+                except ImageWriteError as err:
+                    failures.append(str(err))
+                    _say(f"{prefix}error: {err}", error=True)
+                except torch.OutOfMemoryError as err:
+                    failures.append(f"{job.source}: out of memory")
+                    _say(f"{prefix}error: {job.source}: out of memory ({err}); try a smaller --tile or --tile-batch", error=True)
+                except OSError as err:  # e.g. the disk is full or the folder is not writable
+                    failures.append(f"{job.source}: {err}")
+                    _say(f"{prefix}error: {job.source}: cannot write {job.output}: {err}", error=True)
+                else:
+                    written += 1
+                    _say(f"{prefix}wrote {job.output} ({time.perf_counter() - started:.1f} s)")
+            images_bar.update(1)
+    return written, failures
+
+
+def _advance(bar: tqdm, batch: TileBatch) -> None:
+    if bar.total != batch.total_tiles:
+        bar.total = batch.total_tiles
+        bar.refresh()
+    bar.update(len(batch.boxes))
+
+
+class _CallableModule(types.ModuleType):
+    """Makes `runtime.upscale(image, ...)` call `upscale()` while `runtime.upscale` stays this module."""
+
+    def __call__(self, *args, **kwargs):
+        return upscale(*args, **kwargs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+else:
+    sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,294 @@
+"""runtime.imageio: formats, bit depths, alpha, orientation, errors, bomb limit, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image, ImageOps
+
+from runtime import imageio
+from runtime.imageio import ImageReadError, ImageTooLargeError, OutputExistsError, read_image, write_image
+
+REPO = Path(__file__).resolve().parents[1]
+RNG = np.random.default_rng(1234)
+
+
+def random_pixels(height, width, channels, bits):
+    top = 255 if bits == 8 else 65535
+    return RNG.integers(0, top + 1, (height, width, channels)).astype(np.uint8 if bits == 8 else np.uint16)
+
+
+def as_integers(array, bits):
+    return np.rint(array * (255 if bits == 8 else 65535)).astype(np.uint8 if bits == 8 else np.uint16)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("channels,mode", [(1, "L"), (2, "LA"), (3, "RGB"), (4, "RGBA")])
+def test_lossless_round_trip_keeps_mode_and_bit_depth(tmp_path, suffix, bits, channels, mode):
+    pixels = random_pixels(13, 17, channels, bits)
+    path = tmp_path / f"image{suffix}"
+    write_image(path, pixels / (255 if bits == 8 else 65535), bit_depth=bits)
+    array, info = read_image(path)
+    assert array.dtype == np.float32 and array.shape == (13, 17, channels)
+    assert (info.mode, info.bit_depth, info.has_alpha) == (mode, bits, channels in (2, 4))
+    assert (info.width, info.height, info.path) == (17, 13, str(path))
+    np.testing.assert_array_equal(as_integers(array, bits), pixels)
+
+
+def test_sixteen_bit_png_is_readable_by_pillow_as_a_valid_png(tmp_path):
+    # Our own 16-bit colour PNG encoder must produce a file other decoders accept (Pillow gives 8-bit).
+    pixels = random_pixels(9, 11, 3, 16)
+    path = write_image(tmp_path / "deep.png", pixels / 65535, bit_depth=16)
+    with Image.open(path) as image:
+        image.load()
+        assert image.size == (11, 9)
+        np.testing.assert_array_equal(np.asarray(image), (pixels >> 8).astype(np.uint8))
+
+
+def test_sixteen_bit_input_to_eight_bit_formats(tmp_path):
+    pixels = random_pixels(8, 8, 3, 16)
+    for name in ("out.jpg", "out.webp", "out.bmp"):
+        path = write_image(tmp_path / name, pixels / 65535, bit_depth=16)
+        array, info = read_image(path)
+        assert info.bit_depth == 8 and info.mode == "RGB" and array.shape == (8, 8, 3)
+
+
+def test_alpha_kept_where_the_format_allows(tmp_path):
+    pixels = random_pixels(16, 16, 4, 8)
+    pixels[..., 3] = np.linspace(0, 255, 16, dtype=np.uint8)[None, :]
+    for name, expected_mode in (("a.png", "RGBA"), ("a.webp", "RGBA"), ("a.tif", "RGBA"), ("a.jpg", "RGB"),
+                                ("a.bmp", "RGB")):
+        array, info = read_image(write_image(tmp_path / name, pixels / 255))
+        assert info.mode == expected_mode, name
+        if expected_mode == "RGBA":
+            np.testing.assert_allclose(array[..., 3], pixels[..., 3] / 255, atol=2 / 255, err_msg=name)
+
+
+def test_lossy_formats_are_close(tmp_path):
+    x = np.linspace(0, 1, 32, dtype=np.float32)
+    smooth = np.stack([x[None, :].repeat(32, 0), x[:, None].repeat(32, 1), np.full((32, 32), 0.5, np.float32)], -1)
+    for name in ("s.jpg", "s.webp"):
+        array, info = read_image(write_image(tmp_path / name, smooth, quality=95))
+        assert info.format in ("jpeg", "webp")
+        assert np.abs(array - smooth).mean() < 0.02, name
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_like_pillow(tmp_path, orientation):
+    pixels = random_pixels(6, 10, 3, 8)
+    image = Image.fromarray(pixels)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "oriented.png"
+    image.save(path, exif=exif)
+    array, info = read_image(path)
+    with Image.open(path) as reference:
+        expected = np.asarray(ImageOps.exif_transpose(reference).convert("RGB"))
+    np.testing.assert_array_equal(as_integers(array, 8), expected)
+    assert (info.height, info.width) == expected.shape[:2]
+
+
+def test_exif_orientation_of_a_sixteen_bit_tiff(tmp_path):
+    pixels = random_pixels(6, 10, 3, 16)
+    path = tmp_path / "rotated.tif"
+    tifffile.imwrite(path, pixels, photometric="rgb", extratags=[(274, "H", 1, 6, True)])  # 6: rotate 90 CW
+    array, info = read_image(path)
+    assert info.bit_depth == 16
+    np.testing.assert_array_equal(as_integers(array, 16), np.rot90(pixels, k=-1))
+
+
+def test_grey_jpeg_palette_png_and_cmyk_jpeg(tmp_path):
+    grey = Image.fromarray(random_pixels(8, 8, 1, 8)[..., 0])
+    grey.save(tmp_path / "grey.jpg")
+    assert read_image(tmp_path / "grey.jpg")[1].mode == "L"
+
+    palette = Image.fromarray(random_pixels(8, 8, 3, 8)).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    palette.info["transparency"] = 0
+    palette.save(tmp_path / "palette.png", transparency=0)
+    array, info = read_image(tmp_path / "palette.png")
+    assert info.mode == "RGBA" and array.shape == (8, 8, 4)
+
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")  # red in CMYK
+    array, info = read_image(tmp_path / "cmyk.jpg")
+    assert info.mode == "RGB"
+    assert array[..., 0].mean() > 0.9 and array[..., 1].mean() < 0.1
+
+
+def _expect_read_error(path, *reason_words):
+    with pytest.raises(ImageReadError) as caught:
+        read_image(path)
+    message = str(caught.value)
+    assert str(path) in message
+    for word in reason_words:
+        assert word in message, message
+    return caught.value
+
+
+def test_unreadable_inputs_raise_a_clear_error(tmp_path):
+    good = write_image(tmp_path / "good.png", random_pixels(64, 64, 3, 8) / 255)
+    data = good.read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    _expect_read_error(tmp_path / "truncated.png", "truncated")
+
+    jpeg = write_image(tmp_path / "good.jpg", random_pixels(64, 64, 3, 8) / 255)
+    (tmp_path / "truncated.jpg").write_bytes(jpeg.read_bytes()[:300])
+    _expect_read_error(tmp_path / "truncated.jpg", "truncated")
+
+    (tmp_path / "text.png").write_text("this is not an image\n")
+    _expect_read_error(tmp_path / "text.png", "not a recognised image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    _expect_read_error(tmp_path / "empty.png", "not a recognised image")
+    _expect_read_error(tmp_path / "missing.png", "no such file")
+    (tmp_path / "folder.png").mkdir()
+    _expect_read_error(tmp_path / "folder.png", "folder")
+
+    corrupt = bytearray(data)
+    corrupt[60:80] = b"\x00" * 20  # damage the compressed pixel data
+    (tmp_path / "corrupt.png").write_bytes(bytes(corrupt))
+    _expect_read_error(tmp_path / "corrupt.png", "corrupt")
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "image.gif")
+    _expect_read_error(tmp_path / "image.gif", "unsupported format GIF")
+
+
+def _png_header_only(width, height):
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(
+        b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_from_the_header(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(100_000, 100_000))  # 10 gigapixels, no pixel data at all
+    with pytest.raises(ImageTooLargeError) as caught:
+        read_image(bomb)
+    message = str(caught.value)
+    # Pillow's own guard fires first for something this large; the message still names size and option.
+    assert str(bomb) in message and "10000000000 pixels" in message and "--max-megapixels" in message
+
+    over_ours = tmp_path / "over.png"
+    over_ours.write_bytes(_png_header_only(10_000, 8_000))  # 80 MP: over our 64 MP default, under Pillow's guard
+    with pytest.raises(ImageTooLargeError) as caught:
+        read_image(over_ours)
+    message = str(caught.value)
+    assert "10000x8000 = 80.0 megapixels" in message and "limit of 64 megapixels" in message
+    assert "--max-megapixels" in message
+
+    small = write_image(tmp_path / "small.png", random_pixels(100, 100, 3, 8) / 255)  # 0.01 MP
+    with pytest.raises(ImageTooLargeError, match="limit of 0.005 megapixels"):
+        read_image(small, max_megapixels=0.005)
+    assert read_image(small, max_megapixels=0.01)[0].shape == (100, 100, 3)
+    # With no limit the header passes our check; there is no data, so it fails as corrupt, not as a bomb.
+    with pytest.raises(ImageReadError) as caught:
+        read_image(bomb, max_megapixels=None)
+    assert not isinstance(caught.value, ImageTooLargeError)
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    path = tmp_path / "out.png"
+    path.write_bytes(b"precious")
+    with pytest.raises(OutputExistsError) as caught:
+        write_image(path, np.zeros((4, 4, 3), np.float32))
+    assert str(path) in str(caught.value) and "overwrite" in str(caught.value)
+    assert path.read_bytes() == b"precious"
+    write_image(path, np.zeros((4, 4, 3), np.float32), overwrite=True)
+    assert read_image(path)[0].shape == (4, 4, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
+def test_unknown_output_extension_and_missing_folder(tmp_path):
+    with pytest.raises(ValueError, match="unknown output extension"):
+        write_image(tmp_path / "out.xyz", np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(imageio.ImageWriteError, match="does not exist"):
+        write_image(tmp_path / "no" / "out.png", np.zeros((4, 4, 3), np.float32))
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["o_tmpfile", "named-temporary"])
+def test_a_write_that_fails_midway_leaves_nothing(tmp_path, monkeypatch, unnamed):
+    if not unnamed:
+        monkeypatch.setattr(imageio, "_open_unnamed", lambda folder: None)
+
+    def failing_save(self, fp, format=None, **options):
+        fp.write(b"\x89PNG\r\n\x1a\n partial data")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        write_image(tmp_path / "out.png", np.zeros((8, 8, 3), np.float32))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_named_temporary_fallback_publishes_atomically(tmp_path, monkeypatch):
+    monkeypatch.setattr(imageio, "_open_unnamed", lambda folder: None)
+    pixels = random_pixels(5, 7, 3, 8)
+    path = write_image(tmp_path / "out.png", pixels / 255)
+    np.testing.assert_array_equal(as_integers(read_image(path)[0], 8), pixels)
+    with pytest.raises(OutputExistsError):
+        write_image(path, pixels / 255)
+    write_image(path, pixels / 255, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
+_KILL_CHILD = """
+import sys, numpy as np
+from runtime.imageio import write_image
+pixels = np.random.default_rng(0).random((3000, 3000, 3), dtype=np.float32)
+print("writing", flush=True)
+write_image(sys.argv[1], pixels, bit_depth=16)
+print("done", flush=True)
+"""
+
+
+def _open_files_in(pid, folder):
+    """Paths (as the kernel shows them) of the files `pid` has open inside `folder`."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # the descriptor closed while we looked
+            continue
+        if target.startswith(str(folder) + "/"):
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to kill the writer mid-write")
+def test_a_writer_killed_midway_leaves_no_file(tmp_path):
+    destination = tmp_path / "big.png"
+    child = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, str(destination)], cwd=REPO,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        deadline = time.monotonic() + 60
+        while not _open_files_in(child.pid, tmp_path.resolve()):  # wait until the output file is open and being written
+            assert child.poll() is None, "the writer finished before it could be killed; make the image larger"
+            assert time.monotonic() < deadline, "the writer never opened its output"
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert child.poll() is None, "the writer finished before it could be killed; make the image larger"
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=60)
+        child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+    assert not destination.exists()
+    leftovers = list(tmp_path.iterdir())
+    probe = imageio._open_unnamed(tmp_path)
+    if probe is not None:  # O_TMPFILE: not even a temporary is left
+        os.close(probe)
+        assert leftovers == []
+    else:  # named-temporary fallback: only the hidden partial, which a rerun removes
+        assert all(p.name.startswith(".big.png.") and p.name.endswith(".partial") for p in leftovers)

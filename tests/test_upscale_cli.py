@@ -1,0 +1,283 @@
+"""runtime.upscale: the command line (files, folders, errors, skipping, atomic writes) and the Python API.
+
+The model is the real tiny GuideSR, saved once per module as a checkpoint + base folder and
+passed with --checkpoint (the way a user runs their own model); images are tiny (24x20 LR).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+import runtime
+from runtime import imageio
+from runtime.backends import TorchBackend
+from runtime.imageio import read_image, write_image
+from runtime.tiling import NonFiniteOutputError
+from runtime.upscale import collect_jobs, main, upscale_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def save_tiny_checkpoint(root: Path, poison: bool = False) -> Path:
+    """A tiny-preset GuideSR as a user has it: base folder (diffusers format) + checkpoint JSON."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from guidesr import build_model, preset_config
+    from guidesr.checkpoint import save_checkpoint
+
+    config = preset_config("tiny")
+    base = root / "base"
+    if not base.exists():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            UNet2DConditionModel(**config.unet).save_pretrained(base / "unet")
+            AutoencoderKL(**config.vae).save_pretrained(base / "vae")
+    model = build_model(config, base)
+    if poison:  # a diverged training run: the stored prompt embedding is NaN
+        with torch.no_grad():
+            model.prompt.embedding.fill_(float("nan"))
+    return save_checkpoint(model, root / ("diverged" if poison else "tiny"), base_model="base")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def diverged_checkpoint(checkpoint) -> Path:
+    return save_tiny_checkpoint(checkpoint.parent, poison=True)
+
+
+@pytest.fixture(scope="module")
+def backend(checkpoint) -> TorchBackend:
+    import guidesr
+
+    return TorchBackend(guidesr.load_model(checkpoint=checkpoint))
+
+
+RNG = np.random.default_rng(7)
+
+
+def make_inputs(folder: Path) -> dict[str, tuple[str, int, tuple]]:
+    """Mixed inputs; returns name -> (expected output mode, bit depth, LR shape)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = 20, 24
+    rgb = RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "rgb.png")
+    Image.fromarray(rgb).save(folder / "photo.jpg", quality=90)
+    Image.fromarray(rgb[..., 0]).save(folder / "grey.png")
+    rgba = np.concatenate([rgb, np.linspace(0, 255, w, dtype=np.uint8)[None, :, None].repeat(h, 0)], axis=2)
+    Image.fromarray(rgba).save(folder / "rgba.png")
+    deep = RNG.integers(0, 65536, (h, w, 3), dtype=np.uint16)
+    write_image(folder / "deep.png", deep / 65535, bit_depth=16)
+    tifffile.imwrite(folder / "deep_grey.tif", deep[..., 0])
+    return {
+        "rgb": ("RGB", 8, (h, w)), "photo": ("RGB", 8, (h, w)), "grey": ("L", 8, (h, w)),
+        "rgba": ("RGBA", 8, (h, w)), "deep": ("RGB", 16, (h, w)), "deep_grey": ("L", 16, (h, w)),
+    }
+
+
+def test_folder_batch_with_mixed_and_broken_inputs(tmp_path, checkpoint, capsys):
+    expected = make_inputs(tmp_path / "in")
+    good_png = (tmp_path / "in" / "rgb.png").read_bytes()
+    (tmp_path / "in" / "truncated.png").write_bytes(good_png[: len(good_png) // 2])
+    (tmp_path / "in" / "notes.png").write_text("not an image, despite the name\n")
+    (tmp_path / "in" / "readme.txt").write_text("ignored: not an image extension\n")
+    (tmp_path / "in" / ".hidden.png").write_bytes(good_png)  # hidden files are not picked up
+
+    code = main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--checkpoint", str(checkpoint)])
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f"{name}.png" for name in expected)
+    for name, (mode, bits, (h, w)) in expected.items():
+        array, info = read_image(tmp_path / "out" / f"{name}.png")
+        assert (info.mode, info.bit_depth, info.height, info.width) == (mode, bits, 4 * h, 4 * w), name
+        assert np.isfinite(array).all() and array.std() > 0.01, name
+    # alpha is the bicubic upsample of the input's (a left-to-right ramp)
+    alpha = read_image(tmp_path / "out" / "rgba.png")[0][..., 3]
+    assert alpha[:, :8].mean() < 0.1 and alpha[:, -8:].mean() > 0.9
+    assert "truncated.png" in captured.err and "truncated" in captured.err
+    assert "notes.png" in captured.err and "not a recognised image" in captured.err
+    assert "6 written, 0 skipped (already there), 2 failed" in captured.out
+
+
+def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, checkpoint, capsys):
+    make_inputs(tmp_path / "in")
+    for name in ("photo.jpg", "grey.png", "rgba.png", "deep.png", "deep_grey.tif"):
+        (tmp_path / "in" / name).unlink()
+    Image.fromarray(RNG.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "in" / "second.png")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "rgb.png").write_bytes(b"precious: do not touch")
+
+    args = [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--checkpoint", str(checkpoint)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "out" / "rgb.png").read_bytes() == b"precious: do not touch"
+    assert "skip:" in out and "rgb.png exists" in out
+    assert read_image(tmp_path / "out" / "second.png")[1].width == 96
+    assert "1 written, 1 skipped" in out
+
+    assert main(args) == 0  # everything is there: nothing to do, the model is not even loaded
+    assert "0 written, 2 skipped" in capsys.readouterr().out
+
+    assert main(args + ["--overwrite"]) == 0
+    assert read_image(tmp_path / "out" / "rgb.png")[1].width == 96
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["rgb.png", "second.png"]
+
+
+def test_a_failed_write_leaves_no_partial_file_and_the_batch_goes_on(tmp_path, checkpoint, capsys, monkeypatch):
+    make_inputs(tmp_path / "in")
+    real_encode = imageio._encode
+
+    def disk_full_for_grey(stream, pixels, fmt, quality, icc_profile):
+        if pixels.ndim == 3 and pixels.shape[2] == 1 and pixels.dtype == np.uint8:  # grey.png's output
+            stream.write(b"\x89PNG\r\n\x1a\n half an image")
+            raise OSError(28, "No space left on device")
+        return real_encode(stream, pixels, fmt, quality, icc_profile)
+
+    monkeypatch.setattr(imageio, "_encode", disk_full_for_grey)
+    code = main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--checkpoint", str(checkpoint)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "grey.png" in captured.err and "No space left" in captured.err
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())  # hidden temporaries would show here too
+    assert names == ["deep.png", "deep_grey.png", "photo.png", "rgb.png", "rgba.png"]
+
+
+def test_single_file_output_format_from_the_extension_and_format_for_folders(tmp_path, checkpoint, capsys):
+    make_inputs(tmp_path / "in")
+    source = tmp_path / "in" / "rgb.png"
+    assert main([str(source), "-o", str(tmp_path / "single.jpg"), "--checkpoint", str(checkpoint),
+                 "--jpeg-quality", "80", "--tile", "64", "--overlap", "16", "--tile-batch", "2"]) == 0
+    array, info = read_image(tmp_path / "single.jpg")
+    assert info.format == "jpeg" and array.shape == (80, 96, 3)
+
+    assert main([str(source), str(tmp_path / "in" / "rgba.png"), "-o", str(tmp_path / "webp"), "--format", "webp",
+                 "--checkpoint", str(checkpoint)]) == 0
+    assert sorted(p.name for p in (tmp_path / "webp").iterdir()) == ["rgb.webp", "rgba.webp"]
+    assert read_image(tmp_path / "webp" / "rgba.webp")[1].mode == "RGBA"
+
+    capsys.readouterr()
+    assert main([str(source), str(source), "-o", str(tmp_path / "two.png"), "--checkpoint", str(checkpoint)]) == 1
+    assert "not a single file" in capsys.readouterr().err
+
+
+def test_recursive_keeps_subfolders_and_never_rescans_its_own_output(tmp_path, checkpoint, capsys):
+    pixels = RNG.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    (tmp_path / "in" / "sub" / "deeper").mkdir(parents=True)
+    Image.fromarray(pixels).save(tmp_path / "in" / "a.png")
+    Image.fromarray(pixels).save(tmp_path / "in" / "sub" / "deeper" / "b.jpg")
+    out = tmp_path / "in" / "upscaled"  # inside the input folder
+    args = [str(tmp_path / "in"), "--recursive", "-o", str(out), "--checkpoint", str(checkpoint)]
+    assert main(args) == 0
+    found = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert found == ["a.png", "sub/deeper/b.png"]
+    assert main(args) == 0
+    assert "0 written, 2 skipped" in capsys.readouterr().out
+    assert not (out / "upscaled").exists()
+
+
+def test_output_name_collisions_are_reported(tmp_path):
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "in" / "same.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "in" / "same.jpg")
+    jobs = collect_jobs([tmp_path / "in"], tmp_path / "out")
+    assert [job.source.name for job in jobs.jobs] == ["same.jpg"]
+    assert len(jobs.failures) == 1 and "same.png" in jobs.failures[0] and "also the output of" in jobs.failures[0]
+
+
+def test_model_output_with_nan_is_an_error_naming_the_file(tmp_path, diverged_checkpoint, capsys):
+    make_inputs(tmp_path / "in")
+    code = main([str(tmp_path / "in" / "rgb.png"), "-o", str(tmp_path / "out"),
+                 "--checkpoint", str(diverged_checkpoint)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "rgb.png" in captured.err and "NaN/Inf" in captured.err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_python_api(tmp_path, backend):
+    grey = RNG.integers(0, 256, (20, 24), dtype=np.uint8)
+    result = runtime.upscale(grey, backend=backend)  # `runtime.upscale` is the callable module
+    assert result.shape == (80, 96, 1) and result.dtype == np.float32
+    assert 0 <= result.min() and result.max() <= 1
+
+    rgba = RNG.random((20, 24, 4), dtype=np.float32)
+    assert runtime.upscale(rgba, backend=backend, tile=64, overlap=16).shape == (80, 96, 4)
+
+    path = write_image(tmp_path / "in.png", RNG.random((20, 24, 3), dtype=np.float32))
+    from_file = runtime.upscale(path, backend=backend)
+    assert from_file.shape == (80, 96, 3)
+
+    out = upscale_file(path, tmp_path / "out.tif", backend)
+    assert read_image(out)[0].shape == (80, 96, 3)
+    np.testing.assert_allclose(read_image(out)[0], from_file, atol=1 / 255)
+
+
+def test_nan_from_the_api_names_the_file(tmp_path, diverged_checkpoint):
+    import guidesr
+
+    model = guidesr.load_model(checkpoint=diverged_checkpoint)
+    path = write_image(tmp_path / "in.png", RNG.random((20, 24, 3), dtype=np.float32))
+    with pytest.raises(NonFiniteOutputError, match="in.png"):
+        upscale_file(path, tmp_path / "out.png", TorchBackend(model))
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_command_line_entry_point():
+    """`python -m runtime.upscale` itself: help text, and no runpy warning about the module."""
+    result = subprocess.run([sys.executable, "-m", "runtime.upscale", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    assert "--tile-batch" in result.stdout and "--max-megapixels" in result.stdout
+    assert "RuntimeWarning" not in result.stderr
+
+
+def test_bad_options_are_refused(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["x.png", "-o", "y.png", "--tile", "64", "--overlap", "64"])
+    assert caught.value.code == 2 and "--overlap 64 must be smaller than --tile 64" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["x.png", "-o", "y.png", "--backend", "no-such-backend"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+_RSS_CHILD = """
+import resource, sys
+from runtime.upscale import main
+code = main(sys.argv[1:])
+print("MAXRSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_a_4096_output_stays_under_4_gb(tmp_path, checkpoint):
+    """Acceptance 2: 1024x1024 in, 4096x4096 out (tiny preset, torch, CPU), peak RSS < 4 GB.
+
+    81 tiles of 512x512: about 8 minutes on 2 idle cores, 20+ when they are shared.
+    """
+    from skimage import data
+
+    source = tmp_path / "big.png"
+    Image.fromarray(data.astronaut()).resize((1024, 1024), Image.Resampling.BICUBIC).save(source)
+    destination = tmp_path / "big_x4.png"
+    result = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, str(source), "-o", str(destination), "--checkpoint", str(checkpoint),
+         "--device", "cpu", "--tile", "512", "--overlap", "64"],
+        cwd=REPO, capture_output=True, text=True, timeout=3600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    peak_kib = int(result.stdout.split("MAXRSS_KIB")[1].split()[0])
+    print(f"peak RSS {peak_kib / 2**20:.2f} GiB")
+    assert peak_kib * 1024 < 4 * 10**9
+    with Image.open(destination) as image:
+        assert image.size == (4096, 4096)

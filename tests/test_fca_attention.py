@@ -1,0 +1,179 @@
+"""Issue 5: the fused FCA channel-attention op (kernels/fca_attention.py).
+
+Without CUDA the kernels run on CPU tensors through Triton's interpreter; with CUDA the same tests
+run the compiled kernels, and the `gpu` tests add torch.compile, full opcheck and ONNX export.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton picks interpreter or compiler when @triton.jit runs, i.e. when kernels are imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+triton = pytest.importorskip("triton")
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from kernels import fca_attention  # noqa: E402
+from kernels.fca_attention import (  # noqa: E402
+    fca_channel_attention,
+    fca_channel_attention_reference,
+    fca_channel_attention_triton,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not isinstance(
+    fca_attention._gated_gelu_kernel, InterpretedFunction
+):
+    raise RuntimeError(
+        "kernels.fca_attention was imported before TRITON_INTERPRET=1 was set, so its kernels "
+        "cannot run on the CPU; set TRITON_INTERPRET=1 in the environment or tests/conftest.py"
+    )
+OP = torch.ops.guidesr.fca_channel_attention.default
+
+
+def make_inputs(batch, channels, height, width, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(batch, channels, height, width, generator=g)
+    weight = torch.randn(channels, channels, 1, 1, generator=g) / channels**0.5
+    bias = torch.randn(channels, generator=g) * 0.5
+    return tuple(t.to(DEVICE, dtype) for t in (y, weight, bias))
+
+
+def max_error_vs_float64(result, y, weight, bias):
+    exact = fca_channel_attention_reference(y.double(), weight.double(), bias.double())
+    return (result.double() - exact).abs().max().item()
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the names of the operators that reach the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (3, 17, 23, 37),  # odd C, H != W, nothing a multiple of a block size; 2-channel tiles, the last ragged
+        (1, 3, 97, 131),  # H*W = 12707 > 8192: two pass-1 chunks, the second one ragged
+        (2, 64, 20, 24),
+    ],
+)
+def test_kernel_error_at_most_twice_pytorchs(shape, dtype):
+    """Error vs float64 <= 2x the error of PyTorch's own code in the same dtype, + eps; every element written."""
+    y, weight, bias = make_inputs(*shape, dtype)
+    out = torch.full_like(y, float("nan"))
+    result = fca_channel_attention_triton(y, weight, bias, out=out)
+    assert result.data_ptr() == out.data_ptr() and result.dtype == dtype
+    assert not torch.isnan(out).any(), "some output elements were never written"
+    kernel_error = max_error_vs_float64(out, y, weight, bias)
+    torch_error = max_error_vs_float64(fca_channel_attention_reference(y, weight, bias), y, weight, bias)
+    # (The CPU interpreter rounds fp32 -> bf16 by truncation, the GPU to nearest; the bound holds for both.)
+    assert kernel_error <= 2 * torch_error + torch.finfo(dtype).eps, (kernel_error, torch_error)
+
+
+def test_strided_inputs_read_in_place_and_output_layout():
+    y, weight, bias = make_inputs(2, 17, 19, 23, torch.float32)
+    weight_t = weight.reshape(17, 17).t()  # a non-contiguous [C, C] view
+    cases = {
+        "channels_last": y.to(memory_format=torch.channels_last),
+        "crop": y[:, :, 1:-2, 2:],  # H and W do not flatten: copied to contiguous first
+        "channel_slice": y[:, ::2],
+    }
+    for name, case in cases.items():
+        c = case.shape[1]
+        args = (case, weight_t[:c, :c], bias[:c])
+        torch.testing.assert_close(
+            fca_channel_attention_triton(*args), fca_channel_attention_reference(*args), rtol=1e-5, atol=1e-6, msg=name
+        )
+    z = fca_channel_attention_triton(cases["channels_last"], weight, bias)
+    assert z.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_deterministic_across_runs():
+    y, weight, bias = make_inputs(1, 2, 67, 131, torch.float32, seed=1)  # two pass-1 chunks
+    assert torch.equal(fca_channel_attention_triton(y, weight, bias), fca_channel_attention_triton(y, weight, bias))
+
+
+def test_rejects_bad_out():
+    y, weight, bias = make_inputs(1, 3, 5, 6, torch.float32)
+    with pytest.raises(ValueError):
+        fca_channel_attention_triton(y, weight, bias, out=torch.empty(1, 3, 6, 5, device=DEVICE))
+
+
+def test_custom_op_registered_with_fake_impl():
+    y, weight, bias = make_inputs(2, 5, 6, 7, torch.float16)
+    y = y.to(memory_format=torch.channels_last)
+    # Under the interpreter the AOT checks would trace the launcher with fake tensors: GPU only.
+    utils = None if DEVICE == "cuda" else ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(OP, (y, weight, bias), test_utils=utils)
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake = OP(mode.from_tensor(y), mode.from_tensor(weight), mode.from_tensor(bias))
+    assert (fake.shape, fake.dtype, fake.stride()) == (y.shape, y.dtype, y.stride())
+
+
+def test_dispatcher_runs_reference_on_cpu():
+    y, weight, bias = (t.cpu() for t in make_inputs(2, 5, 6, 7, torch.float32))
+    with OpRecorder() as recorder:
+        z = fca_channel_attention(y, weight, bias, use_kernel=True)
+    assert "guidesr.fca_channel_attention.default" not in recorder.ops
+    assert torch.equal(z, fca_channel_attention_reference(y, weight, bias))
+
+
+@pytest.mark.gpu
+def test_dispatcher_on_cuda_uses_op_only_without_grad():
+    y, weight, bias = make_inputs(2, 17, 37, 53, torch.float16)
+    with OpRecorder() as recorder, torch.no_grad():
+        z = fca_channel_attention(y, weight, bias, use_kernel=True)
+    assert recorder.ops == ["guidesr.fca_channel_attention.default"]
+    assert torch.equal(z, fca_channel_attention_triton(y, weight, bias))
+    with OpRecorder() as recorder:
+        fca_channel_attention(y, weight, bias, use_kernel=False)
+    assert "guidesr.fca_channel_attention.default" not in recorder.ops
+
+    y.requires_grad_(True)
+    z = fca_channel_attention(y, weight, bias, use_kernel=True)
+    z.float().sum().backward()  # the reference ran: it has a gradient
+    assert y.grad is not None and torch.isfinite(y.grad).all()
+
+
+@pytest.mark.gpu
+def test_torch_compile_calls_the_op():
+    y, weight, bias = make_inputs(2, 17, 37, 53, torch.float16)
+
+    @torch.compile(fullgraph=True)
+    def attention(y, weight, bias):
+        return fca_channel_attention(y, weight, bias, use_kernel=True) + 1
+
+    with torch.no_grad():
+        compiled = attention(y, weight, bias)
+    torch.testing.assert_close(compiled, fca_channel_attention_triton(y, weight, bias) + 1)
+
+
+@pytest.mark.gpu
+def test_onnx_export_records_the_reference():
+    pytest.importorskip("onnxscript")
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Conv2d(8, 8, 1).to(DEVICE)
+
+        def forward(self, y):
+            return fca_channel_attention(y, self.proj.weight, self.proj.bias, use_kernel=True)
+
+    with torch.no_grad():
+        program = torch.onnx.export(Attention(), (torch.randn(1, 8, 12, 16, device=DEVICE),), dynamo=True)
+    op_types = {node.op_type for node in program.model_proto.graph.node}
+    assert "Sigmoid" in op_types and not any("fca" in t for t in op_types), op_types

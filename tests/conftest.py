@@ -4,6 +4,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton picks interpreter or compiler when a kernel is decorated (first import of kernels/), so
+# without CUDA the interpreter must be chosen before any test module imports the model.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,191 @@
+"""python -m export onnx|engine|verify: ONNX graphs, TensorRT engines and their Polygraphy check.
+
+    python -m export onnx    [model] [--tile 512] [--precision fp32 fp16] [--variant static dynamic]
+    python -m export engine  [model] [--tile 512] [--precision fp16] [--variant static] [--optimization-level 3]
+    python -m export verify  [model] [--tile 512] [--sizes 512x512 256x512] [--onnx FILE ...] [--engine FILE]
+
+[model] is the embedded demo checkpoint by default, or --checkpoint NAME.json [--base-model DIR],
+or --random-weights --preset tiny|sd-turbo (an untrained model: random base weights unless
+--base-model is given). Files go to --out-dir (artifacts/export). `engine` writes its ONNX graph
+first, then needs TensorRT: without it, it exits with status 3 and the install command.
+`verify` also checks every engine found next to a graph (NAME.engine for NAME.onnx) when TensorRT
+is installed, and exits with status 1 if a comparison fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from guidesr.checkpoint import CheckpointError
+from guidesr.config import PRESETS, preset_config
+from guidesr.loading import DEFAULT_CHECKPOINT, BaseModelError, build_model, load_model
+from guidesr.model import GuideSR
+
+from .engine_metadata import EngineMetadataError, EngineMismatchError
+from .graphs import VARIANTS, GraphSpec, guidesr_graph, parse_tile
+from .onnx_export import PRECISIONS, export_graphs, graph_filename
+from .tensorrt_build import EngineBuildError, TensorRTUnavailableError, build_engine, import_tensorrt
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NO_TENSORRT = 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.tile = parse_tile(args.tile)
+        if args.command == "verify":
+            args.sizes = [parse_tile(size) for size in args.sizes] if args.sizes else None
+        model, weights = load_from_args(args)
+        return args.run(args, model, weights)
+    except (CheckpointError, BaseModelError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (EngineBuildError, EngineMetadataError, EngineMismatchError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    onnx = _command(commands, "onnx", _run_onnx, "export the ONNX graphs")
+    onnx.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    onnx.add_argument("--variant", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    _shape_options(onnx)
+
+    engine = _command(commands, "engine", _run_engine, "export one ONNX graph and build its TensorRT engine")
+    engine.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    engine.add_argument("--variant", choices=VARIANTS, default="static")
+    _shape_options(engine)
+    engine.add_argument("--optimization-level", type=int, default=3, choices=range(6),
+                        help="TensorRT builder optimisation level 0-5 (default 3)")
+    engine.add_argument("--workspace-gib", type=float, help="TensorRT workspace limit (default: TensorRT's)")
+    engine.add_argument("--timing-cache", type=Path,
+                        help="timing cache file, loaded and saved (default OUT_DIR/tensorrt-timing.cache)")
+    engine.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
+
+    verify = _command(commands, "verify", _run_verify, "compare graphs (and an engine) with PyTorch via Polygraphy")
+    verify.add_argument("--onnx", type=Path, nargs="+",
+                        help="graphs to check (default: every graph of this preset and tile in --out-dir)")
+    verify.add_argument("--engine", type=Path, help="engine to check as well, against PyTorch and its ONNX graph")
+    verify.add_argument("--sizes", nargs="+",
+                        help="HxW sizes for dynamic graphs (default: the tile and half its height)")
+    return parser
+
+
+def _command(commands, name: str, run, help_text: str) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, help=help_text)
+    command.set_defaults(run=run)
+    model = command.add_argument_group("model")
+    model.add_argument("--checkpoint", type=Path,
+                       help=f"checkpoint JSON (default: the embedded {DEFAULT_CHECKPOINT.name})")
+    model.add_argument("--preset", choices=sorted(PRESETS),
+                       help="must match the checkpoint's; required with --random-weights")
+    model.add_argument("--base-model", type=Path,
+                       help="diffusers folder with unet/ and vae/ (overrides the checkpoint's)")
+    model.add_argument("--random-weights", action="store_true", help="use an untrained model of --preset")
+    model.add_argument("--seed", type=int, default=0, help="seed of the untrained model's weights (default 0)")
+    command.add_argument("--tile", default="512", help="tile the graphs are built for: 512 or HxW (default 512)")
+    command.add_argument("--out-dir", type=Path, default=Path("artifacts/export"), help="default artifacts/export")
+    return command
+
+
+def _shape_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--batch", type=int, default=1, help="batch size of static graphs (default 1)")
+    command.add_argument("--max-batch", type=int, default=4, help="largest batch of dynamic graphs (default 4)")
+
+
+def load_from_args(args) -> tuple[GuideSR, str]:
+    """The model asked for, and a description of its weights for the graphs' metadata."""
+    if args.random_weights:
+        if args.checkpoint is not None:
+            raise ValueError("--random-weights and --checkpoint exclude each other")
+        if args.preset is None:
+            raise ValueError("--random-weights needs --preset")
+        base = f", base {args.base_model}" if args.base_model else ", random base"
+        model = build_model(preset_config(args.preset), args.base_model, seed=args.seed).eval()
+        return model, f"untrained (preset {args.preset}, seed {args.seed}{base})"
+    if args.checkpoint is None and not DEFAULT_CHECKPOINT.exists():
+        raise CheckpointError(f"the embedded demo checkpoint {DEFAULT_CHECKPOINT} is not there; pass --checkpoint "
+                              f"NAME.json, or --random-weights --preset tiny for an untrained model")
+    checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
+    model = load_model(checkpoint, preset=args.preset, base_model=args.base_model)
+    return model, f"checkpoint {checkpoint.name}"
+
+
+def _specs(args, model: GuideSR, variants: list[str]) -> list[GraphSpec]:
+    multiple = model.config.size_multiple
+    return [guidesr_graph(multiple, args.tile, v, batch=args.batch, max_batch=args.max_batch) for v in variants]
+
+
+def _run_onnx(args, model: GuideSR, weights: str) -> int:
+    for graph in export_graphs(model, args.out_dir, _specs(args, model, args.variant), args.precision, weights):
+        print(f"wrote {graph.path}")
+    return 0
+
+
+def _run_engine(args, model: GuideSR, weights: str) -> int:
+    (graph,) = export_graphs(model, args.out_dir, _specs(args, model, [args.variant]), [args.precision], weights)
+    print(f"wrote {graph.path}")
+    try:
+        import_tensorrt()
+    except TensorRTUnavailableError as err:
+        print(f"error: cannot build the engine: {err}", file=sys.stderr)
+        return EXIT_NO_TENSORRT
+    engine_path = graph.path.with_suffix(".engine")
+    metadata = build_engine(graph.path, engine_path, optimization_level=args.optimization_level,
+                            workspace_gib=args.workspace_gib,
+                            timing_cache=args.timing_cache or args.out_dir / "tensorrt-timing.cache",
+                            verbose=args.verbose)
+    print(f"wrote {engine_path} (TensorRT {metadata.tensorrt_version}, {metadata.gpu_name}) and its metadata")
+    return 0
+
+
+def _run_verify(args, model: GuideSR, weights: str) -> int:
+    from .verify import compare, ort_fp32_fallback_ops
+
+    multiple, preset = model.config.size_multiple, model.config.preset
+    candidates = [args.out_dir / graph_filename(preset, guidesr_graph(multiple, args.tile, variant), precision)
+                  for precision in PRECISIONS for variant in VARIANTS]
+    graphs = args.onnx or [path for path in candidates if path.is_file()]
+    if args.engine is not None and args.engine.with_suffix(".onnx") not in graphs:
+        graphs.append(args.engine.with_suffix(".onnx"))
+    if not graphs:
+        raise ValueError(f"no graphs for preset {preset} and tile {args.tile} in {args.out_dir}; "
+                         f"run `python -m export onnx` (make onnx) first")
+    engines = {path: path.with_suffix(".engine") for path in graphs if path.with_suffix(".engine").is_file()}
+    if args.engine is not None:
+        engines[args.engine.with_suffix(".onnx")] = args.engine
+    if engines:
+        try:
+            import_tensorrt()
+        except TensorRTUnavailableError:
+            print(f"note: TensorRT is not installed; not checking {', '.join(e.name for e in engines.values())}")
+            engines = {}
+    height, width = args.tile
+    sizes = args.sizes or [(height, width), (max(multiple, height // 2 // multiple * multiple), width)]
+    print(f"reference: PyTorch, {weights}")
+    passed = True
+    for path in graphs:
+        engine = engines.get(path)
+        print(f"\n{path.name}" + (f" and {engine.name}" if engine else ""))
+        comparisons = compare(model, path, sizes, engine)
+        for comparison in comparisons:
+            print("  " + comparison.describe())
+            passed &= comparison.passed
+        if comparisons[0].precision == "fp16":
+            fallback = ort_fp32_fallback_ops(path)
+            listed = ", ".join(f"{op} x{count}" for op, count in fallback.most_common())
+            print(f"  note: ONNX Runtime's CPU provider ran these fp16 ops through fp32 kernels: {listed or 'none'}")
+    print("\nall comparisons passed" if passed else "\nSOME COMPARISONS FAILED")
+    return 0 if passed else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""What a serialized TensorRT engine was built for (NAME.engine.json), and the runtime's check of it.
+
+A TensorRT engine runs only on the GPU model and TensorRT version that built it, and it holds the
+weights of one checkpoint. `tensorrt_build.build_engine` writes this file next to the engine; the
+runtime calls `read` and `check_compatible` before deserializing, so a stale engine is refused with
+a message that says what differs, instead of failing inside TensorRT or silently running old weights.
+Nothing here imports TensorRT.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .graphs import GraphSpec
+
+FORMAT = "guidesr-tensorrt-engine"
+FORMAT_VERSION = 1
+NO_CHECKPOINT = "none"  # checkpoint_sha256 of a model with untrained (random) weights
+
+
+class EngineMetadataError(ValueError):
+    """The metadata file is missing, unreadable or not a GuideSR engine description."""
+
+
+class EngineMismatchError(RuntimeError):
+    """The engine was built for another GPU, TensorRT version or checkpoint."""
+
+
+@dataclass(frozen=True)
+class EngineMetadata:
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str  # "major.minor", e.g. "9.0"
+    precision: str  # "fp32" | "fp16"
+    checkpoint_sha256: str  # sha256 of the checkpoint's tensors, or NO_CHECKPOINT
+    preset: str
+    scale: int
+    size_multiple: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    profiles: tuple[dict[str, dict[str, list[int]]], ...]  # per profile: input -> {"min", "opt", "max"}
+    graph_spec: str  # GraphSpec JSON of the ONNX graph the engine was built from
+    onnx_file: str  # name of the ONNX file the engine was built from
+    onnx_sha256: str  # ... and the sha256 of that .onnx file
+    builder_optimization_level: int
+    guidesr_version: str
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def spec(self) -> GraphSpec:
+        return GraphSpec.from_json(self.graph_spec)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+
+def metadata_path(engine_path: str | Path) -> Path:
+    """NAME.engine -> NAME.engine.json"""
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def write(metadata: EngineMetadata, engine_path: str | Path) -> Path:
+    path = metadata_path(engine_path)
+    path.write_text(metadata.to_json())
+    return path
+
+
+def read(engine_path: str | Path) -> EngineMetadata:
+    """The metadata of NAME.engine (read from NAME.engine.json), validated."""
+    path = metadata_path(engine_path)
+    if not path.is_file():
+        raise EngineMetadataError(f"{path} does not exist; every GuideSR engine comes with its metadata file")
+    try:
+        data: Any = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EngineMetadataError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise EngineMetadataError(f"{path} is not a GuideSR engine description (format {FORMAT!r} expected)")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise EngineMetadataError(
+            f"{path} has format version {data.get('format_version')}, this guidesr reads version {FORMAT_VERSION}"
+        )
+    names = {f.name for f in fields(EngineMetadata)}
+    missing, unknown = sorted(names - set(data)), sorted(set(data) - names)
+    if missing or unknown:
+        raise EngineMetadataError(f"{path}: missing fields {missing}, unknown fields {unknown}")
+    for key in ("input_names", "output_names", "profiles"):
+        data[key] = tuple(data[key])
+    return EngineMetadata(**data)
+
+
+def format_capability(capability: str | tuple[int, int]) -> str:
+    """(9, 0) or "9.0" -> "9.0"."""
+    if isinstance(capability, str):
+        return capability
+    major, minor = capability
+    return f"{major}.{minor}"
+
+
+def check_compatible(metadata: EngineMetadata, gpu_name: str, compute_capability: str | tuple[int, int],
+                     trt_version: str, checkpoint_sha256: str | None) -> None:
+    """Raise EngineMismatchError naming every way the engine does not fit this GPU, TensorRT and checkpoint.
+
+    `checkpoint_sha256` is the loaded model's (None for an untrained model).
+    """
+    capability = format_capability(compute_capability)
+    expected_checkpoint = checkpoint_sha256 or NO_CHECKPOINT
+    mismatches = []
+    if (metadata.gpu_name, metadata.compute_capability) != (gpu_name, capability):
+        mismatches.append(
+            f"it was built on a {metadata.gpu_name} (compute capability {metadata.compute_capability}), "
+            f"this GPU is a {gpu_name} (compute capability {capability})"
+        )
+    if metadata.tensorrt_version != trt_version:
+        mismatches.append(
+            f"it was built with TensorRT {metadata.tensorrt_version}, this is TensorRT {trt_version} "
+            f"(an engine loads only in the version that built it)"
+        )
+    if metadata.checkpoint_sha256 != expected_checkpoint:
+        mismatches.append(
+            f"it holds the weights of checkpoint {_short(metadata.checkpoint_sha256)}, "
+            f"the model asked for is {_short(expected_checkpoint)}"
+        )
+    if mismatches:
+        raise EngineMismatchError(
+            f"the TensorRT engine for {metadata.onnx_file} cannot be used: " + "; ".join(mismatches)
+            + ". Rebuild it here with `make engine` (or `python -m export engine`) for this checkpoint."
+        )
+
+
+def _short(sha256: str) -> str:
+    return sha256 if sha256 == NO_CHECKPOINT else f"sha256 {sha256[:12]}…"

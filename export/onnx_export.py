@@ -1,0 +1,178 @@
+"""GuideSR -> ONNX: merge LoRA, rewrite, trace once per precision, derive the static/dynamic graphs.
+
+    model --merged_copy, freeze_time_embedding, fold_unshuffle_projections--> ExportModule (fp32)
+          --torch.onnx.export (TorchScript exporter, opset 18, dynamic axes)--> traced graph
+          --fix_input_shapes (static only), fold_constants, [fp16: add_fp32_islands, fold_constants]-->
+          --metadata, TensorRT op check, save, onnx.checker (full_check)--> NAME.onnx
+
+The fp16 graph is the same prepared module after `.half()`, traced again. docs/parts/export.md
+explains the choice of exporter (TorchScript over dynamo) and of the single end-to-end graph.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import tempfile
+import tomllib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from guidesr.model import GuideSR
+
+from .fp16 import add_fp32_islands
+from .graphs import GraphSpec, guidesr_graph
+from .merge import merged_copy
+from .rewrites import fix_input_shapes, fold_constants, fold_unshuffle_projections, freeze_time_embedding
+from .trt_supported_ops import tensorrt_problems
+
+OPSET = 18
+PRECISIONS = ("fp32", "fp16")  # fp32 first: the fp16 graph is traced from the same module after .half()
+EXTERNAL_DATA_BYTES = 1 << 30  # weights beyond this go to NAME.onnx.data (protobuf's limit is 2 GiB)
+
+
+class ExportModule(nn.Module):
+    """image [B, 3, H, W] float32 in [-1, 1] -> R1, float32, for H and W multiples of size_multiple.
+
+    At such sizes GuideSR's padding is a no-op, so the trace records none; the graph spec declares
+    the multiples and the runtime tiles at them. R2 (training only) is not an output.
+    """
+
+    def __init__(self, model: GuideSR):
+        super().__init__()
+        self.model = model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.guidance.head.weight.dtype
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model(image.to(self.dtype)).r1.float()
+
+
+def prepare_for_export(model: GuideSR) -> ExportModule:
+    """A merged, rewritten fp32 copy of `model` wrapped for tracing; `model` is not changed."""
+    prepared = merged_copy(model).float().eval()
+    freeze_time_embedding(prepared)
+    fold_unshuffle_projections(prepared)
+    return ExportModule(prepared).eval()
+
+
+@dataclass(frozen=True)
+class ExportedGraph:
+    path: Path
+    spec: GraphSpec
+    precision: str
+
+
+def graph_filename(preset: str, spec: GraphSpec, precision: str) -> str:
+    """e.g. tiny-static-b1-512x512-fp16.onnx, sd-turbo-dynamic-512x512-fp32.onnx (tile = opt shape)."""
+    height, width = spec.tile
+    batch = f"-b{spec.inputs[0].opt[0]}" if spec.variant == "static" else ""
+    return f"{preset}-{spec.variant}{batch}-{height}x{width}-{precision}.onnx"
+
+
+def export_graphs(model: GuideSR, out_dir: str | Path, specs: list[GraphSpec], precisions=PRECISIONS,
+                  weights: str = "checkpoint") -> list[ExportedGraph]:
+    """Write one ONNX file per (precision, spec) into `out_dir`; one trace per precision serves all specs.
+
+    `weights` says where the weights came from (stored in the metadata next to the checkpoint's sha256).
+    """
+    unknown = set(precisions) - set(PRECISIONS)
+    if unknown:
+        raise ValueError(f"unknown precisions {sorted(unknown)}; choose from {PRECISIONS}")
+    size_multiple = model.config.size_multiple
+    for spec in specs:
+        if spec.size_multiple != size_multiple:
+            raise ValueError(f"graph spec for size multiple {spec.size_multiple}, the model needs {size_multiple}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trace_spec = guidesr_graph(size_multiple, (size_multiple, size_multiple), "dynamic")
+    prepared = prepare_for_export(model)
+    exported = []
+    for precision in (p for p in PRECISIONS if p in precisions):
+        if precision == "fp16":
+            prepared.half()
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".trace-") as scratch:
+            traced = Path(scratch) / "traced.onnx"
+            trace(prepared, trace_spec, traced)
+            for spec in specs:
+                path = out_dir / graph_filename(model.config.preset, spec, precision)
+                finish_graph(ir.load(traced), spec, precision, graph_metadata(model, spec, precision, weights), path)
+                exported.append(ExportedGraph(path, spec, precision))
+    return exported
+
+
+def trace(module: ExportModule, spec: GraphSpec, path: Path) -> None:
+    """torch.onnx.export with the TorchScript exporter at the spec's smallest input shape.
+
+    Every axis is traced as dynamic; `finish_graph` fixes them for a static graph. Tracing at the
+    smallest shape keeps it cheap (the trace runs the model once).
+    """
+    example = torch.zeros(spec.inputs[0].min, dtype=torch.float32)
+    with torch.no_grad(), warnings.catch_warnings():
+        # the legacy-exporter notice, tracer notes about Python values in diffusers' shape code, and
+        # the exporter's own note that it leaves strided Slices (F.pad's) to the later folding
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
+        torch.onnx.export(
+            module, (example,), str(path), dynamo=False, opset_version=OPSET,
+            input_names=spec.input_names, output_names=spec.output_names, dynamic_axes=spec.dynamic_axes,
+        )
+
+
+def finish_graph(model: ir.Model, spec: GraphSpec, precision: str, metadata: dict[str, str], path: Path) -> None:
+    """Shape-fix (static), fold, add fp32 islands (fp16), check against TensorRT, save and check."""
+    if spec.variant == "static":
+        fix_input_shapes(model, spec)
+    fold_constants(model)
+    if precision == "fp16":
+        add_fp32_islands(model)
+        fold_constants(model)
+    problems = tensorrt_problems(model)
+    if problems:
+        raise RuntimeError(f"{path.name} has {len(problems)} ops TensorRT cannot parse: " + "; ".join(problems[:10]))
+    model.graph.name = spec.name
+    model.producer_name = "guidesr.export"
+    model.metadata_props.update(metadata)
+    weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    external = path.name + ".data" if weight_bytes > EXTERNAL_DATA_BYTES else None
+    ir.save(model, path, external_data=external)
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def graph_metadata(model: GuideSR, spec: GraphSpec, precision: str, weights: str) -> dict[str, str]:
+    descriptor = model.descriptor
+    return {
+        "preset": descriptor.preset,
+        "scale": str(descriptor.scale),
+        "size_multiple": str(descriptor.size_multiple),
+        "precision": precision,
+        "checkpoint_sha256": descriptor.checkpoint_sha256 or "none",
+        "weights": weights,
+        "guidesr_version": guidesr_version(),
+        "graph_spec": spec.to_json(),
+        "input_range": json.dumps(list(descriptor.input_range)),
+    }
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata_props of an exported graph (without loading its weights)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return {prop.key: prop.value for prop in model.metadata_props}
+
+
+def guidesr_version() -> str:
+    """The installed distribution's version, else the source tree's pyproject.toml."""
+    try:
+        return importlib.metadata.version("guidesr")
+    except importlib.metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text())["project"]["version"]

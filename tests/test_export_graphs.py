@@ -1,0 +1,189 @@
+"""Issue 4, without a model: graph specs, engine metadata checks, TensorRT's operator list."""
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from export import engine_metadata
+from export.engine_metadata import EngineMetadata, EngineMetadataError, EngineMismatchError, check_compatible
+from export.graphs import GraphSpec, guidesr_graph, parse_tile
+from export.trt_supported_ops import SUPPORTED_OPS, tensorrt_problems
+
+
+def test_static_spec_fixes_every_axis():
+    spec = guidesr_graph(16, (64, 48), "static", batch=2)
+    image = spec.inputs[0]
+    assert (spec.input_names, spec.output_names) == (["image"], ["r1"])
+    assert image.min == image.opt == image.max == (2, 3, 64, 48)
+    assert spec.dynamic_axes == {} and image.dims == (2, 3, 64, 48)
+    assert spec.profile == {"image": ((2, 3, 64, 48),) * 3}
+    assert spec.tile == (64, 48)
+
+
+def test_dynamic_spec_declares_axes_and_profile():
+    spec = guidesr_graph(64, (512, 384), "dynamic", max_batch=4)
+    assert spec.dynamic_axes == {name: {0: "batch", 2: "height", 3: "width"} for name in ("image", "r1")}
+    assert spec.profile["image"] == ((1, 3, 64, 64), (1, 3, 512, 384), (4, 3, 1024, 768))
+    assert spec.inputs[0].dims == ("batch", 3, "height", "width")
+    spec.check_input_shape((2, 3, 128, 576))
+    for bad in [(1, 3, 96, 64), (5, 3, 64, 64), (1, 3, 1088, 64), (1, 3, 64)]:
+        with pytest.raises(ValueError, match="multiples of 64"):
+            spec.check_input_shape(bad)
+
+
+def test_spec_json_round_trip():
+    for variant in ("static", "dynamic"):
+        spec = guidesr_graph(16, (48, 80), variant)
+        assert GraphSpec.from_json(spec.to_json()) == spec
+
+
+def test_spec_rejects_tiles_off_the_size_multiple():
+    with pytest.raises(ValueError, match="multiples of the model's size multiple 64"):
+        guidesr_graph(64, (512, 500), "static")
+    with pytest.raises(ValueError, match="variant"):
+        guidesr_graph(16, (64, 64), "ragged")
+
+
+def test_parse_tile():
+    assert parse_tile("512") == (512, 512)
+    assert parse_tile("384x512") == (384, 512)
+    for bad in ("", "ax3", "1x2x3"):
+        with pytest.raises(ValueError, match="tile must look like"):
+            parse_tile(bad)
+
+
+# ------------------------------------------------------------------------------------ engine metadata
+
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def _metadata(**changes) -> EngineMetadata:
+    spec = guidesr_graph(16, (64, 64), "static")
+    fields = dict(
+        tensorrt_version="10.15.1.29", gpu_name=H100, compute_capability="9.0",
+        precision="fp16", checkpoint_sha256="ab" * 32, preset="tiny", scale=4, size_multiple=16,
+        input_names=("image",), output_names=("r1",), profiles=(), graph_spec=spec.to_json(),
+        onnx_file="tiny-static-b1-64x64-fp16.onnx", onnx_sha256="cd" * 32, builder_optimization_level=3,
+        guidesr_version="0.1.0",
+    )
+    fields.update(changes)
+    return EngineMetadata(**fields)
+
+
+def test_engine_metadata_round_trip(tmp_path):
+    engine = tmp_path / "model.engine"
+    metadata = _metadata()
+    assert engine_metadata.write(metadata, engine) == tmp_path / "model.engine.json"
+    assert engine_metadata.read(engine) == metadata
+    assert metadata.spec == guidesr_graph(16, (64, 64), "static")
+
+
+def test_engine_metadata_read_refuses_bad_files(tmp_path):
+    engine = tmp_path / "model.engine"
+    with pytest.raises(EngineMetadataError, match="does not exist"):
+        engine_metadata.read(engine)
+    path = engine_metadata.metadata_path(engine)
+    path.write_text("{not json")
+    with pytest.raises(EngineMetadataError, match="not valid JSON"):
+        engine_metadata.read(engine)
+    path.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(EngineMetadataError, match="not a GuideSR engine"):
+        engine_metadata.read(engine)
+    data = json.loads(_metadata().to_json())
+    data["format_version"] = 99
+    path.write_text(json.dumps(data))
+    with pytest.raises(EngineMetadataError, match="format version 99"):
+        engine_metadata.read(engine)
+    data = json.loads(_metadata().to_json())
+    del data["gpu_name"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(EngineMetadataError, match=r"missing fields \['gpu_name'\]"):
+        engine_metadata.read(engine)
+
+
+def test_check_compatible_accepts_the_build_environment():
+    metadata = _metadata()
+    check_compatible(metadata, H100, (9, 0), "10.15.1.29", "ab" * 32)
+    untrained = _metadata(checkpoint_sha256=engine_metadata.NO_CHECKPOINT)
+    check_compatible(untrained, H100, "9.0", "10.15.1.29", None)
+
+
+@pytest.mark.parametrize("gpu, capability, version, checkpoint, message", [
+    ("NVIDIA A100-SXM4-80GB", (8, 0), "10.15.1.29", "ab" * 32, f"built on a {H100} .* this GPU is a NVIDIA A100"),
+    (H100, (9, 0), "10.8.0.43", "ab" * 32, "built with TensorRT 10.15.1.29, this is TensorRT 10.8.0.43"),
+    (H100, (9, 0), "10.15.1.29", "ef" * 32, "checkpoint sha256 abababababab…, the model asked for is sha256 efefef"),
+    (H100, (9, 0), "10.15.1.29", None, "the model asked for is none"),
+])
+def test_check_compatible_names_each_mismatch(gpu, capability, version, checkpoint, message):
+    with pytest.raises(EngineMismatchError, match=message) as info:
+        check_compatible(_metadata(), gpu, capability, version, checkpoint)
+    assert "Rebuild it here with `make engine`" in str(info.value)
+
+
+def test_check_compatible_lists_all_mismatches_at_once():
+    with pytest.raises(EngineMismatchError) as info:
+        check_compatible(_metadata(), "NVIDIA L4", (8, 9), "11.0.0", "ef" * 32)
+    assert str(info.value).count(";") == 2
+
+
+# ------------------------------------------------------------------------------- TensorRT op list
+
+
+def _graph(nodes, inputs, outputs, initializers=(), opset=18) -> ir.Model:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return ir.from_proto(onnx.shape_inference.infer_shapes(model))
+
+
+def test_supported_ops_list_matches_the_document():
+    # spot checks against onnx-tensorrt docs/operators.md (TensorRT 10.15)
+    assert SUPPORTED_OPS["Conv"] == ("FP32", "FP16", "BF16")
+    assert "INT64" in SUPPORTED_OPS["Reshape"] and "BOOL" in SUPPORTED_OPS["Where"]
+    for unsupported in ("Unique", "StringNormalizer", "SequenceAt", "ConvInteger", "BitShift", "Col2Im"):
+        assert unsupported not in SUPPORTED_OPS
+
+
+def test_tensorrt_check_passes_a_plain_graph():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    nodes = [helper.make_node("Softmax", ["x"], ["s"]), helper.make_node("Cast", ["s"], ["y"], to=TensorProto.FLOAT)]
+    model = _graph(nodes, [x], [y])
+    assert tensorrt_problems(model) == []
+
+
+def test_tensorrt_check_finds_unsupported_ops_types_domains_and_modes():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)
+    u = helper.make_tensor_value_info("u", TensorProto.FLOAT, None)
+    r = helper.make_tensor_value_info("r", TensorProto.FLOAT, None)
+    c = helper.make_tensor_value_info("c", TensorProto.FLOAT, None)
+    scales = helper.make_tensor("scales", TensorProto.FLOAT, [4], np.array([1, 1, 2, 2], np.float32))
+    nodes = [
+        helper.make_node("Cast", ["x"], ["y"], to=TensorProto.DOUBLE),
+        helper.make_node("Unique", ["x"], ["u"]),
+        helper.make_node("Resize", ["x", "", "scales"], ["r"], mode="cubic"),
+        helper.make_node("FusedConv", ["x"], ["c"], domain="com.microsoft"),
+    ]
+    graph = helper.make_graph(nodes, "g", [x], [y, u, r, c], [scales])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    problems = tensorrt_problems(ir.from_proto(model))
+    text = "\n".join(problems)
+    assert "of type DOUBLE" in text
+    assert "Unique is not supported" in text
+    assert "mode='cubic' is not supported" in text
+    assert "domain 'com.microsoft'" in text
+    assert len(problems) == 4
+
+
+def test_tensorrt_check_refuses_opsets_outside_the_range():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    model = _graph([helper.make_node("Relu", ["x"], ["y"])], [x], [y], opset=8)
+    assert tensorrt_problems(model) == ["default-domain opset 8 is outside TensorRT's range (9, 24)"]
+

@@ -1,0 +1,269 @@
+"""Issue 4: exported ONNX graphs against PyTorch (fp32 and fp16), their structure, Polygraphy, the CLI.
+
+One module-scoped export of a random-weight tiny model (trainable tensors randomised, so the
+injections and zero-convs are exercised) writes fp32 and fp16 graphs: a static graph for each of
+three tile sizes and one dynamic graph.
+"""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+from export.__main__ import EXIT_NO_TENSORRT, build_parser, load_from_args, main
+from export.fp16 import FP32_ISLANDS
+from export.graphs import GraphSpec, guidesr_graph
+from export.onnx_export import OPSET, export_graphs, read_metadata
+from export.trt_supported_ops import tensorrt_problems
+from export.verify import compare
+from guidesr.checkpoint import CheckpointError
+from guidesr.config import tiny_config
+from guidesr.loading import DEFAULT_CHECKPOINT
+from guidesr.model import GuideSR
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = [(64, 64), (48, 80), (96, 64)]  # multiples of the tiny preset's 16, one non-square each way
+FP32_MAX_ABS = 1e-4
+FP16_MIN_PSNR = 40.0
+
+
+def randomized_tiny(seed: int) -> GuideSR:
+    """A tiny GuideSR whose trainable tensors (LoRA B, zero-convs, injections, ...) are random and non-zero."""
+    torch.manual_seed(seed)
+    model = GuideSR(tiny_config()).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, parameter in model.trainable_parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomized_tiny(0)
+
+
+@pytest.fixture(scope="module")
+def graphs(model, tmp_path_factory):
+    """{(precision, variant, (H, W)): ExportedGraph}; the dynamic graph is keyed by every size."""
+    specs = [guidesr_graph(16, size, "static") for size in SIZES] + [guidesr_graph(16, SIZES[0], "dynamic")]
+    exported = export_graphs(model, tmp_path_factory.mktemp("onnx"), specs, weights="test: random tiny")
+    table = {}
+    for graph in exported:
+        sizes = SIZES if graph.spec.variant == "dynamic" else [graph.spec.tile]
+        table.update({(graph.precision, graph.spec.variant, size): graph for size in sizes})
+    return table
+
+
+@pytest.fixture(scope="module")
+def references(model):
+    """{(H, W): (image, R1 of the PyTorch fp32 model)}, the unmerged, unrewritten model."""
+    generator = torch.Generator().manual_seed(7)
+    table = {}
+    for height, width in SIZES:
+        image = torch.rand(1, 3, height, width, generator=generator) * 2 - 1
+        with torch.no_grad():
+            table[(height, width)] = image, model(image).r1.numpy()
+    return table
+
+
+def run_onnx(path: Path, image: torch.Tensor) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["r1"], {"image": image.numpy()})[0]
+
+
+def psnr(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """dB, with R1 mapped from [-1, 1] to [0, 1]."""
+    mse = np.mean(np.square((candidate.astype(np.float64) - reference) / 2))
+    return float(10 * np.log10(1 / mse))
+
+
+@pytest.mark.parametrize("variant", ["static", "dynamic"])
+@pytest.mark.parametrize("size", SIZES)
+def test_fp32_graph_matches_pytorch(graphs, references, variant, size):
+    """Acceptance 2: ONNX fp32 on ONNX Runtime vs PyTorch fp32, max-abs <= 1e-4 on R1."""
+    image, expected = references[size]
+    got = run_onnx(graphs[("fp32", variant, size)].path, image)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= FP32_MAX_ABS
+
+
+@pytest.mark.parametrize("variant", ["static", "dynamic"])
+@pytest.mark.parametrize("size", SIZES)
+def test_fp16_graph_psnr_against_pytorch_fp32(graphs, references, variant, size):
+    """Acceptance 3: ONNX fp16 (ONNX Runtime CPU) vs PyTorch fp32, PSNR >= 40 dB on R1 in [0, 1], finite."""
+    image, expected = references[size]
+    got = run_onnx(graphs[("fp16", variant, size)].path, image)
+    assert np.isfinite(got).all()
+    assert psnr(expected, got) >= FP16_MIN_PSNR
+    assert np.abs(got - expected).max() > 1e-4, "the fp16 graph really computes in half precision"
+
+
+def test_a_graph_of_another_model_fails_the_comparison(graphs, references):
+    """The fp32 bound is tight enough to catch a model that is only slightly different."""
+    other = randomized_tiny(5)
+    image, _ = references[SIZES[0]]
+    with torch.no_grad():
+        expected = other(image).r1.numpy()
+    assert np.abs(run_onnx(graphs[("fp32", "static", SIZES[0])].path, image) - expected).max() > FP32_MAX_ABS
+
+
+def unique_graphs(graphs):
+    return list({graph.path: graph for graph in graphs.values()}.values())
+
+
+def test_every_graph_passes_the_checker_and_tensorrt_op_check(graphs):
+    """Acceptance 4 (op set): every exported graph parses in TensorRT's ONNX parser, by the documented list."""
+    exported = unique_graphs(graphs)
+    assert len(exported) == 8
+    for graph in exported:
+        onnx.checker.check_model(str(graph.path), full_check=True)
+        assert tensorrt_problems(graph.path) == [], graph.path.name
+
+
+def test_graph_io_and_metadata_follow_the_spec(graphs, model):
+    for graph in unique_graphs(graphs):
+        proto = onnx.load(str(graph.path))
+        assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [OPSET]
+        for values, tensors in ((proto.graph.input, graph.spec.inputs), (proto.graph.output, graph.spec.outputs)):
+            assert [v.name for v in values] == [t.name for t in tensors]
+            for value, tensor in zip(values, tensors):
+                assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+                dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+                assert dims == list(tensor.dims)
+        metadata = read_metadata(graph.path)
+        assert metadata["preset"] == "tiny" and metadata["scale"] == "4" and metadata["size_multiple"] == "16"
+        assert metadata["precision"] == graph.precision
+        assert metadata["checkpoint_sha256"] == "none" and metadata["weights"] == "test: random tiny"
+        assert metadata["guidesr_version"] == "0.1.0"
+        assert GraphSpec.from_json(metadata["graph_spec"]) == graph.spec
+
+
+
+def test_rewrites_show_in_the_graph(graphs):
+    """Strided convs instead of PixelUnshuffle + concat, and the time embedding folded away."""
+    for graph in unique_graphs(graphs):
+        proto = onnx.load(str(graph.path))
+        op_types = [node.op_type for node in proto.graph.node]
+        assert not {"SpaceToDepth", "DepthToSpace", "Sin", "Cos", "Constant", "Identity"} & set(op_types)
+        assert op_types.count("Gemm") == 4  # FCA's gates; the time embedding's Gemms are folded
+        strides = sorted(tuple(a.ints) for node in proto.graph.node if node.op_type == "Conv"
+                         for a in node.attribute if a.name == "strides" and a.ints[0] > 2)
+        assert strides == [(8, 8), (16, 16)]
+        if graph.spec.variant == "static":
+            assert "Shape" not in op_types
+
+
+def test_fp16_graph_is_half_with_explicit_fp32_islands(graphs):
+    for graph in unique_graphs(graphs):
+        if graph.precision != "fp16":
+            continue
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(graph.path)))
+        types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input,
+                                                                   *model.graph.output)}
+        types.update({t.name: t.data_type for t in model.graph.initializer})
+        producers = {out: node for node in model.graph.node for out in node.output}
+        consumers = {}
+        for node in model.graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        conv_weights = [types[node.input[1]] for node in model.graph.node if node.op_type == "Conv"]
+        assert set(conv_weights) == {onnx.TensorProto.FLOAT16}
+        islands = [node for node in model.graph.node if node.op_type in FP32_ISLANDS]
+        assert len(islands) == 57 + 12 + 10 + 4  # GroupNorms, LayerNorms, softmaxes, FCA pools
+        for node in islands:
+            assert types[node.input[0]] == onnx.TensorProto.FLOAT and types[node.output[0]] == onnx.TensorProto.FLOAT
+            cast_in = producers[node.input[0]]
+            assert cast_in.op_type == "Cast" and types[cast_in.input[0]] == onnx.TensorProto.FLOAT16
+            assert {c.op_type for c in consumers[node.output[0]]} == {"Cast"}
+            assert all(types[c.output[0]] == onnx.TensorProto.FLOAT16 for c in consumers[node.output[0]])
+
+
+def test_polygraphy_comparison_passes_and_catches_a_wrong_reference(graphs, model):
+    sizes = [(64, 64), (32, 48)]
+    dynamic = compare(model, graphs[("fp32", "dynamic", SIZES[0])].path, sizes)
+    assert [(c.shape, c.passed) for c in dynamic] == [((1, 3, 64, 64), True), ((1, 3, 32, 48), True)]
+    assert all(c.max_abs <= FP32_MAX_ABS for c in dynamic)
+    (half,) = compare(model, graphs[("fp16", "static", SIZES[1])].path, sizes)
+    assert half.passed and half.psnr >= FP16_MIN_PSNR and half.shape == (1, 3, 48, 80)
+    (wrong,) = compare(randomized_tiny(5), graphs[("fp32", "static", SIZES[0])].path, sizes)
+    assert not wrong.passed and wrong.max_abs > FP32_MAX_ABS
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
+                    reason="TensorRT is installed here; this checks what `make engine` does without it")
+def test_engine_command_without_tensorrt_writes_onnx_then_fails_clearly(tmp_path):
+    """Acceptance 5: `python -m export engine` (what `make engine` runs) on the tiny model."""
+    command = [sys.executable, "-m", "export", "engine", "--random-weights", "--preset", "tiny",
+               "--tile", "32", "--out-dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    written = tmp_path / "tiny-static-b1-32x32-fp16.onnx"
+    assert result.returncode == EXIT_NO_TENSORRT, result.stderr
+    assert f"wrote {written}" in result.stdout
+    assert "TensorRT's Python package is not installed" in result.stderr
+    assert "pip install tensorrt-cu12" in result.stderr
+    onnx.checker.check_model(str(written), full_check=True)
+    assert read_metadata(written)["precision"] == "fp16"
+
+
+def test_cli_refuses_a_missing_checkpoint(tmp_path, capsys):
+    missing = tmp_path / "missing.json"
+    assert main(["onnx", "--checkpoint", str(missing), "--out-dir", str(tmp_path)]) == 2
+    assert f"checkpoint description {missing} does not exist" in capsys.readouterr().err
+    assert main(["onnx", "--random-weights", "--out-dir", str(tmp_path)]) == 2
+    assert "--random-weights needs --preset" in capsys.readouterr().err
+
+
+def test_cli_loads_the_embedded_checkpoint_by_default():
+    if not DEFAULT_CHECKPOINT.exists():
+        pytest.skip(f"the embedded demo checkpoint {DEFAULT_CHECKPOINT} is not there (yet)")
+    model, weights = load_from_args(build_parser().parse_args(["onnx"]))
+    assert weights == f"checkpoint {DEFAULT_CHECKPOINT.name}"
+    assert model.config.preset == "tiny" and model.checkpoint_sha256 is not None
+
+
+def test_cli_without_the_embedded_checkpoint_says_what_to_pass():
+    if DEFAULT_CHECKPOINT.exists():
+        pytest.skip(f"the embedded demo checkpoint {DEFAULT_CHECKPOINT} exists")
+    with pytest.raises(CheckpointError, match="--random-weights --preset tiny"):
+        load_from_args(build_parser().parse_args(["onnx"]))
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_tensorrt_engine_matches_pytorch_and_onnx(graphs, model, tmp_path):
+    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install tensorrt-cu12)")
+    from export import engine_metadata
+    from export.tensorrt_build import build_engine, current_gpu
+
+    for variant in ("static", "dynamic"):
+        graph = graphs[("fp16", variant, SIZES[1])]
+        engine = tmp_path / graph.path.with_suffix(".engine").name
+        metadata = build_engine(graph.path, engine, timing_cache=tmp_path / "timing.cache")
+        assert engine_metadata.read(engine) == metadata
+        engine_metadata.check_compatible(metadata, *current_gpu(), trt.__version__, None)
+        assert (metadata.input_names, metadata.output_names) == (("image",), ("r1",))
+        assert bool(metadata.profiles) == (variant == "dynamic")
+        comparisons = compare(model, graph.path, SIZES, engine)
+        assert comparisons and all(c.passed for c in comparisons), [c.describe() for c in comparisons]
+    assert (tmp_path / "timing.cache").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_sd_turbo_export_command(tmp_path):
+    """Acceptance 6: the documented sd-turbo command (random weights, fp16 static), at a 64x64 tile."""
+    command = [sys.executable, "-m", "export", "onnx", "--random-weights", "--preset", "sd-turbo",
+               "--tile", "64", "--precision", "fp16", "--variant", "static", "--out-dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=3600)
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "sd-turbo-static-b1-64x64-fp16.onnx"
+    assert (tmp_path / (path.name + ".data")).stat().st_size > 1.5e9  # ~1 G parameters in fp16
+    assert tensorrt_problems(path) == []
+    metadata = read_metadata(path)
+    assert (metadata["preset"], metadata["size_multiple"], metadata["precision"]) == ("sd-turbo", "64", "fp16")

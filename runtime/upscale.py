@@ -2,6 +2,7 @@
 
     python -m runtime.upscale photo.jpg -o photo_x4.png
     python -m runtime.upscale photos/ --recursive -o out/ --format webp --tile 512 --overlap 64
+    python -m runtime.upscale photo.jpg -o out.png --backend onnxruntime --validate   # checked against PyTorch fp32
     torchrun --nproc_per_node 4 -m runtime.upscale photos/ -o out/        # files split between ranks
 
 Python:
@@ -18,10 +19,11 @@ Per image: the colour channels go through the model in overlapping tiles at outp
 RGB and turned back to grey (BT.601 luma); alpha is upsampled separately by bicubic and put back.
 
 Batch rules: an output that exists is skipped unless --overwrite (so rerunning a crashed or
-sharded job finishes only what is missing); an unreadable input, a failed write or a model
-output with NaN/Inf is reported with the file's name and the rest go on. Exit status: 0 when
-every image was written or skipped, 2 when any failed, 1 when nothing could start (bad options,
-no model, no backend).
+sharded job finishes only what is missing); an unreadable input, a failed write, a model output
+with NaN/Inf or (with --validate) an output further from the PyTorch fp32 reference than
+--min-psnr allows is reported with the file's name, nothing is written for it, and the rest go
+on. Exit status: 0 when every image was written or skipped, 2 when any failed, 1 when nothing
+could start (bad options, no model, no backend).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from .imageio import (
 )
 from .sharding import Shard, ShardingError, device_for_shard, shard_from_env, shard_items
 from .tiling import BicubicSource, NonFiniteOutputError, TileBatch, fit_to_shape, plan_tiles, run_tiled
+from .validate import DEFAULT_MIN_PSNR, ReferenceBackend, ValidationError, Validator
 
 DEFAULT_TILE = 512  # output pixels
 DEFAULT_OVERLAP = 64  # output pixels
@@ -92,8 +95,13 @@ def upscale_array(
     overlap: int = DEFAULT_OVERLAP,
     tile_batch: int = 1,
     on_batch: Callable[[TileBatch], None] | None = None,
+    validator: Validator | None = None,
 ) -> np.ndarray:
-    """[h, w, C] float32 in [0, 1] (C: 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA) -> [h*s, w*s, C]."""
+    """[h, w, C] float32 in [0, 1] (C: 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA) -> [h*s, w*s, C].
+
+    With a `validator`, its reference runs on the same tiles and the colour result is checked
+    against it (ValidationError below its threshold).
+    """
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4):
@@ -113,12 +121,15 @@ def upscale_array(
     low_res = low_res * 2 - 1  # the model's [-1, 1]
     source = BicubicSource(low_res, scale)
     plan = plan_tiles(source.height, source.width, effective_tile(backend, tile), overlap)
-    function = fit_to_shape(backend, backend.tile_shape) if backend.tile_shape is not None else backend
+    functions = [backend] if validator is None else [backend, validator.reference]
+    if backend.tile_shape is not None:  # the reference gets the very tiles the backend gets, padded alike
+        functions = [fit_to_shape(function, backend.tile_shape) for function in functions]
     batch = min(tile_batch, backend.max_batch) if backend.max_batch else tile_batch
-    (result,) = run_tiled(source, plan, [function], tile_batch=batch, on_batch=on_batch)
-    result += 1  # in place: [-1, 1] -> [0, 1]
-    result *= 0.5
-    np.clip(result, 0.0, 1.0, out=result)
+    outputs = run_tiled(source, plan, functions, tile_batch=batch, on_batch=on_batch)
+    result = _to_unit_range(outputs[0])
+    if validator is not None:
+        validator.check(result, _to_unit_range(outputs[1]))
+    del outputs  # the reference's image, when there is one, is not needed any more
     if grey:
         result = (result @ LUMA)[..., None]
     if not has_alpha:
@@ -128,6 +139,13 @@ def upscale_array(
     del result
     out[..., -1] = _upsample_alpha(image[..., -1], scale)
     return out
+
+
+def _to_unit_range(image: np.ndarray) -> np.ndarray:
+    """In place: the model's [-1, 1] -> [0, 1], clipped."""
+    image += 1
+    image *= 0.5
+    return np.clip(image, 0.0, 1.0, out=image)
 
 
 def _upsample_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
@@ -167,11 +185,14 @@ def upscale(
     """Upscale one image: a path, a PIL image or an [H, W] / [H, W, C] array (uint8, uint16 or float in [0, 1]).
 
     Returns float32 [H*scale, W*scale, C] in [0, 1]. `backend` is a `Backend` or a name
-    ('auto', 'torch', ...) built around `model` (default: `guidesr.load_default_model()`).
+    ('auto', 'torch', ...) built around `model` (default: `guidesr.load_default_model()`) for
+    this call only; on a GPU 'auto' means compiling the model, so for several images build the
+    backend once (`runtime.backends.create_backend`) and pass it.
     """
     array = _as_float_image(image)
     if not isinstance(backend, Backend):
-        backend, _ = create_backend(backend, model if model is not None else load_model(), device, precision)
+        backend, _ = create_backend(backend, model if model is not None else load_model(), device, precision,
+                                    tile=tile, tile_batch=tile_batch)
     return upscale_array(array, backend, scale=scale, tile=tile, overlap=overlap, tile_batch=tile_batch)
 
 
@@ -179,14 +200,20 @@ def upscale_file(source: str | os.PathLike, destination: str | os.PathLike, back
                  scale: int | None = None, tile: int | None = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
                  tile_batch: int = 1, overwrite: bool = False, quality: int = 95,
                  max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
-                 on_batch: Callable[[TileBatch], None] | None = None) -> Path:
-    """Read, upscale, write atomically (16 bits and alpha kept where the output format allows)."""
+                 on_batch: Callable[[TileBatch], None] | None = None,
+                 validator: Validator | None = None) -> Path:
+    """Read, upscale, write atomically (16 bits and alpha kept where the output format allows).
+
+    With a `validator`, an output that fails validation raises ValidationError and is not written.
+    """
     array, info = read_image(source, max_megapixels=max_megapixels)
     try:
         result = upscale_array(array, backend, scale=scale, tile=tile, overlap=overlap, tile_batch=tile_batch,
-                               on_batch=on_batch)
+                               on_batch=on_batch, validator=validator)
     except NonFiniteOutputError as err:  # name the file
         raise NonFiniteOutputError(err.function_index, err.boxes, path=str(source)) from None
+    except ValidationError as err:
+        raise ValidationError(err.report, path=str(source)) from None
     return write_image(destination, result, bit_depth=info.bit_depth, overwrite=overwrite, quality=quality,
                        icc_profile=info.icc_profile)
 
@@ -285,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m runtime.upscale",
         description="Upscale images with GuideSR (one-step diffusion super-resolution).",
-        epilog="Exit status: 0 all written or skipped, 2 some images failed, 1 nothing could start.",
+        epilog="Exit status: 0 all written or skipped, 2 some images failed (or failed --validate), "
+               "1 nothing could start.",
     )
     parser.add_argument("inputs", nargs="+", metavar="IN", help="image files and/or folders")
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
@@ -300,7 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"tile overlap in output pixels (default {DEFAULT_OVERLAP})")
     parser.add_argument("--tile-batch", type=int, default=1, help="tiles per model call (default 1)")
     parser.add_argument("--backend", default="auto", choices=["auto", *available_backends()],
-                        help="inference backend (default auto: the fastest available)")
+                        help="inference backend (default auto: the fastest available; it uses onnxruntime / "
+                             "tensorrt only when --onnx / --engine is given)")
+    parser.add_argument("--onnx", default=None, metavar="GRAPH.onnx",
+                        help="onnxruntime: a graph from `python -m export onnx` (default: export one for --tile and "
+                             "--tile-batch and cache it)")
+    parser.add_argument("--onnx-cache", default=None, metavar="DIR",
+                        help="onnxruntime: where graphs it exports are cached (default ~/.cache/guidesr/onnx)")
+    parser.add_argument("--engine", default=None, metavar="NAME.engine",
+                        help="tensorrt: an engine from `python -m export engine` (NAME.engine.json next to it)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"],
                         help="default auto: fp16 on CUDA when the model supports it, else fp32")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -309,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default=None, help="model preset (tiny, sd-turbo)")
     parser.add_argument("--base-model", default=None, help="diffusers-format base model folder")
     parser.add_argument("--jpeg-quality", type=int, default=95, help="JPEG and WebP quality, 1-100 (default 95)")
+    parser.add_argument("--validate", action="store_true",
+                        help="also run the PyTorch fp32 reference on the same tiles, report PSNR / SSIM / max-abs "
+                             "per image, and fail (write nothing) below --min-psnr")
+    parser.add_argument("--min-psnr", type=float, default=None, metavar="DB",
+                        help=f"--validate threshold (default {DEFAULT_MIN_PSNR['fp16']:g} dB for fp16 backends, "
+                             f"{DEFAULT_MIN_PSNR['fp32']:g} dB for fp32 ones)")
     parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
                         help=f"refuse inputs larger than this (decompression-bomb guard, default "
                              f"{DEFAULT_MAX_MEGAPIXELS:g}); 0 for no limit")
@@ -330,6 +372,8 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error("--jpeg-quality must be in 1..100")
     if args.max_megapixels < 0:
         parser.error("--max-megapixels must be >= 0")
+    if args.min_psnr is not None and not args.validate:
+        parser.error("--min-psnr is the --validate threshold; add --validate")
 
 
 def _remove_stale_partials(output: Path) -> None:
@@ -368,33 +412,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     written = 0
     if todo:
         try:
-            backend = _make_backend(args, shard)
+            backend, validator = _make_backend(args, shard)
         except (BackendError, ShardingError, ValueError, OSError) as err:
             _say(f"{prefix}error: {err}", error=True)
             return 1
-        written, failed = _run_jobs(todo, backend, args, shard)
+        written, failed = _run_jobs(todo, backend, validator, args, shard)
         failures.extend(failed)
     _say(f"{prefix}{written} written, {skipped} skipped (already there), {len(failures)} failed")
     return 2 if failures else 0
 
 
-def _make_backend(args: argparse.Namespace, shard: Shard) -> Backend:
+def _make_backend(args: argparse.Namespace, shard: Shard) -> tuple[Backend, Validator | None]:
     device = device_for_shard(resolve_device(args.device), shard)
     model = load_model(args.checkpoint, args.preset, args.base_model)
-    backend, why = create_backend(args.backend, model, str(device), args.precision)
+    backend, why = create_backend(args.backend, model, str(device), args.precision, tile=args.tile,
+                                  tile_batch=args.tile_batch, onnx=args.onnx, engine=args.engine,
+                                  onnx_cache=args.onnx_cache)
     _say(f"{shard.label}{why}")
     model_scale = getattr(backend.descriptor, "scale", None)
     if args.scale is not None and model_scale is not None and args.scale != model_scale:
         _say(f"{shard.label}note: --scale {args.scale} on a model trained for x{model_scale}")
     tile = effective_tile(backend, args.tile)
-    if args.tile and tile != args.tile:
-        _say(f"{shard.label}note: tile {args.tile} -> {tile} (the model's size multiple or the backend's shape)")
-    if tile and args.overlap >= min((tile, tile) if isinstance(tile, int) else tile):
-        raise ValueError(f"--overlap {args.overlap} must be smaller than the tile actually used, {tile}")
-    return backend
+    shape = (tile, tile) if isinstance(tile, int) else tile
+    if args.tile and shape != (args.tile, args.tile):
+        _say(f"{shard.label}note: tile {args.tile} -> {shape[0]}x{shape[1]} (the model's size multiple or the "
+             f"backend's shape)")
+    if tile and args.overlap >= min(shape):
+        raise ValueError(f"--overlap {args.overlap} must be smaller than the tile actually used, {shape[0]}x{shape[1]}")
+    if not args.validate:
+        return backend, None
+    min_psnr = args.min_psnr if args.min_psnr is not None else DEFAULT_MIN_PSNR[backend.precision]
+    reference = ReferenceBackend(model, backend.device)
+    _say(f"{shard.label}validating every image against {reference.describe()}, on the same tiles: PSNR at "
+         f"least {min_psnr:g} dB")
+    return backend, Validator(reference, min_psnr)
 
 
-def _run_jobs(jobs: list[Job], backend: Backend, args: argparse.Namespace, shard: Shard) -> tuple[int, list[str]]:
+def _run_jobs(jobs: list[Job], backend: Backend, validator: Validator | None, args: argparse.Namespace,
+              shard: Shard) -> tuple[int, list[str]]:
     prefix = shard.label
     failures: list[str] = []
     written = 0
@@ -409,6 +464,7 @@ def _run_jobs(jobs: list[Job], backend: Backend, args: argparse.Namespace, shard
                         job.source, job.output, backend, scale=args.scale, tile=args.tile, overlap=args.overlap,
                         tile_batch=args.tile_batch, overwrite=args.overwrite, quality=args.jpeg_quality,
                         max_megapixels=max_megapixels, on_batch=lambda batch: _advance(tiles_bar, batch),
+                        validator=validator,
                     )
                 except ImageReadError as err:
                     failures.append(str(err))
@@ -416,6 +472,9 @@ def _run_jobs(jobs: list[Job], backend: Backend, args: argparse.Namespace, shard
                 except NonFiniteOutputError as err:
                     failures.append(str(err))
                     _say(f"{prefix}error: the model output has NaN/Inf, nothing written: {err}", error=True)
+                except ValidationError as err:
+                    failures.append(str(err))
+                    _say(f"{prefix}error: {err}; nothing written", error=True)
                 except ImageWriteError as err:
                     failures.append(str(err))
                     _say(f"{prefix}error: {err}", error=True)
@@ -427,7 +486,8 @@ def _run_jobs(jobs: list[Job], backend: Backend, args: argparse.Namespace, shard
                     _say(f"{prefix}error: {job.source}: cannot write {job.output}: {err}", error=True)
                 else:
                     written += 1
-                    _say(f"{prefix}wrote {job.output} ({time.perf_counter() - started:.1f} s)")
+                    checked = f"; validation {validator.reports[-1].describe()}" if validator is not None else ""
+                    _say(f"{prefix}wrote {job.output} ({time.perf_counter() - started:.1f} s){checked}")
             images_bar.update(1)
     return written, failures
 

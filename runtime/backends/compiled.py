@@ -1,0 +1,178 @@
+"""`compiled`: torch.compile (Inductor) captured in one CUDA graph; fp16, channels_last, one static tile shape.
+
+Built once, before the first tile (a few seconds for tiny, minutes for sd-turbo with autotuning):
+
+1. `export.merge.merged_copy`: a copy of the model with LoRA folded into plain weights (the
+   caller's model is untouched and can serve as the --validate reference), gradients off;
+2. cast to fp16 (or fp32) with channels_last weights, on the device;
+3. `torch.compile(..., dynamic=False)` of  image f32 NCHW -> model(image as fp16 channels_last).r1
+   -> f32 NCHW, so the casts and layout changes are part of the compiled graph. The Triton ops
+   (FCA channel attention, pixel-unshuffle + concat) stay on when the model has them on
+   (`config.use_triton_kernels`); they are `triton_op`s, so Inductor launches them from its own code.
+   Attention goes through diffusers' AttnProcessor2_0, i.e. F.scaled_dot_product_attention, which
+   picks flash attention where the head width allows (sd-turbo's UNet: 64; tiny's first UNet
+   level has 4-wide heads, which only the math kernel takes);
+4. warm-up: WARMUP_CALLS calls on a side stream, with cudnn.benchmark on: compilation,
+   autotuning, cuDNN algorithm choice and cuBLAS initialisation all happen here;
+5. capture of one call into a `torch.cuda.CUDAGraph` with a static input and output buffer.
+
+Per call: copy the tiles into the static input, replay the graph, copy the static output out.
+A partial batch is padded to the graph's batch with copies of its last tile.
+
+Why a hand-made CUDA graph instead of mode="reduce-overhead": the graph then holds the whole
+forward, one launch per batch, including any part dynamo leaves to eager PyTorch (graph breaks),
+whereas cudagraph trees record only the compiled regions and skip a region silently (a log line)
+when they meet something they cannot record; a capture by hand works or raises. It also gives us
+the input buffer to copy into, with no dynamo guard evaluation per call. The compile mode is
+"max-autotune-no-cudagraphs" (Inductor benchmarks Triton templates against cuBLAS/cuDNN for every
+matmul and convolution, plus coordinate-descent tuning of its own kernels) and not "max-autotune",
+which would add cudagraph trees on top of our graph; `autotune=False` uses the default mode for a
+faster start.
+
+fp32 where accuracy needs it, with fp16 weights and activations everywhere else: GroupNorm and
+LayerNorm compute their statistics in fp32 (PyTorch's CUDA kernels and Inductor's decomposition
+both accumulate half inputs in float; tests/test_backends.py checks GroupNorm on the GPU), SDPA's
+flash / memory-efficient kernels keep the softmax in fp32, the FCA pooling is done in fp32 inside
+the Triton kernel, and tensor-core convolutions and matmuls accumulate in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+from torch import nn
+
+from .base import (
+    PRECISIONS,
+    Backend,
+    BackendError,
+    BackendRequest,
+    BackendSpec,
+    exact_fp32,
+    resolve_precision,
+    run_static_batches,
+    skip_when_an_artifact_is_given,
+)
+
+if TYPE_CHECKING:
+    from guidesr.model import GuideSR
+
+WARMUP_CALLS = 3  # the first compiles and autotunes; the others run the steady state once more before capture
+
+
+class _TileForward(nn.Module):
+    """image [B, 3, H, W] float32 NCHW -> R1 float32 NCHW; the model runs in `dtype`, channels_last."""
+
+    def __init__(self, model: GuideSR, dtype: torch.dtype):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.to(self.dtype, memory_format=torch.channels_last)
+        return self.model(x).r1.float().contiguous()
+
+
+class CompiledBackend(Backend):
+    def __init__(self, model: GuideSR, device: str | torch.device, precision: str = "fp16",
+                 tile: tuple[int, int] = (512, 512), batch: int = 1, autotune: bool = True):
+        self.device = torch.device(device)
+        reason = compiled_unavailable_reason(self.device)
+        if reason is not None:
+            raise BackendError(f"the compiled backend cannot run on {self.device}: {reason}")
+        if precision not in PRECISIONS:
+            raise BackendError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+        self.descriptor = model.descriptor
+        multiple = self.descriptor.size_multiple
+        if tile[0] <= 0 or tile[1] <= 0 or tile[0] % multiple or tile[1] % multiple:
+            raise BackendError(f"tile {tile[0]}x{tile[1]} must be positive multiples of the model's size multiple {multiple}")
+        if batch < 1:
+            raise BackendError(f"batch must be >= 1, got {batch}")
+        self.name = "compiled"
+        self.precision = precision
+        self.tile_shape = (int(tile[0]), int(tile[1]))
+        self.max_batch = batch
+        self.mode = "max-autotune-no-cudagraphs" if autotune else "default"
+        self.triton_kernels = any(getattr(module, "use_kernel", False) for module in model.modules())
+
+        from export.merge import merged_copy  # imports peft and diffusers (seconds): only when building
+
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        prepared = merged_copy(model).requires_grad_(False).eval()
+        prepared = prepared.to(device=self.device, dtype=dtype, memory_format=torch.channels_last)
+        # The compiled function must outlive the graph: it owns the kernels the graph replays.
+        self._compiled = torch.compile(_TileForward(prepared, dtype), mode=self.mode, dynamic=False)
+        self._input = torch.empty((batch, 3, *self.tile_shape), device=self.device).uniform_(-1, 1)
+        with torch.cuda.device(self.device), torch.no_grad(), self._numerics():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_CALLS):
+                    self._compiled(self._input)
+            torch.cuda.current_stream().wait_stream(side)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._output = self._compiled(self._input)
+            torch.cuda.synchronize()
+
+    @contextlib.contextmanager
+    def _numerics(self) -> Iterator[None]:
+        """cuDNN benchmarks its algorithms during warm-up (the capture keeps its choice); fp32 without TF32."""
+        saved = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            with exact_fp32(self.device) if self.precision == "fp32" else contextlib.nullcontext():
+                yield
+        finally:
+            torch.backends.cudnn.benchmark = saved
+
+    def describe(self) -> str:
+        height, width = self.tile_shape
+        kernels = "Triton kernels on" if self.triton_kernels else "Triton kernels off"
+        return (f"compiled ({self.precision} on {self.device}, tiles of {height}x{width}, batch {self.max_batch}; "
+                f"torch.compile {self.mode} + CUDA graph, channels_last, {kernels})")
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        if tuple(tiles.shape[-2:]) != self.tile_shape:
+            raise ValueError(f"the compiled backend runs tiles of {self.tile_shape[0]}x{self.tile_shape[1]}, "
+                             f"got {tiles.shape[-2]}x{tiles.shape[-1]}")
+        with torch.cuda.device(self.device):
+            return run_static_batches(tiles, self.max_batch, self._replay)
+
+    def _replay(self, batch: torch.Tensor) -> torch.Tensor:
+        self._input.copy_(batch)  # into the captured graph's input buffer
+        self._graph.replay()
+        return self._output.cpu()  # waits for the replay
+
+
+def compiled_unavailable_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"torch.compile with CUDA graphs runs on CUDA GPUs only (device is {device})"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install -e '.[triton]'); Inductor generates Triton kernels for CUDA"
+    return None
+
+
+def _auto_skip_reason(request: BackendRequest) -> str | None:
+    if not request.tile:
+        return "it needs a fixed tile size (--tile > 0) for its CUDA graph"
+    return skip_when_an_artifact_is_given(request)
+
+
+def create_compiled_backend(model: GuideSR, request: BackendRequest) -> CompiledBackend:
+    precision = resolve_precision(request.precision, request.device, model.descriptor)
+    tile = request.tile_for(model.descriptor.size_multiple, "compiled")
+    return CompiledBackend(model, request.device, precision, tile, request.tile_batch)
+
+
+COMPILED = BackendSpec(
+    name="compiled",
+    speed_rank=20,
+    summary="torch.compile + CUDA graph, fp16, channels_last, Triton kernels (CUDA only)",
+    unavailable_reason=compiled_unavailable_reason,
+    create=create_compiled_backend,
+    auto_skip_reason=_auto_skip_reason,
+)

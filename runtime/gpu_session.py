@@ -1,0 +1,310 @@
+"""The prepared GPU session of issue 7: one `run` call, at most 8 minutes, compilation included.
+
+    python3 -m runtime.gpu_session --out "$OUT"                 # on the lent GPU machine
+    python -m runtime.gpu_session --cpu-smoke --out /tmp/smoke  # the same plumbing here, tiny preset, CPU
+
+Steps, each a subprocess (argument lists, no shell) whose output goes to OUT/session.log, each
+stopped at its own cap or at what is left of --budget-s, whichever comes first:
+
+1. wheels: the wheels carried in .whl/ (made here by ../shared/tools/device-wheels.sh: the GPU
+   image lacks diffusers) are installed into /tmp/site, which the later steps get on PYTHONPATH;
+2. report: `python -m runtime.report --preset sd-turbo --random-weights` on CUDA, fp16: `torch`
+   (eager) and `compiled` (and `tensorrt` when TensorRT is installed and --engine names an engine
+   built on this GPU model) at 512x512 and 1024x1024, and a 2160x3840 (4K UHD) output tiled through
+   `compiled` in 512 px tiles, into OUT/report/, with cudnn.benchmark on for every backend (so the
+   eager baseline gets tuned cuDNN algorithms too). It runs first because issue 7's targets come
+   from it; a step stopped at its limit gets SIGTERM, and the report then writes what it measured;
+3. pytest-gpu: `pytest -m gpu` (the kernels' and the compiled backend's GPU tests);
+4. kernels-benchmark: `python -m kernels.benchmark --json OUT/kernels.json`, with what is left.
+
+Compilation: the compiled backend compiles with mode "max-autotune-no-cudagraphs", which benchmarks
+Triton templates against cuBLAS/cuDNN for every convolution and matmul (minutes per tile shape for
+SD-Turbo, by the backend's own docstring; two shapes are compiled here). By default (--autotune aten)
+the report step therefore runs
+with TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=ATEN and TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN:
+every convolution and matmul stays on cuBLAS/cuDNN (whose algorithms cudnn.benchmark still picks),
+Inductor still fuses and tunes its own kernels. --autotune full leaves Inductor's defaults; both
+are recorded in summary.json and in the report's environment block.
+
+Last, it prints the targets table (compiled median at 512, speed-up over eager fp16 in the same
+run, PSNR against the fp32 reference, the 4K tiled time, the gap to the arithmetic floor) and
+writes it to OUT/summary.json. Files under OUT: session.log, summary.json, kernels.json and
+report/{report.json, report.md, latency.png, accuracy.png}: 7 files, 1 folder deep (the device
+machine returns at most 8 files, 2 folders deep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WHEELS = REPO / ".whl"
+SITE = Path("/tmp/site")
+BUDGET_S = 480  # 8 minutes
+MIN_STEP_S = 30  # a step is not started with less time left than this
+ATEN_ONLY = {"TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS": "ATEN", "TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS": "ATEN"}
+
+# issue 7's targets (fp16, batch 1, H100/H200)
+TARGET_COMPILED_512_MS = 15.0
+TARGET_SPEEDUP = 3.0
+TARGET_PSNR_DB = 40.0
+TARGET_4K_TILED_S = 1.5
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the report step measures, and each step's cap in seconds."""
+
+    preset: str
+    device: str
+    precision: str
+    backends: tuple[str, ...]  # whole sizes
+    tiled_backends: tuple[str, ...]
+    sizes: tuple[int, ...]
+    frame: tuple[int, int]  # the tiled output (H, W)
+    tile: int
+    overlap: int
+    repeats: int
+    tiled_repeats: int
+    warmup: int
+    caps: dict[str, float]
+
+
+GPU = Settings(preset="sd-turbo", device="cuda", precision="fp16", backends=("torch", "compiled"),
+               tiled_backends=("compiled",), sizes=(512, 1024), frame=(2160, 3840), tile=512, overlap=64,
+               repeats=20, tiled_repeats=3, warmup=3,
+               caps={"wheels": 60, "report": 330, "pytest-gpu": 120, "kernels-benchmark": 120})
+# The same steps on the CPU with the tiny preset: the compiled backend and the kernel benchmark need CUDA.
+CPU_SMOKE = Settings(preset="tiny", device="cpu", precision="fp32", backends=("torch",), tiled_backends=("torch",),
+                     sizes=(64,), frame=(128, 128), tile=64, overlap=16, repeats=2, tiled_repeats=1, warmup=1,
+                     caps={"wheels": 60, "report": 240, "pytest-gpu": 240, "kernels-benchmark": 60})
+FAST, BASELINE, TARGET_SIZE = "compiled", "torch", 512  # the targets compare these rows
+
+
+@dataclass
+class Step:
+    name: str
+    status: str  # ok | failed (exit N) | timed out after N s | skipped: why
+    seconds: float
+
+
+class Session:
+    """Runs the steps against one deadline and logs their output to OUT/session.log."""
+
+    def __init__(self, out: Path, budget_s: float):
+        self.deadline = time.monotonic() + budget_s
+        self.log = out / "session.log"
+        self.log.write_text("")
+        self.steps: list[Step] = []
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+    def skip(self, name: str, why: str) -> Step:
+        return self._record(Step(name, f"skipped: {why}", 0.0))
+
+    def run(self, name: str, command: list[str], cap_s: float, extra_env: dict[str, str] | None = None) -> Step:
+        """One step: output appended to session.log, its process group stopped at the limit."""
+        limit = min(cap_s, self.deadline - time.monotonic())
+        if limit < MIN_STEP_S:
+            return self.skip(name, f"under {MIN_STEP_S} s of the session's budget left")
+        print(f"== {name} (limit {limit:.0f} s): {' '.join(command)}", flush=True)
+        offset = self.log.stat().st_size
+        start = time.monotonic()
+        with self.log.open("a") as log:
+            log.write(f"\n===== {name}: {' '.join(command)}\n")
+            log.flush()
+            process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                       env=self.env | (extra_env or {}), start_new_session=True)
+            try:
+                code = process.wait(timeout=limit)
+                status = "ok" if code == 0 else f"failed (exit {code})"
+            except subprocess.TimeoutExpired:
+                _stop_group(process)
+                status = f"timed out after {limit:.0f} s"
+        print(_tail(self.log, offset, 12), flush=True)
+        return self._record(Step(name, status, time.monotonic() - start))
+
+    def _record(self, step: Step) -> Step:
+        self.steps.append(step)
+        print(f"== {step.name}: {step.status} ({step.seconds:.0f} s)", flush=True)
+        return step
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the step's own process group (it was started in a new session), SIGKILL if it lingers."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _tail(log: Path, offset: int, count: int) -> str:
+    """The last `count` non-empty lines a step wrote (progress bars' carriage returns split lines)."""
+    with log.open("rb") as handle:
+        handle.seek(offset)
+        text = handle.read().decode(errors="replace").replace("\r", "\n")
+    return "\n".join([line for line in text.splitlines() if line.strip()][-count:])
+
+
+def report_command(settings: Settings, out: Path, engine: Path | None) -> list[str]:
+    backends, artifacts = list(settings.backends), []
+    if engine is not None and settings.device == "cuda" and importlib.util.find_spec("tensorrt") is not None:
+        backends.append("tensorrt")
+        artifacts = ["--engine", str(engine)]
+    return [sys.executable, "-m", "runtime.report", "--preset", settings.preset, "--random-weights",
+            "--device", settings.device, "--backends", *backends, "--tiled-backends", *settings.tiled_backends,
+            "--precisions", settings.precision, "--sizes", *map(str, settings.sizes),
+            "--tiled", f"{settings.frame[0]}x{settings.frame[1]}", "--tile", str(settings.tile),
+            "--overlap", str(settings.overlap), "--repeats", str(settings.repeats),
+            "--tiled-repeats", str(settings.tiled_repeats), "--warmup", str(settings.warmup), "--cudnn-benchmark",
+            "--out", str(out), *artifacts]
+
+
+# ------------------------------------------------------------------------------------------ targets
+
+
+def _row(report: dict, backend: str, precision: str, mode: str, height: int, width: int) -> dict | None:
+    for row in report["results"]:
+        if (row["backend"], row["precision"], row["mode"], row["height"], row["width"]) == (
+                backend, precision, mode, height, width) and row.get("error") is None:
+            return row
+    return None
+
+
+def check_targets(report: dict, precision: str, frame: tuple[int, int]) -> list[dict]:
+    """Issue 7's targets from a report: [{check, measured, target, passed (True/False/None: n/a)}]."""
+    fast = _row(report, FAST, precision, "whole", TARGET_SIZE, TARGET_SIZE)
+    base = _row(report, BASELINE, precision, "whole", TARGET_SIZE, TARGET_SIZE)
+    tiled = _row(report, FAST, precision, "tiled", *frame)
+    fast_rows = [r for r in report["results"] if r["backend"] == FAST and r["precision"] == precision
+                 and r.get("error") is None]
+    size, frame_text = f"{TARGET_SIZE}x{TARGET_SIZE}", f"{frame[0]}x{frame[1]}"
+    missing = f"n/a (no {FAST} {precision} row)"
+    checks = []
+
+    def add(check: str, measured: str, target: str, passed: bool | None) -> None:
+        checks.append({"check": check, "measured": measured, "target": target, "passed": passed})
+
+    if fast is None:
+        add(f"{FAST} median {size}", missing, f"<= {TARGET_COMPILED_512_MS:g} ms", None)
+    else:
+        ms = fast["latency_ms"]["median"]
+        add(f"{FAST} median {size}", f"{ms:.2f} ms (p90 {fast['latency_ms']['p90']:.2f})",
+            f"<= {TARGET_COMPILED_512_MS:g} ms", ms <= TARGET_COMPILED_512_MS)
+    if fast is None or base is None:
+        add(f"speed-up over {BASELINE} {precision} eager, {size}", missing if fast is None else
+            f"n/a (no {BASELINE} {precision} row)", f">= {TARGET_SPEEDUP:g}x", None)
+    else:
+        speedup = base["latency_ms"]["median"] / fast["latency_ms"]["median"]
+        add(f"speed-up over {BASELINE} {precision} eager, {size}",
+            f"{speedup:.2f}x (eager {base['latency_ms']['median']:.2f} ms)", f">= {TARGET_SPEEDUP:g}x",
+            speedup >= TARGET_SPEEDUP)
+    if not fast_rows:
+        add("PSNR vs fp32 reference (worst row)", missing, f">= {TARGET_PSNR_DB:g} dB", None)
+    else:
+        values = [r["accuracy"]["psnr_db"] for r in fast_rows]
+        finite = [v for v in values if v is not None]  # None: identical to the reference
+        worst = min(finite) if finite else None
+        add(f"PSNR vs fp32 reference (worst of {len(values)} {FAST} rows)",
+            "identical" if worst is None else f"{worst:.2f} dB", f">= {TARGET_PSNR_DB:g} dB",
+            worst is None or worst >= TARGET_PSNR_DB)
+    if tiled is None:
+        add(f"{frame_text} tiled through {FAST}", f"n/a (no {FAST} {precision} tiled row)",
+            f"<= {TARGET_4K_TILED_S:g} s", None)
+    else:
+        seconds = tiled["latency_ms"]["median"] / 1e3
+        add(f"{frame_text} tiled through {FAST} ({tiled['tiles']} tiles of {tiled['tile'][0]}x{tiled['tile'][1]})",
+            f"{seconds:.3f} s", f"<= {TARGET_4K_TILED_S:g} s", seconds <= TARGET_4K_TILED_S)
+    if fast is None:
+        add(f"gap to the arithmetic floor, {FAST} {size}", missing, "reported", None)
+    else:
+        rate = report["matmul_rate_flops"][precision]
+        add(f"gap to the arithmetic floor, {FAST} {size}",
+            f"{fast['gap_to_floor']:.2f}x (floor {fast['floor_ms']:.2f} ms = {fast['flops'] / 1e12:.2f} TFLOP / "
+            f"{rate / 1e12:.0f} TFLOP/s {precision} matmul)", "reported", None)
+    return checks
+
+
+def format_checks(checks: list[dict], title: str) -> str:
+    verdict = {True: "PASS", False: "FAIL", None: "-"}
+    lines = [title, "| check | measured | target | result |", "|---|---|---|---|"]
+    lines += [f"| {c['check']} | {c['measured']} | {c['target']} | {verdict[c['passed']]} |" for c in checks]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime.gpu_session", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "artifacts/gpu-session")),
+                        help="output folder (default $OUT, else artifacts/gpu-session)")
+    parser.add_argument("--budget-s", type=float, default=BUDGET_S, help=f"the whole session (default {BUDGET_S})")
+    parser.add_argument("--autotune", choices=("aten", "full"), default="aten",
+                        help="Inductor's convolution/matmul autotuning for the compiled backend "
+                             "(default aten: see above)")
+    parser.add_argument("--engine", type=Path,
+                        help="a TensorRT engine of sd-turbo built on this GPU model: adds the tensorrt backend")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny preset on the CPU: tests the plumbing")
+    args = parser.parse_args(argv)
+    settings = CPU_SMOKE if args.cpu_smoke else GPU
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    session = Session(out, args.budget_s)
+
+    wheels = sorted(WHEELS.glob("*.whl"))
+    if not wheels:
+        session.skip("wheels", f"no wheels in {WHEELS}")
+    elif session.run("wheels", [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                                "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, wheels)],
+                     settings.caps["wheels"]).status == "ok":
+        session.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), str(REPO), os.environ.get("PYTHONPATH")]))
+    report_env = ATEN_ONLY if args.autotune == "aten" else {}
+    session.run("report", report_command(settings, out / "report", args.engine), settings.caps["report"], report_env)
+    session.run("pytest-gpu", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"],
+                settings.caps["pytest-gpu"])
+    if settings.device != "cuda":
+        session.skip("kernels-benchmark", "it needs CUDA")
+    elif not (REPO / "kernels" / "benchmark.py").is_file():
+        session.skip("kernels-benchmark", "kernels/benchmark.py is not in this tree")
+    else:
+        session.run("kernels-benchmark",
+                    [sys.executable, "-m", "kernels.benchmark", "--json", str(out / "kernels.json")],
+                    settings.caps["kernels-benchmark"])
+
+    report_path = out / "report" / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    checks = check_targets(report, settings.precision, settings.frame) if report is not None else []
+    env = report["environment"] if report is not None else {}
+    device = env.get("gpu") or env.get("cpu") or "unknown device"
+    summary = {
+        "device": device, "date_utc": env.get("date_utc"), "git_commit": env.get("git_commit"),
+        "report_complete": bool(report and report["complete"]), "autotune": args.autotune,
+        "inductor_env": report_env, "settings": settings.__dict__,
+        "steps": [step.__dict__ for step in session.steps], "checks": checks,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("\nsteps: " + "; ".join(f"{s.name} {s.status} ({s.seconds:.0f} s)" for s in session.steps))
+    if report is None:
+        print(f"no report: {report_path} was not written (see {session.log})")
+        return 1
+    title = (f"issue 7 targets: {device}, {settings.preset} random weights, {settings.precision}, batch 1"
+             + ("" if report["complete"] else " (report INCOMPLETE: stopped early)"))
+    print(format_checks(checks, title))
+    failed_steps = [s for s in session.steps if not (s.status == "ok" or s.status.startswith("skipped"))]
+    return 1 if failed_steps or any(c["passed"] is False for c in checks) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

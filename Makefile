@@ -25,3 +25,55 @@ evaluate:
 
 bench-kernels:
 	$(PYTHON) -m kernels.benchmark --json $(ARTIFACTS)/kernels.json
+
+# ---- export (issue 4): ONNX graphs, TensorRT engines, Polygraphy check -----------------------
+# Defaults: the embedded demo checkpoint and a 512x512 tile. Override with
+#   make onnx CHECKPOINT=path/NAME.json [BASE_MODEL=dir] [PRESET=tiny|sd-turbo] [TILE=512|HxW]
+#   make onnx PRESET=sd-turbo RANDOM_WEIGHTS=1     (an untrained model, random base weights)
+# `make engine` writes its ONNX graph first; without TensorRT it then stops with status 3 and
+# the install command (pip install tensorrt-cu12).
+RANDOM_WEIGHTS ?=
+EXPORT_DIR ?= artifacts/export
+
+EXPORT_ARGS = $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(PRESET),--preset $(PRESET)) \
+	$(if $(BASE_MODEL),--base-model $(BASE_MODEL)) $(if $(RANDOM_WEIGHTS),--random-weights) \
+	--tile $(TILE) --out-dir $(EXPORT_DIR)
+
+.PHONY: onnx engine verify
+
+onnx:  ## fp32 and fp16 graphs, static (one tile) and dynamic, into $(EXPORT_DIR)
+	$(PYTHON) -m export onnx $(EXPORT_ARGS)
+
+engine:  ## the fp16 static graph and its TensorRT engine (+ NAME.engine.json)
+	$(PYTHON) -m export engine $(EXPORT_ARGS)
+
+verify:  ## Polygraphy: ONNX Runtime, and each engine built next to a graph, against PyTorch
+	$(PYTHON) -m export verify $(EXPORT_ARGS)
+
+# ---- report (issue 7) -------------------------------------------------------------------------
+# ---- report (issue 7): latency, memory, accuracy of every backend; the prepared GPU session ---------
+#   make report                                   the embedded demo model, every backend that runs here,
+#                                                 256/512/1024 whole, 2048 and 2160x3840 tiled
+#   make report PRESET=sd-turbo RANDOM_WEIGHTS=1 REPORT_ARGS="--backends torch compiled --precisions fp16"
+#   make report PRESET=tiny RANDOM_WEIGHTS=1 REPORT_ARGS="--sizes 64 96 --tiled 128 --tile 64 --overlap 16 --repeats 2"
+#   make gpu-session OUT=dir                      issue 7's GPU script (on the lent GPU machine, at most 8 minutes)
+#   make gpu-smoke                                the same script on the CPU with the tiny preset (its plumbing)
+# Files: $(REPORT_DIR)/report.json, report.md, latency.png, accuracy.png; OUT/session.log, summary.json, ...
+# Uses PYTHON, CHECKPOINT, PRESET, BASE_MODEL, RANDOM_WEIGHTS and ARTIFACTS from above. On the GPU
+# machine OUT is already set in the environment (the device tool's output folder).
+REPORT_DIR ?= $(ARTIFACTS)/report
+REPORT_ARGS ?=
+OUT ?= $(ARTIFACTS)/gpu-session
+
+REPORT_MODEL_ARGS = $(model_args) $(if $(RANDOM_WEIGHTS),--random-weights)
+
+.PHONY: report gpu-session gpu-smoke
+
+report:  ## latency / throughput / memory / accuracy table, JSON and plots into $(REPORT_DIR)
+	$(PYTHON) -m runtime.report $(REPORT_MODEL_ARGS) $(REPORT_ARGS) --out $(REPORT_DIR)
+
+gpu-session:  ## wheels, report (sd-turbo, random weights), pytest -m gpu, kernels.benchmark; targets table last
+	$(PYTHON) -m runtime.gpu_session --out $(OUT)
+
+gpu-smoke:  ## the GPU session's steps on the CPU, tiny preset
+	$(PYTHON) -m runtime.gpu_session --cpu-smoke --out $(OUT)-smoke

@@ -1,0 +1,156 @@
+"""runtime.report (latency / memory / accuracy report) and runtime.gpu_session's target checks, on the CPU.
+
+The report runs end to end on the tiny preset with random weights, for the `torch` and
+`onnxruntime` backends, at CI sizes (64 and 96 whole, 128 tiled in 64 px tiles, 2 repeats).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runtime.gpu_session import check_targets, format_checks
+from runtime.report import main, parse_size
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CI_ARGS = ["--preset", "tiny", "--random-weights", "--device", "cpu", "--sizes", "64", "96", "--tiled", "128",
+           "--tile", "64", "--overlap", "16", "--repeats", "2", "--tiled-repeats", "1", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report")
+    code = main(CI_ARGS + ["--backends", "torch", "onnxruntime", "--quality", "sample", "--quality-crop", "64",
+                           "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_json_has_every_field(report_dir):
+    data = json.loads((report_dir / "report.json").read_text())
+    assert data["complete"] is True and "interrupted" not in data
+    assert data["random_weights"] is True and "random weights" in data["title"] and "random" in data["weights"]
+    env = data["environment"]
+    for key in ("date_utc", "git_commit", "cpu", "cpu_count", "platform", "python", "gpu", "cuda", "versions"):
+        assert key in env
+    assert env["versions"]["torch"] and env["versions"]["onnxruntime"] and env["gpu"] is None
+    assert data["matmul_rate_flops"]["fp32"] > 0
+    rows = data["results"]
+    expected = {(backend, mode, height) for backend in ("torch", "onnxruntime")
+                for mode, height in (("whole", 64), ("whole", 96), ("tiled", 128))}
+    assert {(r["backend"], r["mode"], r["height"]) for r in rows} == expected and len(rows) == len(expected)
+    for row in rows:
+        assert row["error"] is None and row["precision"] == "fp32"
+        latency = row["latency_ms"]
+        assert 0 < latency["min"] <= latency["median"] <= latency["p90"]
+        assert len(latency["samples"]) == (1 if row["mode"] == "tiled" else 2)
+        assert row["throughput_mp_s"] == pytest.approx(row["megapixels"] / latency["median"] * 1e3)
+        assert row["peak_memory_bytes"] > 50 * 2**20  # RSS high-water: the interpreter, torch and the model
+        assert row["flops"] > 0 and row["floor_ms"] > 0 and row["gap_to_floor"] == pytest.approx(
+            latency["median"] / row["floor_ms"])
+        assert row["backend_setup_s"] >= 0 and len(row["warmup_ms"]) == 1
+        accuracy = row["accuracy"]
+        assert 0 <= accuracy["max_abs"] <= 1 and accuracy["ssim"] <= 1 + 1e-9
+        if row["backend"] == "torch":  # the reference itself: same model, same input, same tiles
+            assert accuracy["psnr_db"] is None and accuracy["max_abs"] == 0
+        else:  # the fp32 ONNX graph agrees to float rounding
+            assert accuracy["psnr_db"] > 80 and accuracy["max_abs"] < 1e-4
+    tiled = [r for r in rows if r["mode"] == "tiled"]
+    assert all(r["tiles"] == 9 and r["tile"] == [64, 64] and r["overlap"] == 16 for r in tiled)
+    # FLOPs scale with the work: a 96x96 image is 2.25x a 64x64 one, the tiled pass counts 9 tiles of 64x64
+    by_size = {(r["mode"], r["height"]): r["flops"] for r in rows if r["backend"] == "torch"}
+    assert by_size[("whole", 96)] == pytest.approx(2.25 * by_size[("whole", 64)], rel=0.05)
+    assert by_size[("tiled", 128)] == 9 * by_size[("whole", 64)]
+    quality = data["quality"]
+    assert quality["data"] == "sample" and len(quality["images"]) == 2
+    assert {(q["backend"], q["precision"]) for q in quality["results"]} == {("torch", "fp32"), ("onnxruntime", "fp32")}
+    assert 0 < quality["bicubic"]["psnr_rgb"] < 60
+
+
+def test_markdown_and_plots_are_written(report_dir):
+    markdown = (report_dir / "report.md").read_text()
+    assert markdown.startswith("# GuideSR benchmark: tiny, random weights")
+    assert "| backend | precision | size (HxW) |" in markdown and "Quality against ground truth" in markdown
+    assert markdown.count("| torch | fp32 |") == 3 and markdown.count("| onnxruntime | fp32 |") == 3
+    for name in ("latency.png", "accuracy.png"):
+        data = (report_dir / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+
+
+def test_parse_size():
+    assert parse_size("512") == (512, 512)
+    assert parse_size("2160x3840") == (2160, 3840)
+    for bad in ("0", "12x", "axb", "1x2x3"):
+        with pytest.raises(Exception, match="size"):
+            parse_size(bad)
+
+
+def test_sigterm_writes_what_was_measured(tmp_path):
+    """A session's time limit (SIGTERM) stops the run; the measured rows, Markdown and plots are still written."""
+    out = tmp_path / "partial"
+    # the 64x64 row comes quickly, then 50 tiled passes take far longer than the test waits
+    command = [sys.executable, "-m", "runtime.report", *CI_ARGS, "--backends", "torch", "--sizes", "64",
+               "--tiled-repeats", "50", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    report = out / "report.json"
+    deadline = time.monotonic() + 240
+    while not (report.is_file() and json.loads(report.read_text())["results"]):  # the first row is in
+        assert process.poll() is None and time.monotonic() < deadline, "the report ended before its first row"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1, output
+    data = json.loads(report.read_text())
+    assert data["complete"] is False and "SIGTERM" in data["interrupted"]
+    assert len(data["results"]) >= 1
+    assert "**Incomplete**" in (out / "report.md").read_text()
+    assert (out / "latency.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def _row(backend, mode, size, median_ms, psnr_db, height=None):
+    return {"backend": backend, "precision": "fp16", "mode": mode, "height": height or size, "width": size,
+            "latency_ms": {"median": median_ms, "p90": median_ms * 1.1}, "accuracy": {"psnr_db": psnr_db},
+            "tiles": 45, "tile": [512, 512], "flops": 4.6e12, "floor_ms": 6.0, "gap_to_floor": median_ms / 6.0,
+            "error": None}
+
+
+def test_targets_pass_fail_and_missing_rows():
+    rows = [_row("torch", "whole", 512, 60.0, 70.0), _row("compiled", "whole", 512, 12.0, 45.0),
+            _row("compiled", "whole", 1024, 50.0, None), _row("compiled", "tiled", 3840, 1200.0, 41.0, height=2160)]
+    report = {"results": rows, "matmul_rate_flops": {"fp16": 7.7e14}}
+    checks = check_targets(report, "fp16", (2160, 3840))
+    assert [c["passed"] for c in checks] == [True, True, True, True, None]
+    assert "5.00x" in checks[1]["measured"] and "41.00 dB" in checks[2]["measured"]  # the worst compiled row
+    assert "2.00x" in checks[4]["measured"]  # gap: 12 ms over a 6 ms floor
+
+    rows[1] = _row("compiled", "whole", 512, 25.0, 39.0)  # too slow, under 3x, under 40 dB
+    rows[3] = _row("compiled", "tiled", 3840, 1600.0, 41.0, height=2160)
+    assert [c["passed"] for c in check_targets(report, "fp16", (2160, 3840))] == [False, False, False, False, None]
+
+    for row in rows[1:]:  # a failed row counts as missing, never as a pass
+        row["error"] = "RuntimeError: compile failed"
+    checks = check_targets(report, "fp16", (2160, 3840))
+    assert [c["passed"] for c in checks] == [None] * 5 and all("n/a" in c["measured"] for c in checks)
+    assert "| check | measured | target | result |" in format_checks(checks, "title")
+
+
+@pytest.mark.slow
+def test_gpu_session_cpu_smoke(tmp_path):
+    """The GPU session's plumbing (steps, logs, report, summary) on the CPU with the tiny preset."""
+    result = subprocess.run([sys.executable, "-m", "runtime.gpu_session", "--cpu-smoke", "--out", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {s["name"]: s["status"] for s in summary["steps"]}["report"] == "ok"
+    assert summary["report_complete"] is True and len(summary["checks"]) == 5
+    assert (tmp_path / "report" / "report.md").is_file() and (tmp_path / "session.log").stat().st_size > 0
+    assert "issue 7 targets" in result.stdout

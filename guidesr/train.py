@@ -295,7 +295,7 @@ class Trainer:
         return history
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=defaults.preset, choices=["tiny", "sd-turbo"])
@@ -310,6 +310,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     for name in ("lr", "weight_decay", "disc_lr", "min_lr_ratio"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     p.add_argument("--precision", default=defaults.precision, choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop (with a checkpoint) at this step; the schedule still follows --steps")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--save-every-rank", action="store_true", help="also write each rank's weights to OUT/rankN")
     p.add_argument("--w-mse", type=float, default=defaults.loss.w_mse)
@@ -320,7 +322,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--discriminator", default=defaults.discriminator.kind, choices=["patch", "clip"])
     p.add_argument("--clip-path", default=None, help="local CLIP vision model folder for --discriminator clip")
     a = p.parse_args(argv)
-    return TrainConfig(
+    config = TrainConfig(
         preset=a.preset, base_model=a.base_model, random_base=a.random_base, data=a.data, out=a.out, name=a.name,
         steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, crop_size=a.crop_size, lr=a.lr,
         warmup_steps=a.warmup_steps, min_lr_ratio=a.min_lr_ratio, weight_decay=a.weight_decay, disc_lr=a.disc_lr,
@@ -331,13 +333,14 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                         lpips_linear_path=a.lpips_linear),
         discriminator=DiscriminatorConfig(kind=a.discriminator, clip_path=a.clip_path),
     )
+    return config, a.stop_at
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_args(argv)
+    config, stop_at = parse_args(argv)
     env, device = init_distributed()
     try:
-        Trainer(config, env, device).fit()
+        Trainer(config, env, device).fit(until=stop_at)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -33,23 +33,9 @@ from runtime.backends.compiled import compiled_unavailable_reason
 from runtime.backends.onnx_runtime import onnxruntime_unavailable_reason
 from runtime.backends.tensorrt_engine import tensorrt_unavailable_reason
 from runtime.validate import ReferenceBackend
+from helpers import save_randomized_tiny
 
 FP32_MAX_ABS = 1e-4  # an fp32 graph against eager PyTorch fp32 (export's criterion)
-
-
-def save_randomized_tiny(folder: Path, seed: int = 1) -> Path:
-    """The tiny preset on the embedded base, trainable parts random (x 0.02), saved as a checkpoint."""
-    from guidesr import build_model, preset_config
-    from guidesr.checkpoint import save_checkpoint
-    from guidesr.loading import WEIGHTS_DIR
-
-    base = (WEIGHTS_DIR / "tiny-base").resolve()
-    model = build_model(preset_config("tiny"), base)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in model.trainable_parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    return save_checkpoint(model, folder / "tiny", base_model=str(base))
 
 
 @pytest.fixture(scope="module")

@@ -23,25 +23,13 @@ from export.onnx_export import OPSET, export_graphs, read_metadata
 from export.trt_supported_ops import tensorrt_problems
 from export.verify import compare
 from guidesr.checkpoint import CheckpointError
-from guidesr.config import tiny_config
 from guidesr.loading import DEFAULT_CHECKPOINT
-from guidesr.model import GuideSR
+from helpers import randomized_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [(64, 64), (48, 80), (96, 64)]  # multiples of the tiny preset's 16, one non-square each way
 FP32_MAX_ABS = 1e-4
 FP16_MIN_PSNR = 40.0
-
-
-def randomized_tiny(seed: int) -> GuideSR:
-    """A tiny GuideSR whose trainable tensors (LoRA B, zero-convs, injections, ...) are random and non-zero."""
-    torch.manual_seed(seed)
-    model = GuideSR(tiny_config()).eval()
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _, parameter in model.trainable_parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    return model
 
 
 @pytest.fixture(scope="module")

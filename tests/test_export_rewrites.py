@@ -20,20 +20,8 @@ from export.rewrites import (
     fold_unshuffle_projections,
     freeze_time_embedding,
 )
-from guidesr.config import tiny_config
 from guidesr.injection import GuidanceInjection
-from guidesr.model import GuideSR
-
-
-def randomized_tiny(seed: int) -> GuideSR:
-    """A tiny GuideSR whose trainable tensors (LoRA B, zero-convs, injections, ...) are random and non-zero."""
-    torch.manual_seed(seed)
-    model = GuideSR(tiny_config()).eval()
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _, parameter in model.trainable_parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    return model
+from helpers import randomized_tiny
 
 
 def image(height: int, width: int, batch: int = 1, seed: int = 1) -> torch.Tensor:

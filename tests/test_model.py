@@ -8,21 +8,13 @@ import torch
 from guidesr.config import preset_config, sd_turbo_config, tiny_config
 from guidesr.diffusion import vae_encode
 from guidesr.model import GuideSR, pad_to_multiple
+from helpers import randomize_trainable
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
     return GuideSR(tiny_config()).eval()
-
-
-def randomize_trainable(model: GuideSR, seed: int, only_lora: bool = False) -> None:
-    """Give trainable tensors (zero-convs, LoRA B, ...) random non-zero values."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.trainable_parameters():
-            if not only_lora or "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
 
 
 @pytest.mark.parametrize("size", [(72, 56), (128, 128), (200, 136)])

@@ -146,8 +146,6 @@ def test_torch_compile_calls_the_op():
 
 @pytest.mark.gpu
 def test_onnx_export_records_the_reference():
-    op_types = {node.op_type for node in program.model_proto.graph.node}
-
     class Join(torch.nn.Module):
         def forward(self, h, f):
             return pixel_unshuffle_concat(h, f, 2, use_kernel=True)

@@ -24,21 +24,7 @@ from runtime.backends import TorchBackend
 from runtime.imageio import read_image
 from runtime.upscale import main, upscale_file
 from runtime.validate import ReferenceBackend, ValidationError, Validator, compare_images
-
-
-def save_randomized_tiny(folder: Path, seed: int = 1) -> Path:
-    """The tiny preset on the embedded base, trainable parts random (x 0.02), saved as a checkpoint."""
-    from guidesr import build_model, preset_config
-    from guidesr.checkpoint import save_checkpoint
-    from guidesr.loading import WEIGHTS_DIR
-
-    base = (WEIGHTS_DIR / "tiny-base").resolve()
-    model = build_model(preset_config("tiny"), base)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in model.trainable_parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    return save_checkpoint(model, folder / "tiny", base_model=str(base))
+from helpers import save_randomized_tiny
 
 
 @pytest.fixture(scope="module")

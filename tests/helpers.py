@@ -1,0 +1,35 @@
+"""Model builders shared by the tests: real tiny GuideSR models with non-zero trainable parts."""
+
+from pathlib import Path
+
+import torch
+
+from guidesr import build_model, preset_config
+from guidesr.checkpoint import save_checkpoint
+from guidesr.config import tiny_config
+from guidesr.loading import WEIGHTS_DIR
+from guidesr.model import GuideSR
+
+
+def randomize_trainable(model: GuideSR, seed: int, only_lora: bool = False) -> GuideSR:
+    """Give trainable tensors (LoRA B, zero-convs, injections, ...) random values (x 0.02): at their
+    zero init they would hide the branches that rewrites, exports and kernels must get right."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.trainable_parameters():
+            if not only_lora or "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    return model
+
+
+def randomized_tiny(seed: int) -> GuideSR:
+    """The tiny preset with random base weights and random trainable parts, in eval mode."""
+    torch.manual_seed(seed)
+    return randomize_trainable(GuideSR(tiny_config()).eval(), seed + 1)
+
+
+def save_randomized_tiny(folder: Path, seed: int = 1) -> Path:
+    """The tiny preset on the embedded base, trainable parts random, saved as a checkpoint."""
+    base = (WEIGHTS_DIR / "tiny-base").resolve()
+    model = randomize_trainable(build_model(preset_config("tiny"), base), seed)
+    return save_checkpoint(model, folder / "tiny", base_model=str(base))

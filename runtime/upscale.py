@@ -466,7 +466,7 @@ def _run_jobs(jobs: list[Job], backend: Backend, validator: Validator | None, ar
                         max_megapixels=max_megapixels, on_batch=lambda batch: _advance(tiles_bar, batch),
                         validator=validator,
                     )
-                except ImageReadError as err:
+                except (ImageReadError, ImageWriteError) as err:
                     failures.append(str(err))
                     _say(f"{prefix}error: {err}", error=True)
                 except NonFiniteOutputError as err:
@@ -475,9 +475,6 @@ def _run_jobs(jobs: list[Job], backend: Backend, validator: Validator | None, ar
                 except ValidationError as err:
                     failures.append(str(err))
                     _say(f"{prefix}error: {err}; nothing written", error=True)
-                except ImageWriteError as err:
-                    failures.append(str(err))
-                    _say(f"{prefix}error: {err}", error=True)
                 except torch.OutOfMemoryError as err:
                     failures.append(f"{job.source}: out of memory")
                     _say(f"{prefix}error: {job.source}: out of memory ({err}); try a smaller --tile or --tile-batch", error=True)

@@ -4,16 +4,9 @@ Without CUDA the kernels run on CPU tensors through Triton's interpreter; with C
 run the compiled kernels, and the `gpu` tests add torch.compile, full opcheck and ONNX export.
 """
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # Triton picks interpreter or compiler when @triton.jit runs, i.e. when kernels are imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode
 
 triton = pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
@@ -30,7 +23,7 @@ if DEVICE == "cpu" and not isinstance(
     fca_attention._gated_gelu_kernel, InterpretedFunction
 ):
     raise RuntimeError(
-        "kernels.fca_attention was imported before TRITON_INTERPRET=1 was set, so its kernels "
+        "kernels.fca_attention was imported before tests/conftest.py set TRITON_INTERPRET=1, so its kernels "
         "cannot run on the CPU; set TRITON_INTERPRET=1 in the environment or tests/conftest.py"
     )
 OP = torch.ops.guidesr.fca_channel_attention.default

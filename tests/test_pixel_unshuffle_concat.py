@@ -6,16 +6,9 @@ The op only moves data, so it must equal PyTorch bit for bit (the issue's "2x Py
 rule reduces to exactness: PyTorch's own error here is zero).
 """
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # Triton picks interpreter or compiler when @triton.jit runs, i.e. when kernels are imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode
 
 triton = pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
@@ -32,7 +25,7 @@ if DEVICE == "cpu" and not isinstance(
     module._unshuffle_concat_kernel, InterpretedFunction
 ):
     raise RuntimeError(
-        "kernels.pixel_unshuffle_concat was imported before TRITON_INTERPRET=1 was set, so its "
+        "kernels.pixel_unshuffle_concat was imported before tests/conftest.py set TRITON_INTERPRET=1, so its "
         "kernel cannot run on the CPU; set TRITON_INTERPRET=1 in the environment or tests/conftest.py"
     )
 OP = torch.ops.guidesr.pixel_unshuffle_concat.default

@@ -12,19 +12,28 @@ copy bandwidth (a 1 GiB device-to-device `copy_`, counted as read + write) as th
 - pixel-unshuffle + concat, minimum 2·(N_h + N_f)·e bytes (read each input once, write the output).
 
 Sections: the attention op (Triton / eager / compiled reference) for C in {32, 64}, 512² to
-2048², batch 1 and 4; the whole FCA block (conv1 -> attention -> conv2 + residual, the model's
-`guidesr.guidance.FCABlock`) with and without the kernel; the unshuffle + concat op at the
-injection's first and last scales (s = 8 with 64 guidance channels next to 320 UNet channels,
-s = 64 with 1 next to 1280) and, for the same shapes, concat + 1x1 projection against the
-equivalent 1x1 + (s x s, stride s) convolution pair that never builds the concatenation.
+2048², batch 1 and 4, NCHW, plus channels_last at the acceptance shape (the compiled model runs
+channels_last); the whole FCA block (conv1 -> attention -> conv2 + residual, the model's
+`guidesr.guidance.FCABlock`) with and without the kernel; the whole guidance branch of the
+sd-turbo preset (C = 32, 4 FRBs of 2 FCA blocks, IGN) with and without the kernels, eager and
+compiled; the unshuffle + concat op at the injection's first and last scales (s = 8 with 64
+guidance channels next to 320 UNet channels, s = 64 with 1 next to 1280) and, for the same
+shapes, concat + 1x1 projection against the equivalent 1x1 + (s x s, stride s) convolution pair
+that never builds the concatenation.
+
+Cases run in priority order (issue 5's acceptance shapes first: 1024², C = 64, batch 1), every
+measured case is written to --json at once, and SIGTERM (a session's time limit) stops the run
+after printing the table of what was measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +42,18 @@ SIZES = (512, 1024, 2048)
 BATCHES = (1, 4)
 FCA_CHANNELS = (32, 64)
 INJECTION_SCALES = ((8, 64, 320), (64, 1, 1280))  # (s, guidance channels Cf, UNet channels Ch)
+ACCEPTANCE = (1, 64, 1024)  # (batch, C, size): issue 5's bandwidth and torch.compile checks
 DEVICE = "cuda"
 DTYPE = torch.float16
 ELEMENT_BYTES = 2
+
+
+class Stop(BaseException):
+    """SIGTERM: stop measuring, print what was measured."""
+
+
+def _stop(signum, frame) -> None:
+    raise Stop(signal.Signals(signum).name)
 
 
 def median_ms(fn) -> float:
@@ -45,113 +63,178 @@ def median_ms(fn) -> float:
 
 
 def copy_bandwidth_gbs() -> float:
-    src = torch.empty(2**29, dtype=DTYPE, device=DEVICE)  # 1 GiB
+    src = torch.randn(2**29, dtype=DTYPE, device=DEVICE)  # 1 GiB
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src))
     return 2 * src.numel() * ELEMENT_BYTES / ms / 1e6
 
 
-def bench_fca_attention(results: list[dict]) -> None:
+class Compiled:
+    """One torch.compile per function, shared by every shape (one static graph per shape)."""
+
+    def __init__(self):
+        self._functions: dict[Callable, Callable] = {}
+
+    def __call__(self, fn: Callable) -> Callable:
+        if fn not in self._functions:
+            self._functions[fn] = torch.compile(fn, dynamic=False)
+        return self._functions[fn]
+
+
+def fca_attention_case(compiled: Compiled, batch: int, channels: int, size: int, channels_last: bool = False) -> dict:
     from kernels.fca_attention import fca_channel_attention, fca_channel_attention_reference
 
-    compiled = torch.compile(fca_channel_attention_reference, dynamic=False)
-    for channels in FCA_CHANNELS:
-        weight = torch.randn(channels, channels, 1, 1, device=DEVICE, dtype=DTYPE) / channels**0.5
-        bias = torch.randn(channels, device=DEVICE, dtype=DTYPE) * 0.1
-        for size in SIZES:
-            for batch in BATCHES:
-                y = torch.randn(batch, channels, size, size, device=DEVICE, dtype=DTYPE)
-                fused = fca_channel_attention(y, weight, bias, use_kernel=True)
-                eager = fca_channel_attention_reference(y, weight, bias)
-                times = {
-                    "triton": median_ms(lambda: fca_channel_attention(y, weight, bias, use_kernel=True)),
-                    "eager": median_ms(lambda: fca_channel_attention_reference(y, weight, bias)),
-                    "compile": median_ms(lambda: compiled(y, weight, bias)),
-                }
-                results.append({
-                    "section": "fca_attention", "shape": [batch, channels, size, size], "ms": times,
-                    "min_bytes": 3 * y.numel() * ELEMENT_BYTES,
-                    "max_abs_diff_vs_eager": (fused.float() - eager.float()).abs().max().item(),
-                })
-                del y, fused, eager
+    generator = torch.Generator(DEVICE).manual_seed(channels)
+    weight = torch.randn(channels, channels, 1, 1, device=DEVICE, dtype=DTYPE, generator=generator) / channels**0.5
+    bias = torch.randn(channels, device=DEVICE, dtype=DTYPE, generator=generator) * 0.1
+    y = torch.randn(batch, channels, size, size, device=DEVICE, dtype=DTYPE)
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
+    reference = compiled(fca_channel_attention_reference)
+    fused = fca_channel_attention(y, weight, bias, use_kernel=True)
+    eager = fca_channel_attention_reference(y, weight, bias)
+    times = {
+        "triton": median_ms(lambda: fca_channel_attention(y, weight, bias, use_kernel=True)),
+        "eager": median_ms(lambda: fca_channel_attention_reference(y, weight, bias)),
+        "compile": median_ms(lambda: reference(y, weight, bias)),
+    }
+    return {"section": "fca_attention", "shape": [batch, channels, size, size],
+            "layout": "channels_last" if channels_last else "NCHW", "ms": times,
+            "min_bytes": 3 * y.numel() * ELEMENT_BYTES,
+            "max_abs_diff_vs_eager": (fused.float() - eager.float()).abs().max().item()}
 
 
-def bench_fca_block(results: list[dict]) -> None:
+def fca_block_case(batch: int, channels: int, size: int) -> dict:
     from guidesr.guidance import FCABlock
 
-    for channels in FCA_CHANNELS:
-        block = FCABlock(channels).to(DEVICE, DTYPE).eval()
-        for size in SIZES:
-            for batch in BATCHES:
-                x = torch.randn(batch, channels, size, size, device=DEVICE, dtype=DTYPE)
-                times = {}
-                for name, use_kernel in (("triton", True), ("eager", False)):
-                    block.use_kernel = use_kernel
-                    times[name] = median_ms(lambda: block(x))
-                results.append({"section": "fca_block", "shape": [batch, channels, size, size], "ms": times})
-                del x
+    torch.manual_seed(channels)
+    block = FCABlock(channels).to(DEVICE, DTYPE).eval()
+    x = torch.randn(batch, channels, size, size, device=DEVICE, dtype=DTYPE)
+    times = {}
+    for name, use_kernel in (("triton", True), ("eager", False)):
+        block.use_kernel = use_kernel
+        times[name] = median_ms(lambda: block(x))
+    return {"section": "fca_block", "shape": [batch, channels, size, size], "ms": times}
 
 
-def bench_unshuffle_concat(results: list[dict]) -> None:
+def guidance_branch_case(batch: int, size: int) -> dict:
+    """The sd-turbo preset's guidance branch, NCHW and channels_last, kernels on/off, eager/compiled."""
+    from guidesr.config import sd_turbo_config
+    from guidesr.guidance import GuidanceBranch
+
+    settings = sd_turbo_config().guidance
+    torch.manual_seed(0)
+    branch = GuidanceBranch(settings.channels, settings.num_frb, settings.fca_per_frb).to(DEVICE, DTYPE).eval()
+    branch = branch.to(memory_format=torch.channels_last)
+    image = torch.randn(batch, 3, size, size, device=DEVICE, dtype=DTYPE).contiguous(memory_format=torch.channels_last)
+
+    def set_kernels(on: bool) -> None:
+        for module in branch.modules():
+            if hasattr(module, "use_kernel"):
+                module.use_kernel = on
+
+    times = {}
+    for name, on in (("triton", True), ("eager", False)):
+        set_kernels(on)
+        times[name] = median_ms(lambda: branch(image))
+    for name, on in (("compile_triton", True), ("compile", False)):
+        set_kernels(on)
+        compiled = torch.compile(branch.forward, dynamic=False)  # specialises on the kernels switch
+        times[name] = median_ms(lambda: compiled(image))
+        torch._dynamo.reset()
+    return {"section": "guidance_branch", "shape": [batch, 3, size, size], "layout": "channels_last",
+            "channels": settings.channels, "ms": times}
+
+
+def unshuffle_concat_case(compiled: Compiled, s: int, cf: int, ch: int, batch: int, size: int) -> dict:
     from kernels.pixel_unshuffle_concat import pixel_unshuffle_concat, pixel_unshuffle_concat_reference
 
-    compiled = torch.compile(pixel_unshuffle_concat_reference, dynamic=False)
-    for s, cf, ch in INJECTION_SCALES:
-        width = ch + cf * s * s
-        weight = torch.randn(ch, width, 1, 1, device=DEVICE, dtype=DTYPE) / width**0.5
-        bias = torch.randn(ch, device=DEVICE, dtype=DTYPE) * 0.1
-        weight_h = weight[:, :ch].contiguous()
-        weight_f = weight[:, ch:].reshape(ch, cf, s, s).contiguous()  # unshuffle's channel order c*s*s + i*s + j
-        for size in SIZES:
-            for batch in BATCHES:
-                h = torch.randn(batch, ch, size // s, size // s, device=DEVICE, dtype=DTYPE)
-                f = torch.randn(batch, cf, size, size, device=DEVICE, dtype=DTYPE)
+    width = ch + cf * s * s
+    weight = torch.randn(ch, width, 1, 1, device=DEVICE, dtype=DTYPE) / width**0.5
+    bias = torch.randn(ch, device=DEVICE, dtype=DTYPE) * 0.1
+    weight_h = weight[:, :ch].contiguous()
+    weight_f = weight[:, ch:].reshape(ch, cf, s, s).contiguous()  # unshuffle's channel order c*s*s + i*s + j
+    h = torch.randn(batch, ch, size // s, size // s, device=DEVICE, dtype=DTYPE)
+    f = torch.randn(batch, cf, size, size, device=DEVICE, dtype=DTYPE)
+    reference = compiled(pixel_unshuffle_concat_reference)
 
-                def concat_then_project():
-                    return F.conv2d(pixel_unshuffle_concat(h, f, s, use_kernel=True), weight, bias)
+    def concat_then_project():
+        return F.conv2d(pixel_unshuffle_concat(h, f, s, use_kernel=True), weight, bias)
 
-                def eager_concat_then_project():
-                    return F.conv2d(pixel_unshuffle_concat_reference(h, f, s), weight, bias)
+    def eager_concat_then_project():
+        return F.conv2d(pixel_unshuffle_concat_reference(h, f, s), weight, bias)
 
-                def strided_projection():
-                    return F.conv2d(h, weight_h, bias) + F.conv2d(f, weight_f, stride=s)
+    def strided_projection():
+        return F.conv2d(h, weight_h, bias) + F.conv2d(f, weight_f, stride=s)
 
-                times = {
-                    "triton": median_ms(lambda: pixel_unshuffle_concat(h, f, s, use_kernel=True)),
-                    "eager": median_ms(lambda: pixel_unshuffle_concat_reference(h, f, s)),
-                    "compile": median_ms(lambda: compiled(h, f, s)),
-                    "triton_concat+1x1": median_ms(concat_then_project),
-                    "eager_concat+1x1": median_ms(eager_concat_then_project),
-                    "1x1+strided_conv": median_ms(strided_projection),
-                }
-                fused = pixel_unshuffle_concat(h, f, s, use_kernel=True)
-                exact = torch.equal(fused, pixel_unshuffle_concat_reference(h, f, s))
-                projection_diff = (concat_then_project().float() - strided_projection().float()).abs().max().item()
-                results.append({
-                    "section": "unshuffle_concat", "shape": {"h": list(h.shape), "f": list(f.shape), "s": s},
-                    "ms": times, "min_bytes": 2 * (h.numel() + f.numel()) * ELEMENT_BYTES,
-                    "equal_to_eager": exact, "max_abs_diff_concat_vs_strided_projection": projection_diff,
-                })
-                del h, f, fused
+    times = {
+        "triton": median_ms(lambda: pixel_unshuffle_concat(h, f, s, use_kernel=True)),
+        "eager": median_ms(lambda: pixel_unshuffle_concat_reference(h, f, s)),
+        "compile": median_ms(lambda: reference(h, f, s)),
+        "triton_concat+1x1": median_ms(concat_then_project),
+        "eager_concat+1x1": median_ms(eager_concat_then_project),
+        "1x1+strided_conv": median_ms(strided_projection),
+    }
+    exact = torch.equal(pixel_unshuffle_concat(h, f, s, use_kernel=True), pixel_unshuffle_concat_reference(h, f, s))
+    projection_diff = (concat_then_project().float() - strided_projection().float()).abs().max().item()
+    return {"section": "unshuffle_concat", "shape": {"h": list(h.shape), "f": list(f.shape), "s": s},
+            "ms": times, "min_bytes": 2 * (h.numel() + f.numel()) * ELEMENT_BYTES,
+            "equal_to_eager": exact, "max_abs_diff_concat_vs_strided_projection": projection_diff}
+
+
+def plan(compiled: Compiled) -> list[tuple[str, Callable[[], dict]]]:
+    """(label, case) in priority order: the acceptance shapes, the model's shapes, then the grid."""
+    first = [
+        (f"fca_attention {ACCEPTANCE}", lambda: fca_attention_case(compiled, *ACCEPTANCE)),
+        (f"fca_block {ACCEPTANCE}", lambda: fca_block_case(*ACCEPTANCE)),
+        (f"fca_attention {ACCEPTANCE} channels_last",
+         lambda: fca_attention_case(compiled, *ACCEPTANCE, channels_last=True)),
+        ("guidance_branch 1x512", lambda: guidance_branch_case(1, 512)),
+        ("unshuffle_concat s=8 1x1024", lambda: unshuffle_concat_case(compiled, *INJECTION_SCALES[0], 1, 1024)),
+    ]
+    grid = []
+    for size in SIZES:
+        for batch in BATCHES:
+            for channels in FCA_CHANNELS:
+                if (batch, channels, size) != ACCEPTANCE:
+                    grid.append((f"fca_attention {(batch, channels, size)}",
+                                 lambda b=batch, c=channels, n=size: fca_attention_case(compiled, b, c, n)))
+                    grid.append((f"fca_block {(batch, channels, size)}",
+                                 lambda b=batch, c=channels, n=size: fca_block_case(b, c, n)))
+            for s, cf, ch in INJECTION_SCALES:
+                if (s, batch, size) != (8, 1, 1024):
+                    grid.append((f"unshuffle_concat s={s} {batch}x{size}",
+                                 lambda s=s, cf=cf, ch=ch, b=batch, n=size: unshuffle_concat_case(compiled, s, cf, ch, b, n)))
+    return first + grid + [("guidance_branch 1x1024", lambda: guidance_branch_case(1, 1024))]
 
 
 def print_table(results: list[dict], copy_gbs: float) -> None:
     print(f"\ncopy bandwidth (roofline): {copy_gbs:.0f} GB/s; GB/s below = minimum bytes / time")
-    print(f"{'section':<17}{'shape':<34}{'triton':>9}{'eager':>9}{'compile':>9}{'x eager':>8}{'x comp':>8}{'GB/s':>7}")
+    print(f"{'section':<17}{'shape':<40}{'triton':>9}{'eager':>9}{'compile':>9}{'x eager':>8}{'x comp':>8}{'GB/s':>7}")
     for r in results:
+        if "error" in r:
+            print(f"{r['label']:<57} FAILED: {r['error']}")
+            continue
         t = r["ms"]
         shape = r["shape"] if r["section"] != "unshuffle_concat" else f"s={r['shape']['s']} f={r['shape']['f']}"
+        shape = f"{shape} {r['layout']}" if r.get("layout") == "channels_last" else str(shape)
         compile_ms = t.get("compile")
         print(
-            f"{r['section']:<17}{str(shape):<34}{t['triton']:>9.3f}{t['eager']:>9.3f}"
+            f"{r['section']:<17}{shape:<40}{t['triton']:>9.3f}{t['eager']:>9.3f}"
             + (f"{compile_ms:>9.3f}" if compile_ms else f"{'-':>9}")
             + f"{t['eager'] / t['triton']:>8.2f}"
             + (f"{compile_ms / t['triton']:>8.2f}" if compile_ms else f"{'-':>8}")
             + (f"{r['min_bytes'] / t['triton'] / 1e6:>7.0f}" if "min_bytes" in r else f"{'-':>7}")
         )
+    branches = [r for r in results if r["section"] == "guidance_branch" and "error" not in r]
+    if branches:
+        print("\nguidance branch (sd-turbo preset, channels_last; ms): eager / eager+triton / compile / compile+triton")
+        for r in branches:
+            t = r["ms"]
+            print(f"  {r['shape']}: {t['eager']:.3f} / {t['triton']:.3f} / {t['compile']:.3f} / {t['compile_triton']:.3f}")
     print("\nconcat + 1x1 projection vs the 1x1 + strided-conv pair (ms)")
     for r in results:
-        if r["section"] == "unshuffle_concat":
+        if r["section"] == "unshuffle_concat" and "error" not in r:
             t = r["ms"]
             print(
                 f"  s={r['shape']['s']:<3} f={str(r['shape']['f']):<22} triton concat+1x1 {t['triton_concat+1x1']:8.3f}"
@@ -165,28 +248,39 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernels.benchmark needs a CUDA GPU and Triton; torch.cuda.is_available() is False here.")
+    import triton
 
     torch.backends.cudnn.benchmark = True
     # One static compilation per shape; fail rather than silently fall back to eager past the limit.
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.fail_on_recompile_limit_hit = True
+    signal.signal(signal.SIGTERM, _stop)
     start = time.perf_counter()
     copy_gbs = copy_bandwidth_gbs()
-    results: list[dict] = []
-    with torch.no_grad():
-        for section in (bench_fca_attention, bench_fca_block, bench_unshuffle_concat):
-            section(results)
-            print(f"[{time.perf_counter() - start:6.1f} s] {section.__name__} done", flush=True)
-
+    data = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "dtype": str(DTYPE), "copy_bandwidth_gbs": copy_gbs, "complete": False, "results": []}
+    compiled = Compiled()
+    try:
+        with torch.no_grad():
+            for label, case in plan(compiled):
+                try:
+                    row = case() | {"label": label}
+                except torch.cuda.OutOfMemoryError as err:  # a too-large shape fails its row only
+                    row = {"label": label, "section": label.split()[0], "error": f"{type(err).__name__}: {err}"}
+                data["results"].append(row)
+                print(f"[{time.perf_counter() - start:6.1f} s] {label}: "
+                      + (row.get("error") or ", ".join(f"{k} {v:.3f} ms" for k, v in row["ms"].items())), flush=True)
+                torch.cuda.empty_cache()
+                if args.json:
+                    with open(args.json, "w") as fh:
+                        json.dump(data, fh, indent=2)
+        data["complete"] = True
+    except Stop as stop:
+        print(f"stopped by {stop}: the table shows what was measured", flush=True)
     if args.json:
-        import triton
-
         with open(args.json, "w") as fh:
-            json.dump({
-                "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                "dtype": str(DTYPE), "copy_bandwidth_gbs": copy_gbs, "results": results,
-            }, fh, indent=2)
-    print_table(results, copy_gbs)
+            json.dump(data, fh, indent=2)
+    print_table(data["results"], copy_gbs)
 
 
 if __name__ == "__main__":

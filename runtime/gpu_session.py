@@ -14,8 +14,9 @@ stopped at its own cap or at what is left of --budget-s, whichever comes first:
    `compiled` in 512 px tiles, into OUT/report/, with cudnn.benchmark on for every backend (so the
    eager baseline gets tuned cuDNN algorithms too). It runs first because issue 7's targets come
    from it; a step stopped at its limit gets SIGTERM, and the report then writes what it measured;
-3. pytest-gpu: `pytest -m gpu` (the kernels' and the compiled backend's GPU tests);
-4. kernels-benchmark: `python -m kernels.benchmark --json OUT/kernels.json`, with what is left.
+3. kernels-benchmark: `python -m kernels.benchmark --json OUT/kernels.json` (issue 5's acceptance
+   shapes first; it writes what it measured when stopped);
+4. pytest-gpu: `pytest -m gpu` (the kernels' and the compiled backend's GPU tests), with what is left.
 
 Compilation: the compiled backend compiles with mode "max-autotune-no-cudagraphs", which benchmarks
 Triton templates against cuBLAS/cuDNN for every convolution and matmul (minutes per tile shape for
@@ -82,7 +83,7 @@ class Settings:
 GPU = Settings(preset="sd-turbo", device="cuda", precision="fp16", backends=("torch", "compiled"),
                tiled_backends=("compiled",), sizes=(512, 1024), frame=(2160, 3840), tile=512, overlap=64,
                repeats=20, tiled_repeats=3, warmup=3,
-               caps={"wheels": 60, "report": 330, "pytest-gpu": 120, "kernels-benchmark": 120})
+               caps={"wheels": 60, "report": 320, "kernels-benchmark": 150, "pytest-gpu": 100})
 # The same steps on the CPU with the tiny preset: the compiled backend and the kernel benchmark need CUDA.
 CPU_SMOKE = Settings(preset="tiny", device="cpu", precision="fp32", backends=("torch",), tiled_backends=("torch",),
                      sizes=(64,), frame=(128, 128), tile=64, overlap=16, repeats=2, tiled_repeats=1, warmup=1,
@@ -272,8 +273,6 @@ def main(argv: list[str] | None = None) -> int:
         session.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), str(REPO), os.environ.get("PYTHONPATH")]))
     report_env = ATEN_ONLY if args.autotune == "aten" else {}
     session.run("report", report_command(settings, out / "report", args.engine), settings.caps["report"], report_env)
-    session.run("pytest-gpu", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"],
-                settings.caps["pytest-gpu"])
     if settings.device != "cuda":
         session.skip("kernels-benchmark", "it needs CUDA")
     elif not (REPO / "kernels" / "benchmark.py").is_file():
@@ -282,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         session.run("kernels-benchmark",
                     [sys.executable, "-m", "kernels.benchmark", "--json", str(out / "kernels.json")],
                     settings.caps["kernels-benchmark"])
+    session.run("pytest-gpu", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"],
+                settings.caps["pytest-gpu"])
 
     report_path = out / "report" / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None

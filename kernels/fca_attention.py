@@ -142,7 +142,7 @@ if triton is not None:
 
     @triton.jit
     def _channel_gate_kernel(
-        partial_ptr, w_ptr, bias_ptr, gate_ptr, C, n_chunks, inv_hw,
+        partial_ptr, w_ptr, bias_ptr, gate_ptr, C, n_chunks, HW,
         stride_wo, stride_wi,
         BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -159,7 +159,7 @@ if triton is not None:
                 partial_ptr + (b * C + ci)[:, None] * n_chunks + k[None, :],
                 mask=ci_mask[:, None] & (k < n_chunks)[None, :], other=0.0,
             )
-            mean = tl.sum(partial, axis=1) * inv_hw
+            mean = tl.sum(partial, axis=1) / HW  # an int: Inductor passes Python floats as fp64
             w = tl.load(
                 w_ptr + co[:, None] * stride_wo + ci[None, :] * stride_wi,
                 mask=co_mask[:, None] & ci_mask[None, :], other=0.0,
@@ -238,7 +238,7 @@ if triton is not None:
         block_co = min(triton.next_power_of_2(channels), 64)
         block_ci = min(triton.next_power_of_2(channels), 4096 // block_co)
         wrap_triton(_channel_gate_kernel)[(batch, triton.cdiv(channels, block_co))](
-            partial, weight, bias, gate, channels, n_chunks, 1.0 / hw, weight.stride(0), weight.stride(1),
+            partial, weight, bias, gate, channels, n_chunks, hw, weight.stride(0), weight.stride(1),
             BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_K=triton.next_power_of_2(n_chunks),
         )
         n_hw_blocks = triton.cdiv(hw, block_hw)

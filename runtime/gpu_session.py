@@ -44,7 +44,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -258,8 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", type=Path,
                         help="a TensorRT engine of sd-turbo built on this GPU model: adds the tensorrt backend")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny preset on the CPU: tests the plumbing")
+    parser.add_argument("--sizes", nargs="+", type=int, help="whole sizes of the report (default: the settings')")
+    parser.add_argument("--cap", action="append", default=[], metavar="STEP=SECONDS",
+                        help="override one step's time cap, e.g. --cap report=240 (repeatable)")
     args = parser.parse_args(argv)
     settings = CPU_SMOKE if args.cpu_smoke else GPU
+    caps = dict(settings.caps)
+    for item in args.cap:
+        step, _, seconds = item.partition("=")
+        if step not in caps:
+            parser.error(f"--cap: unknown step {step!r}; steps: {', '.join(caps)}")
+        caps[step] = float(seconds)
+    settings = replace(settings, caps=caps, sizes=tuple(args.sizes) if args.sizes else settings.sizes)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     session = Session(out, args.budget_s)

@@ -251,7 +251,8 @@ def test_half_group_norm_keeps_fp32_statistics_on_cuda():
     compiled = torch.compile(lambda t: torch.nn.functional.group_norm(t, 32), dynamic=False)(x.half())
     for result in (eager, compiled):
         assert torch.isfinite(result).all()
-        assert (result.float() - expected).abs().max().item() < 4e-3  # fp16 rounding of values up to ~5
+        # fp16 rounding of the input (half an ulp of ~64 is 0.016, over sigma 10) and of outputs up to ~5 (0.002)
+        assert (result.float() - expected).abs().max().item() < 1e-2
 
 
 @pytest.mark.gpu

@@ -206,6 +206,6 @@ def test_degrade_on_cuda_is_reproducible_and_jpeg_agrees_with_cpu():
     assert first.is_cuda and torch.equal(first, again)
     cpu = jpeg_compress(hr.cpu(), torch.tensor([40, 60, 80]))
     gpu = jpeg_compress(hr, torch.tensor([40, 60, 80], device="cuda")).cpu()
-    assert (cpu - gpu).abs().max() <= 2 / 255  # float DCT rounding may flip a level
+    assert (cpu - gpu).abs().max() <= 2 / 255 + 1e-6  # float DCT rounding may flip a level (+ fp32 rounding)
     with pytest.raises(ValueError, match="generator is on"):
         degrade(hr, DegradationConfig(), torch.Generator())

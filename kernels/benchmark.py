@@ -6,7 +6,10 @@ All timings are `triton.testing.do_bench` medians in milliseconds, fp16, under t
 (inference, the only mode the ops serve). do_bench flushes the L2 cache before every repetition,
 so each call starts from DRAM. The "GB/s" columns are *effective* bandwidths: the op's minimum
 traffic (what the fused kernel moves) divided by the measured time, printed next to the device's
-copy bandwidth (a 1 GiB device-to-device `copy_`, counted as read + write) as the roofline:
+copy bandwidth (a 1 GiB device-to-device `copy_`, counted as read + write) as the roofline.
+Each op is also timed as CUDA-graph replays (`triton.testing.do_bench_cudagraph`), which removes
+the host's launch overhead (about 0.1-0.2 ms per call of a Triton custom op in eager mode on the
+first H200 run, enough to hide a 0.1 ms kernel); the GB/s use that GPU time:
 
 - FCA channel attention, minimum 3·N·e bytes (read y twice, write z) with N = B·C·H·W;
 - pixel-unshuffle + concat, minimum 2·(N_h + N_f)·e bytes (read each input once, write the output).
@@ -62,6 +65,13 @@ def median_ms(fn) -> float:
     return float(do_bench(fn, return_mode="median"))
 
 
+def graph_median_ms(fn) -> float:
+    """The median of CUDA-graph replays: GPU time without the host's launch overhead (no L2 flush)."""
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(fn, return_mode="median"))
+
+
 def copy_bandwidth_gbs() -> float:
     src = torch.randn(2**29, dtype=DTYPE, device=DEVICE)  # 1 GiB
     dst = torch.empty_like(src)
@@ -98,8 +108,13 @@ def fca_attention_case(compiled: Compiled, batch: int, channels: int, size: int,
         "eager": median_ms(lambda: fca_channel_attention_reference(y, weight, bias)),
         "compile": median_ms(lambda: reference(y, weight, bias)),
     }
+    graph_times = {
+        "triton": graph_median_ms(lambda: fca_channel_attention(y, weight, bias, use_kernel=True)),
+        "eager": graph_median_ms(lambda: fca_channel_attention_reference(y, weight, bias)),
+        "compile": graph_median_ms(lambda: reference(y, weight, bias)),
+    }
     return {"section": "fca_attention", "shape": [batch, channels, size, size],
-            "layout": "channels_last" if channels_last else "NCHW", "ms": times,
+            "layout": "channels_last" if channels_last else "NCHW", "ms": times, "graph_ms": graph_times,
             "min_bytes": 3 * y.numel() * ELEMENT_BYTES,
             "max_abs_diff_vs_eager": (fused.float() - eager.float()).abs().max().item()}
 
@@ -110,11 +125,12 @@ def fca_block_case(batch: int, channels: int, size: int) -> dict:
     torch.manual_seed(channels)
     block = FCABlock(channels).to(DEVICE, DTYPE).eval()
     x = torch.randn(batch, channels, size, size, device=DEVICE, dtype=DTYPE)
-    times = {}
+    times, graph_times = {}, {}
     for name, use_kernel in (("triton", True), ("eager", False)):
         block.use_kernel = use_kernel
         times[name] = median_ms(lambda: block(x))
-    return {"section": "fca_block", "shape": [batch, channels, size, size], "ms": times}
+        graph_times[name] = graph_median_ms(lambda: block(x))
+    return {"section": "fca_block", "shape": [batch, channels, size, size], "ms": times, "graph_ms": graph_times}
 
 
 def guidance_branch_case(batch: int, size: int) -> dict:
@@ -133,17 +149,19 @@ def guidance_branch_case(batch: int, size: int) -> dict:
             if hasattr(module, "use_kernel"):
                 module.use_kernel = on
 
-    times = {}
+    times, graph_times = {}, {}
     for name, on in (("triton", True), ("eager", False)):
         set_kernels(on)
         times[name] = median_ms(lambda: branch(image))
+        graph_times[name] = graph_median_ms(lambda: branch(image))
     for name, on in (("compile_triton", True), ("compile", False)):
         set_kernels(on)
         compiled = torch.compile(branch.forward, dynamic=False)  # specialises on the kernels switch
         times[name] = median_ms(lambda: compiled(image))
+        graph_times[name] = graph_median_ms(lambda: compiled(image))
         torch._dynamo.reset()
     return {"section": "guidance_branch", "shape": [batch, 3, size, size], "layout": "channels_last",
-            "channels": settings.channels, "ms": times}
+            "channels": settings.channels, "ms": times, "graph_ms": graph_times}
 
 
 def unshuffle_concat_case(compiled: Compiled, s: int, cf: int, ch: int, batch: int, size: int) -> dict:
@@ -175,10 +193,15 @@ def unshuffle_concat_case(compiled: Compiled, s: int, cf: int, ch: int, batch: i
         "eager_concat+1x1": median_ms(eager_concat_then_project),
         "1x1+strided_conv": median_ms(strided_projection),
     }
+    graph_times = {
+        "triton": graph_median_ms(lambda: pixel_unshuffle_concat(h, f, s, use_kernel=True)),
+        "eager": graph_median_ms(lambda: pixel_unshuffle_concat_reference(h, f, s)),
+        "compile": graph_median_ms(lambda: reference(h, f, s)),
+    }
     exact = torch.equal(pixel_unshuffle_concat(h, f, s, use_kernel=True), pixel_unshuffle_concat_reference(h, f, s))
     projection_diff = (concat_then_project().float() - strided_projection().float()).abs().max().item()
     return {"section": "unshuffle_concat", "shape": {"h": list(h.shape), "f": list(f.shape), "s": s},
-            "ms": times, "min_bytes": 2 * (h.numel() + f.numel()) * ELEMENT_BYTES,
+            "ms": times, "graph_ms": graph_times, "min_bytes": 2 * (h.numel() + f.numel()) * ELEMENT_BYTES,
             "equal_to_eager": exact, "max_abs_diff_concat_vs_strided_projection": projection_diff}
 
 
@@ -209,13 +232,15 @@ def plan(compiled: Compiled) -> list[tuple[str, Callable[[], dict]]]:
 
 
 def print_table(results: list[dict], copy_gbs: float) -> None:
-    print(f"\ncopy bandwidth (roofline): {copy_gbs:.0f} GB/s; GB/s below = minimum bytes / time")
-    print(f"{'section':<17}{'shape':<40}{'triton':>9}{'eager':>9}{'compile':>9}{'x eager':>8}{'x comp':>8}{'GB/s':>7}")
+    print(f"\ncopy bandwidth (roofline): {copy_gbs:.0f} GB/s; GB/s below = minimum bytes / CUDA-graph time")
+    print("ms: do_bench (stream launches, L2 flushed); in brackets: CUDA-graph replays (no host overhead)")
+    print(f"{'section':<17}{'shape':<40}{'triton':>9}{'eager':>9}{'compile':>9}{'x eager':>8}{'x comp':>8}"
+          f"{'graph triton/eager/compile':>30}{'GB/s':>7}")
     for r in results:
         if "error" in r:
             print(f"{r['label']:<57} FAILED: {r['error']}")
             continue
-        t = r["ms"]
+        t, g = r["ms"], r.get("graph_ms", {})
         shape = r["shape"] if r["section"] != "unshuffle_concat" else f"s={r['shape']['s']} f={r['shape']['f']}"
         shape = f"{shape} {r['layout']}" if r.get("layout") == "channels_last" else str(shape)
         compile_ms = t.get("compile")
@@ -224,14 +249,17 @@ def print_table(results: list[dict], copy_gbs: float) -> None:
             + (f"{compile_ms:>9.3f}" if compile_ms else f"{'-':>9}")
             + f"{t['eager'] / t['triton']:>8.2f}"
             + (f"{compile_ms / t['triton']:>8.2f}" if compile_ms else f"{'-':>8}")
-            + (f"{r['min_bytes'] / t['triton'] / 1e6:>7.0f}" if "min_bytes" in r else f"{'-':>7}")
+            + f"{'/'.join(f'{v:.3f}' for v in g.values()):>30}"
+            + (f"{r['min_bytes'] / g['triton'] / 1e6:>7.0f}" if "min_bytes" in r else f"{'-':>7}")
         )
     branches = [r for r in results if r["section"] == "guidance_branch" and "error" not in r]
     if branches:
         print("\nguidance branch (sd-turbo preset, channels_last; ms): eager / eager+triton / compile / compile+triton")
         for r in branches:
             t = r["ms"]
-            print(f"  {r['shape']}: {t['eager']:.3f} / {t['triton']:.3f} / {t['compile']:.3f} / {t['compile_triton']:.3f}")
+            g = r["graph_ms"]
+            print(f"  {r['shape']}: {t['eager']:.3f} / {t['triton']:.3f} / {t['compile']:.3f} / {t['compile_triton']:.3f}"
+                  f"   CUDA graph: {g['eager']:.3f} / {g['triton']:.3f} / {g['compile']:.3f} / {g['compile_triton']:.3f}")
     print("\nconcat + 1x1 projection vs the 1x1 + strided-conv pair (ms)")
     for r in results:
         if r["section"] == "unshuffle_concat" and "error" not in r:

@@ -12,8 +12,10 @@ the broadcast multiply reads N and writes N: **5·N·e bytes**.
 The Triton op makes two passes over y and never writes GELU's output (pass 3 recomputes it):
 
 1. ``_gelu_partial_sum_kernel`` reads y, sums GELU(y) per (b, c) over a fixed chunk of H·W in
-   fp32 and writes one partial sum per (b, c, chunk): **N·e** read.
-2. ``_channel_gate_kernel`` adds the partials in a fixed order, divides by H·W, applies the 1x1
+   fp32 and writes one partial sum per (b, c, chunk): **N·e** read. The chunk count is chosen so
+   the grid has about 4096 programs whatever the layout (the first H200 run found channels_last
+   batch 1 at 64 programs for 132 SMs, 10% of copy bandwidth; docs/benchmarks.md).
+2. ``_channel_gate_kernel`` adds the partials in index order, divides by H·W, applies the 1x1
    conv (a [C, C] matvec per sample) and the sigmoid: O(B·C·chunks + C²), negligible.
 3. ``_gated_gelu_kernel`` reads y again, recomputes GELU, multiplies by the gate and writes z:
    **2·N·e**.
@@ -57,8 +59,13 @@ except ImportError:  # triton is an optional dependency (the "triton" extra)
 OP_NAME = "guidesr::fca_channel_attention"
 
 _TILE = 2048  # elements per [BLOCK_C, BLOCK_HW] tile in passes 1 and 3
-_MIN_CHUNK = 8192  # H·W elements summed by one pass-1 program, at least ...
-_MAX_CHUNKS = 64  # ... and at most this many chunks per (b, c): bounds the gate kernel's work
+# Pass 1 splits H·W into chunks so that its grid has about _TARGET_PROGRAMS programs, each summing
+# at least _MIN_PROGRAM_ELEMENTS elements, with at most _MAX_CHUNKS partial sums per (b, c). All three
+# are constants (never the device's SM count), so the reduction order depends on the shape alone.
+_TARGET_PROGRAMS = 4096
+_MIN_PROGRAM_ELEMENTS = 8192
+_MAX_CHUNKS = 1024
+_MAX_BLOCK_K = 128  # partial sums the gate kernel adds per step
 
 
 def fca_channel_attention_reference(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -150,16 +157,19 @@ if triton is not None:
         b = tl.program_id(0)
         co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
         co_mask = co < C
-        k = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_CO], dtype=tl.float32)
         for ci_start in range(0, C, BLOCK_CI):
             ci = ci_start + tl.arange(0, BLOCK_CI)
             ci_mask = ci < C
-            partial = tl.load(
-                partial_ptr + (b * C + ci)[:, None] * n_chunks + k[None, :],
-                mask=ci_mask[:, None] & (k < n_chunks)[None, :], other=0.0,
-            )
-            mean = tl.sum(partial, axis=1) / HW  # an int: Inductor passes Python floats as fp64
+            total = tl.zeros([BLOCK_CI], dtype=tl.float32)
+            for k_start in range(0, n_chunks, BLOCK_K):  # chunks in index order: deterministic
+                k = k_start + tl.arange(0, BLOCK_K)
+                partial = tl.load(
+                    partial_ptr + (b * C + ci)[:, None] * n_chunks + k[None, :],
+                    mask=ci_mask[:, None] & (k < n_chunks)[None, :], other=0.0,
+                )
+                total += tl.sum(partial, axis=1)
+            mean = total / HW  # HW is an int: Inductor passes Python floats to Triton as fp64
             w = tl.load(
                 w_ptr + co[:, None] * stride_wo + ci[None, :] * stride_wi,
                 mask=co_mask[:, None] & ci_mask[None, :], other=0.0,
@@ -224,7 +234,9 @@ if triton is not None:
             block_c = min(triton.next_power_of_2(channels), _TILE // block_hw)
         n_cblocks = triton.cdiv(channels, block_c)
 
-        n_chunks = min(max(triton.cdiv(hw, _MIN_CHUNK), 1), _MAX_CHUNKS)
+        n_chunks = min(triton.cdiv(_TARGET_PROGRAMS, batch * n_cblocks), _MAX_CHUNKS,
+                       triton.cdiv(hw * block_c, _MIN_PROGRAM_ELEMENTS))
+        n_chunks = max(n_chunks, 1)
         chunk = triton.cdiv(triton.cdiv(hw, n_chunks), block_hw) * block_hw
         n_chunks = triton.cdiv(hw, chunk)
 
@@ -239,7 +251,7 @@ if triton is not None:
         block_ci = min(triton.next_power_of_2(channels), 4096 // block_co)
         wrap_triton(_channel_gate_kernel)[(batch, triton.cdiv(channels, block_co))](
             partial, weight, bias, gate, channels, n_chunks, hw, weight.stride(0), weight.stride(1),
-            BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_K=triton.next_power_of_2(n_chunks),
+            BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_K=min(triton.next_power_of_2(n_chunks), _MAX_BLOCK_K),
         )
         n_hw_blocks = triton.cdiv(hw, block_hw)
         wrap_triton(_gated_gelu_kernel)[(n_hw_blocks * batch * n_cblocks,)](

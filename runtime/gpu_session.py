@@ -8,24 +8,29 @@ stopped at its own cap or at what is left of --budget-s, whichever comes first:
 
 1. wheels: the wheels carried in .whl/ (made here by ../shared/tools/device-wheels.sh: the GPU
    image lacks diffusers) are installed into /tmp/site, which the later steps get on PYTHONPATH;
-2. report: `python -m runtime.report --preset sd-turbo --random-weights` on CUDA, fp16: `torch`
+2. kernels-benchmark: `python -m kernels.benchmark --json OUT/kernels.json` (issue 5's acceptance
+   shapes and the sd-turbo guidance branch first; it writes what it measured when stopped);
+3. report: `python -m runtime.report --preset sd-turbo --random-weights` on CUDA, fp16: `torch`
    (eager) and `compiled` (and `tensorrt` when TensorRT is installed and --engine names an engine
    built on this GPU model) at 512x512 and 1024x1024, and a 2160x3840 (4K UHD) output tiled through
    `compiled` in 512 px tiles, into OUT/report/, with cudnn.benchmark on for every backend (so the
-   eager baseline gets tuned cuDNN algorithms too). It runs first because issue 7's targets come
-   from it; a step stopped at its limit gets SIGTERM, and the report then writes what it measured;
-3. kernels-benchmark: `python -m kernels.benchmark --json OUT/kernels.json` (issue 5's acceptance
-   shapes first; it writes what it measured when stopped);
+   eager baseline gets tuned cuDNN algorithms too). A step stopped at its limit gets SIGTERM, and
+   the report then writes what it measured (512 and the 4K frame share the first build);
 4. pytest-gpu: `pytest -m gpu` (the kernels' and the compiled backend's GPU tests), with what is left.
 
-Compilation: the compiled backend compiles with mode "max-autotune-no-cudagraphs", which benchmarks
-Triton templates against cuBLAS/cuDNN for every convolution and matmul (minutes per tile shape for
-SD-Turbo, by the backend's own docstring; two shapes are compiled here). By default (--autotune aten)
-the report step therefore runs
-with TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=ATEN and TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN:
-every convolution and matmul stays on cuBLAS/cuDNN (whose algorithms cudnn.benchmark still picks),
-Inductor still fuses and tunes its own kernels. --autotune full leaves Inductor's defaults; both
-are recorded in summary.json and in the report's environment block.
+Triton kernels in the report (--triton-kernels auto, the default): on, unless step 2 measured the
+sd-turbo guidance branch compiled *with* them slower (CUDA-graph replays) than compiled without
+them, in which case the report runs with them off and summary.json says why. (The first H200 run
+measured 3.09 ms with against 1.39 ms without, from a channels_last pass-1 grid of 64 programs since
+widened; the rule keeps the report on the faster path either way.)
+
+Compilation (--autotune): "none" (the default) compiles with Inductor's default mode. The first
+H200 run (2026-11-26) spent over 200 s in one 512x512 build with mode "max-autotune-no-cudagraphs"
+even with convolutions and matmuls restricted to ATen, which leaves no room for the 1024 build
+inside 8 minutes. "aten" uses that mode with TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=ATEN and
+TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN (cuBLAS/cuDNN only, Inductor tunes its own kernels);
+"full" leaves Inductor's max-autotune defaults (Triton templates too). Give those a longer
+--budget-s and larger --cap report=SECONDS. The choice is recorded in summary.json and the report.
 
 Last, it prints the targets table (compiled median at 512, speed-up over eager fp16 in the same
 run, PSNR against the fp32 reference, the 4K tiled time, the gap to the arithmetic floor) and
@@ -51,6 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"
 SITE = Path("/tmp/site")
 BUDGET_S = 480  # 8 minutes
+GUIDANCE_CASE = "guidance_branch 1x512"  # the kernels benchmark's case that decides --triton-kernels auto
 MIN_STEP_S = 30  # a step is not started with less time left than this
 ATEN_ONLY = {"TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS": "ATEN", "TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS": "ATEN"}
 
@@ -83,7 +89,7 @@ class Settings:
 GPU = Settings(preset="sd-turbo", device="cuda", precision="fp16", backends=("torch", "compiled"),
                tiled_backends=("compiled",), sizes=(512, 1024), frame=(2160, 3840), tile=512, overlap=64,
                repeats=20, tiled_repeats=3, warmup=3,
-               caps={"wheels": 60, "report": 320, "kernels-benchmark": 150, "pytest-gpu": 100})
+               caps={"wheels": 60, "kernels-benchmark": 90, "report": 300, "pytest-gpu": 90})
 # The same steps on the CPU with the tiny preset: the compiled backend and the kernel benchmark need CUDA.
 CPU_SMOKE = Settings(preset="tiny", device="cpu", precision="fp32", backends=("torch",), tiled_backends=("torch",),
                      sizes=(64,), frame=(128, 128), tile=64, overlap=16, repeats=2, tiled_repeats=1, warmup=1,
@@ -157,7 +163,22 @@ def _tail(log: Path, offset: int, count: int) -> str:
     return "\n".join([line for line in text.splitlines() if line.strip()][-count:])
 
 
-def report_command(settings: Settings, out: Path, engine: Path | None) -> list[str]:
+def kernels_choice(kernels_json: Path) -> tuple[str, str]:
+    """("on" | "off", why) from the kernels benchmark's guidance-branch case (CUDA-graph medians)."""
+    if not kernels_json.is_file():
+        return "on", f"the model's default ({kernels_json.name} was not written)"
+    rows = [r for r in json.loads(kernels_json.read_text())["results"]
+            if r.get("label") == GUIDANCE_CASE and "error" not in r]
+    if not rows:
+        return "on", f"the model's default (no {GUIDANCE_CASE!r} measurement)"
+    graph = rows[0]["graph_ms"]
+    with_kernels, without = graph["compile_triton"], graph["compile"]
+    measured = f"{GUIDANCE_CASE} compiled: {with_kernels:.3f} ms with the kernels, {without:.3f} ms without"
+    return ("on", measured) if with_kernels <= without else ("off", measured)
+
+
+def report_command(settings: Settings, out: Path, engine: Path | None, autotune: str = "none",
+                   triton_kernels: str = "on") -> list[str]:
     backends, artifacts = list(settings.backends), []
     if engine is not None and settings.device == "cuda" and importlib.util.find_spec("tensorrt") is not None:
         backends.append("tensorrt")
@@ -168,6 +189,7 @@ def report_command(settings: Settings, out: Path, engine: Path | None) -> list[s
             "--tiled", f"{settings.frame[0]}x{settings.frame[1]}", "--tile", str(settings.tile),
             "--overlap", str(settings.overlap), "--repeats", str(settings.repeats),
             "--tiled-repeats", str(settings.tiled_repeats), "--warmup", str(settings.warmup), "--cudnn-benchmark",
+            "--triton-kernels", triton_kernels, *(["--no-autotune"] if autotune == "none" else []),
             "--out", str(out), *artifacts]
 
 
@@ -252,9 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "artifacts/gpu-session")),
                         help="output folder (default $OUT, else artifacts/gpu-session)")
     parser.add_argument("--budget-s", type=float, default=BUDGET_S, help=f"the whole session (default {BUDGET_S})")
-    parser.add_argument("--autotune", choices=("aten", "full"), default="aten",
-                        help="Inductor's convolution/matmul autotuning for the compiled backend "
-                             "(default aten: see above)")
+    parser.add_argument("--autotune", choices=("none", "aten", "full"), default="none",
+                        help="the compiled backend's torch.compile autotuning (default none: see above)")
+    parser.add_argument("--triton-kernels", choices=("auto", "on", "off"), default="auto",
+                        help="the fused Triton kernels in the report (default auto: see above)")
     parser.add_argument("--engine", type=Path,
                         help="a TensorRT engine of sd-turbo built on this GPU model: adds the tensorrt backend")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny preset on the CPU: tests the plumbing")
@@ -281,16 +304,20 @@ def main(argv: list[str] | None = None) -> int:
                                 "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, wheels)],
                      settings.caps["wheels"]).status == "ok":
         session.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), str(REPO), os.environ.get("PYTHONPATH")]))
-    report_env = ATEN_ONLY if args.autotune == "aten" else {}
-    session.run("report", report_command(settings, out / "report", args.engine), settings.caps["report"], report_env)
     if settings.device != "cuda":
         session.skip("kernels-benchmark", "it needs CUDA")
-    elif not (REPO / "kernels" / "benchmark.py").is_file():
-        session.skip("kernels-benchmark", "kernels/benchmark.py is not in this tree")
     else:
         session.run("kernels-benchmark",
                     [sys.executable, "-m", "kernels.benchmark", "--json", str(out / "kernels.json")],
                     settings.caps["kernels-benchmark"])
+    if args.triton_kernels == "auto":
+        triton_kernels, kernels_why = kernels_choice(out / "kernels.json")
+    else:
+        triton_kernels, kernels_why = args.triton_kernels, "asked for (--triton-kernels)"
+    print(f"== Triton kernels in the report: {triton_kernels} ({kernels_why})", flush=True)
+    report_env = ATEN_ONLY if args.autotune == "aten" else {}
+    session.run("report", report_command(settings, out / "report", args.engine, args.autotune, triton_kernels),
+                settings.caps["report"], report_env)
     session.run("pytest-gpu", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"],
                 settings.caps["pytest-gpu"])
 
@@ -302,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "device": device, "date_utc": env.get("date_utc"), "git_commit": env.get("git_commit"),
         "report_complete": bool(report and report["complete"]), "autotune": args.autotune,
+        "triton_kernels": {"report": triton_kernels, "why": kernels_why},
         "inductor_env": report_env, "settings": settings.__dict__,
         "steps": [step.__dict__ for step in session.steps], "checks": checks,
     }

@@ -67,6 +67,7 @@ import torch
 from tqdm import tqdm
 
 from guidesr.metrics import psnr, ssim
+from guidesr.model import set_kernels_enabled
 
 from .backends import BACKENDS, PRECISIONS, Backend, BackendError, create_backend, resolve_device
 from .tiling import BicubicSource, TilePlan, fit_to_shape, plan_tiles, run_tiled
@@ -266,6 +267,8 @@ class Report:
                 "device": str(device), "sizes": [list(s) for s in args.sizes], "tiled": [list(s) for s in args.tiled],
                 "tile": args.tile, "overlap": args.overlap, "tile_batch": args.tile_batch, "warmup": args.warmup,
                 "repeats": args.repeats, "tiled_repeats": args.tiled_repeats, "cudnn_benchmark": args.cudnn_benchmark,
+                "compile_mode": "max-autotune-no-cudagraphs" if args.autotune else "default",
+                "triton_kernels": args.triton_kernels,
                 "input": "scikit-image astronaut, Lanczos-resized to the LR size, bicubic x scale per tile",
             },
             "reference": f"PyTorch fp32 reference (runtime.validate.ReferenceBackend: eager, no TF32, Triton kernels "
@@ -408,13 +411,15 @@ def environment(device: torch.device) -> dict:
 
 
 def git_commit() -> str:
-    """HEAD (+ '-dirty' with uncommitted changes to tracked files); GUIDESR_COMMIT where there is no git checkout."""
+    """GUIDESR_COMMIT when set (a copied tree's .git may be stale), else HEAD (+ '-dirty' with uncommitted changes)."""
+    if os.environ.get("GUIDESR_COMMIT"):
+        return os.environ["GUIDESR_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                 capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("GUIDESR_COMMIT", "unknown (no git checkout; set GUIDESR_COMMIT)")
+        return "unknown (no git checkout; set GUIDESR_COMMIT)"
     return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
@@ -469,7 +474,9 @@ def format_markdown(data: dict) -> str:
         f"- accuracy: against the {data['reference']}; R1 in [0, 1]; the reference is clamped at 0 or 1 in "
         f"{_clamped_percent(data)} of its values (where it is clamped, differences can hide)",
         f"- settings: tile {data['settings']['tile']}, overlap {data['settings']['overlap']}, tile batch "
-        f"{data['settings']['tile_batch']}, cudnn.benchmark {data['settings']['cudnn_benchmark']}; compiler "
+        f"{data['settings']['tile_batch']}, cudnn.benchmark {data['settings']['cudnn_benchmark']}, Triton kernels "
+        f"{data['settings'].get('triton_kernels', 'on')}, compiled backend's torch.compile mode "
+        f"{data['settings'].get('compile_mode', 'max-autotune-no-cudagraphs')}; compiler "
         f"environment: {data['environment']['compiler_env'] or 'none'}",
         f"- floor: FLOPs ({data['flops_measure']}) / measured matmul rate ("
         + ", ".join(f"{p} {r / 1e12:.2f} TFLOP/s" for p, r in data["matmul_rate_flops"].items()) + ")",
@@ -628,6 +635,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--onnx", type=Path,
                      help="an exported graph for the onnxruntime backend (default: it exports one per tile shape)")
     run.add_argument("--engine", type=Path, help="a TensorRT engine (python -m export engine) for the tensorrt backend")
+    run.add_argument("--no-autotune", dest="autotune", action="store_false",
+                     help="compiled backend: Inductor's default mode instead of max-autotune-no-cudagraphs "
+                          "(sd-turbo compiles in far less time; the first H200 run spent over 3 minutes autotuning "
+                          "one 512x512 build)")
+    run.add_argument("--triton-kernels", choices=("on", "off"), default="on",
+                     help="the model's fused Triton kernels on CUDA (default on, the model's default); the fp32 "
+                          "reference always runs without them")
     run.add_argument("--cudnn-benchmark", action="store_true",
                      help="torch.backends.cudnn.benchmark = True for the whole run (eager PyTorch then gets the "
                           "cuDNN algorithms the compiled backend picks with it); recorded per row")
@@ -715,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     model.eval()
+    set_kernels_enabled(model, args.triton_kernels == "on")
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     report = Report(args, command, model, weights, device)
@@ -769,7 +784,7 @@ def _run_backend(report: Report, name: str, precision: str, groups: dict, evalua
             start = time.perf_counter()
             try:
                 backend, _ = create_backend(name, report.model, device, precision, tile=tile,
-                                            tile_batch=args.tile_batch, **artifacts)
+                                            tile_batch=args.tile_batch, autotune=args.autotune, **artifacts)
             except BackendError as err:  # cannot run here as asked: say why, go on with the others
                 report.data["skipped"].append({"backend": name, "precision": precision, "reason": str(err)})
                 tqdm.write(f"skipped {name} {precision}: {err}")

@@ -94,6 +94,22 @@ def test_strided_inputs_read_in_place_and_output_layout():
     assert z.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_many_chunks_and_gate_steps(monkeypatch, layout):
+    """Small chunk limits force many pass-1 chunks (as a 2048^2 tensor gets) and several gate-kernel steps."""
+    monkeypatch.setattr(fca_attention, "_TILE", 64)
+    monkeypatch.setattr(fca_attention, "_MIN_PROGRAM_ELEMENTS", 64)
+    monkeypatch.setattr(fca_attention, "_MAX_BLOCK_K", 4)
+    y, weight, bias = make_inputs(2, 5, 29, 41, torch.float32, seed=2)
+    y = y.contiguous(memory_format=layout)
+    out = torch.full_like(y, float("nan"))
+    fca_channel_attention_triton(y, weight, bias, out=out)
+    assert not torch.isnan(out).any()
+    kernel_error = max_error_vs_float64(out, y, weight, bias)
+    torch_error = max_error_vs_float64(fca_channel_attention_reference(y, weight, bias), y, weight, bias)
+    assert kernel_error <= 2 * torch_error + torch.finfo(torch.float32).eps, (kernel_error, torch_error)
+
+
 def test_deterministic_across_runs():
     y, weight, bias = make_inputs(1, 2, 67, 131, torch.float32, seed=1)  # two pass-1 chunks
     assert torch.equal(fca_channel_attention_triton(y, weight, bias), fca_channel_attention_triton(y, weight, bias))

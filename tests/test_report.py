@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.gpu_session import check_targets, format_checks
+from runtime.gpu_session import GUIDANCE_CASE, check_targets, format_checks, kernels_choice
 from runtime.report import main, parse_size
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,6 +141,22 @@ def test_targets_pass_fail_and_missing_rows():
     checks = check_targets(report, "fp16", (2160, 3840))
     assert [c["passed"] for c in checks] == [None] * 5 and all("n/a" in c["measured"] for c in checks)
     assert "| check | measured | target | result |" in format_checks(checks, "title")
+
+
+def test_kernels_choice_follows_the_guidance_branch_measurement(tmp_path):
+    path = tmp_path / "kernels.json"
+    assert kernels_choice(path)[0] == "on"  # no benchmark: the model's default
+
+    def write(with_kernels, without):
+        row = {"label": GUIDANCE_CASE, "graph_ms": {"compile_triton": with_kernels, "compile": without,
+                                                    "triton": 9.0, "eager": 9.0}}
+        path.write_text(json.dumps({"results": [{"label": "fca_block (1, 64, 1024)"}, row]}))
+
+    write(3.09, 1.39)
+    choice, why = kernels_choice(path)
+    assert choice == "off" and "3.090 ms with the kernels, 1.390 ms without" in why
+    write(1.2, 1.39)
+    assert kernels_choice(path)[0] == "on"
 
 
 @pytest.mark.slow

@@ -165,7 +165,7 @@ def _auto_skip_reason(request: BackendRequest) -> str | None:
 def create_compiled_backend(model: GuideSR, request: BackendRequest) -> CompiledBackend:
     precision = resolve_precision(request.precision, request.device, model.descriptor)
     tile = request.tile_for(model.descriptor.size_multiple, "compiled")
-    return CompiledBackend(model, request.device, precision, tile, request.tile_batch)
+    return CompiledBackend(model, request.device, precision, tile, request.tile_batch, autotune=request.autotune)
 
 
 COMPILED = BackendSpec(

@@ -189,7 +189,7 @@ def report_command(settings: Settings, out: Path, engine: Path | None, autotune:
             "--tiled", f"{settings.frame[0]}x{settings.frame[1]}", "--tile", str(settings.tile),
             "--overlap", str(settings.overlap), "--repeats", str(settings.repeats),
             "--tiled-repeats", str(settings.tiled_repeats), "--warmup", str(settings.warmup), "--cudnn-benchmark",
-            "--triton-kernels", triton_kernels, *(["--no-autotune"] if autotune == "none" else []),
+            "--triton-kernels", triton_kernels, *([] if autotune == "none" else ["--autotune"]),
             "--out", str(out), *artifacts]
 
 

@@ -635,10 +635,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--onnx", type=Path,
                      help="an exported graph for the onnxruntime backend (default: it exports one per tile shape)")
     run.add_argument("--engine", type=Path, help="a TensorRT engine (python -m export engine) for the tensorrt backend")
-    run.add_argument("--no-autotune", dest="autotune", action="store_false",
-                     help="compiled backend: Inductor's default mode instead of max-autotune-no-cudagraphs "
-                          "(sd-turbo compiles in far less time; the first H200 run spent over 3 minutes autotuning "
-                          "one 512x512 build)")
+    run.add_argument("--autotune", action="store_true",
+                     help="compiled backend: torch.compile mode max-autotune-no-cudagraphs instead of the default "
+                          "(slow to build: one sd-turbo 512x512 build was not finished after 200 s on an H200)")
     run.add_argument("--triton-kernels", choices=("on", "off"), default="on",
                      help="the model's fused Triton kernels on CUDA (default on, the model's default); the fp32 "
                           "reference always runs without them")

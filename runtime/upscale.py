@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "--tile-batch and cache it)")
     parser.add_argument("--onnx-cache", default=None, metavar="DIR",
                         help="onnxruntime: where graphs it exports are cached (default ~/.cache/guidesr/onnx)")
+    parser.add_argument("--autotune", action="store_true",
+                        help="compiled: torch.compile mode max-autotune-no-cudagraphs (minutes of autotuning for "
+                             "sd-turbo, once per tile shape) instead of the default mode")
     parser.add_argument("--engine", default=None, metavar="NAME.engine",
                         help="tensorrt: an engine from `python -m export engine` (NAME.engine.json next to it)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"],
@@ -427,7 +430,7 @@ def _make_backend(args: argparse.Namespace, shard: Shard) -> tuple[Backend, Vali
     model = load_model(args.checkpoint, args.preset, args.base_model)
     backend, why = create_backend(args.backend, model, str(device), args.precision, tile=args.tile,
                                   tile_batch=args.tile_batch, onnx=args.onnx, engine=args.engine,
-                                  onnx_cache=args.onnx_cache)
+                                  onnx_cache=args.onnx_cache, autotune=args.autotune)
     _say(f"{shard.label}{why}")
     model_scale = getattr(backend.descriptor, "scale", None)
     if args.scale is not None and model_scale is not None and args.scale != model_scale:

@@ -51,7 +51,7 @@ class BackendRequest:
     onnx: Path | None = None  # an exported graph for the onnxruntime backend
     engine: Path | None = None  # a serialized engine for the tensorrt backend
     onnx_cache: Path | None = None  # where the onnxruntime backend caches graphs it exports itself
-    autotune: bool = True  # compiled: mode max-autotune-no-cudagraphs (minutes for sd-turbo) or Inductor's default
+    autotune: bool = False  # compiled: Inductor's default mode, or max-autotune-no-cudagraphs (minutes for sd-turbo)
 
     def tile_for(self, size_multiple: int, backend: str) -> tuple[int, int]:
         """The static tile shape: `tile` rounded down to the model's size multiple (BackendError without one)."""

@@ -24,10 +24,12 @@ forward, one launch per batch, including any part dynamo leaves to eager PyTorch
 whereas cudagraph trees record only the compiled regions and skip a region silently (a log line)
 when they meet something they cannot record; a capture by hand works or raises. It also gives us
 the input buffer to copy into, with no dynamo guard evaluation per call. The compile mode is
-"max-autotune-no-cudagraphs" (Inductor benchmarks Triton templates against cuBLAS/cuDNN for every
-matmul and convolution, plus coordinate-descent tuning of its own kernels) and not "max-autotune",
-which would add cudagraph trees on top of our graph; `autotune=False` uses the default mode for a
-faster start.
+Inductor's default; `autotune=True` (`--autotune`) uses "max-autotune-no-cudagraphs" (Inductor
+benchmarks Triton templates against cuBLAS/cuDNN for every matmul and convolution, plus
+coordinate-descent tuning of its own kernels), not "max-autotune", which would add cudagraph trees
+on top of our graph. Autotuning is opt-in because it is slow to build: on an H200 (2026-11-26) one
+sd-turbo 512x512 build with it, convolutions and matmuls limited to ATen, was not finished after
+200 s.
 
 fp32 where accuracy needs it, with fp16 weights and activations everywhere else: GroupNorm and
 LayerNorm compute their statistics in fp32 (PyTorch's CUDA kernels and Inductor's decomposition
@@ -78,7 +80,7 @@ class _TileForward(nn.Module):
 
 class CompiledBackend(Backend):
     def __init__(self, model: GuideSR, device: str | torch.device, precision: str = "fp16",
-                 tile: tuple[int, int] = (512, 512), batch: int = 1, autotune: bool = True):
+                 tile: tuple[int, int] = (512, 512), batch: int = 1, autotune: bool = False):
         self.device = torch.device(device)
         reason = compiled_unavailable_reason(self.device)
         if reason is not None:

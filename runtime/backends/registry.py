@@ -37,12 +37,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def create_backend(name: str, model: nn.Module, device: str | torch.device | None = None,
                    precision: str | None = None, *, tile: int | tuple[int, int] | None = None, tile_batch: int = 1,
                    onnx: str | os.PathLike | None = None, engine: str | os.PathLike | None = None,
-                   onnx_cache: str | os.PathLike | None = None, autotune: bool = True) -> tuple[Backend, str]:
+                   onnx_cache: str | os.PathLike | None = None, autotune: bool = False) -> tuple[Backend, str]:
     """Build a backend by name ('auto' picks the fastest available); returns it and why it was chosen.
 
     `tile` / `tile_batch` are what static backends (compiled, onnxruntime's own export) are built
-    for; `onnx` / `engine` are artifacts for onnxruntime / tensorrt; `autotune` is the compiled
-    backend's choice between Inductor's max-autotune-no-cudagraphs and default modes.
+    for; `onnx` / `engine` are artifacts for onnxruntime / tensorrt; `autotune` switches the
+    compiled backend from Inductor's default mode to max-autotune-no-cudagraphs.
     """
     request = BackendRequest(
         device=resolve_device(device),

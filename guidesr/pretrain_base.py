@@ -69,9 +69,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights" / "tiny-base")
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the one-cycle schedule")
+    parser.add_argument("--crop", type=int, default=64, help="training crop size (px)")
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    make_tiny_base(args.out, args.steps, args.seed)
+    make_tiny_base(args.out, args.steps, args.seed, crop=args.crop, batch=args.batch, lr=args.lr)
 
 
 if __name__ == "__main__":

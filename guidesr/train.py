@@ -279,6 +279,8 @@ class Trainer:
         log_path = self.out / "metrics.jsonl"
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if self.step == 0:
+                log_path.unlink(missing_ok=True)  # a fresh run (e.g. --no-resume) starts its own log
         bar = tqdm(total=until, initial=self.step, disable=not self.env.is_main, desc="train", dynamic_ncols=True)
         start = time.time()
         while self.step < until:

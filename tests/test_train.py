@@ -66,6 +66,15 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert [entry["step"] for entry in log] == [1, 2, 3, 4, 5, 6]
 
 
+def test_fresh_run_starts_its_own_log(tmp_path):
+    """--no-resume into a folder that holds an earlier run's log replaces that log rather than appending to it."""
+    config = small_config(tmp_path, loss=LossConfig(w_lpips=0.0, w_gan=0.0), steps=2, checkpoint_every=2)
+    Trainer(config).fit()
+    Trainer(replace(config, resume=False)).fit()
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2]
+
+
 def test_gan_term_and_shared_discriminator_are_trained(tmp_path):
     trainer = Trainer(small_config(tmp_path))
     before = [p.detach().clone() for p in trainer.discriminator.parameters()]

@@ -144,7 +144,8 @@ def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def batch_seed(seed: int, rank: int, index: int) -> int:
-    """The seed of micro-batch `index` on `rank`: batches depend on nothing else."""
+    """The seed of micro-batch `index` on `rank`: batches depend on nothing else (`eval_pairs`
+    uses it for (seed, image, draw))."""
     return (seed * 1_000_003 + rank * 7_919 + index) % (2**63 - 1)
 
 
@@ -241,9 +242,22 @@ def eval_pairs(
     degradation: DegradationConfig = DegradationConfig(),
     seed: int = 0,
     device: str | torch.device = "cpu",
+    draws: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed validation pairs: the centre crop of every image, degraded with a fixed seed,
-    so that every evaluation sees the same inputs. Returns `(lq, hr)` like `TrainingPairs`."""
+    """Fixed validation pairs: the centre crop of every image, degraded `draws` times with fixed
+    seeds, so that every evaluation sees the same inputs. Returns `(lq, hr)` like `TrainingPairs`,
+    len(images) * draws pairs, image-major (image i's draws at i * draws ... i * draws + draws - 1).
+
+    Each image is degraded on its own, draw d of image i with a generator seeded from (seed, i, d):
+    the degradation draws its resizes (kind, scale, interpolation) once per batch, as Real-ESRGAN
+    does, so degrading the images as one batch would give every image the same resizes and make an
+    image's input depend on which other images are evaluated with it."""
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
     hr = torch.stack([center_crop(images[i], crop_size) for i in range(len(images))]).to(device)
-    generator = torch.Generator(device=torch.device(device)).manual_seed(seed)
-    return make_pairs(hr, degradation, generator)
+    pairs = []
+    for i in range(len(hr)):
+        for d in range(draws):
+            generator = torch.Generator(device=torch.device(device)).manual_seed(batch_seed(seed, i, d))
+            pairs.append(make_pairs(hr[i : i + 1], degradation, generator))
+    return torch.cat([lq for lq, _ in pairs]), torch.cat([target for _, target in pairs])

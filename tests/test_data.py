@@ -134,6 +134,18 @@ def test_eval_pairs_are_fixed_centre_crops():
         TrainingPairs(images, PairConfig(crop_size=66, degradation=DegradationConfig()))
 
 
+def test_eval_pairs_degrade_each_image_and_draw_on_its_own():
+    images = SampleImages("eval")
+    lq, hr = eval_pairs(images, crop_size=64, seed=3, draws=3)
+    assert lq.shape == hr.shape == (3 * len(SAMPLE_EVAL), 3, 64, 64)
+    assert torch.equal(hr[0], hr[2]) and not torch.equal(hr[2], hr[3])  # image-major
+    assert not torch.equal(lq[0], lq[1]) and not torch.equal(lq[1], lq[2])  # the draws differ
+    alone, _ = eval_pairs([images[0]], crop_size=64, seed=3, draws=3)
+    assert torch.equal(alone, lq[:3])  # the first image's inputs do not depend on the images after it
+    with pytest.raises(ValueError, match="draws"):
+        eval_pairs(images, crop_size=64, draws=0)
+
+
 def test_training_pairs_resume_at_any_batch_and_ignore_workers():
     images = SampleImages("train")
     config = PairConfig(batch_size=2, crop_size=64, seed=5)

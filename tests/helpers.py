@@ -1,8 +1,9 @@
-"""Model builders shared by the tests: real tiny GuideSR models with non-zero trainable parts."""
+"""Shared by the tests: real tiny GuideSR models with non-zero trainable parts, and the kernel tests' tools."""
 
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from guidesr import build_model, preset_config
 from guidesr.checkpoint import save_checkpoint
@@ -33,3 +34,26 @@ def save_randomized_tiny(folder: Path, seed: int = 1) -> Path:
     base = (WEIGHTS_DIR / "tiny-base").resolve()
     model = randomize_trainable(build_model(preset_config("tiny"), base), seed)
     return save_checkpoint(model, folder / "tiny", base_model=str(base))
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the names of the operators that reach the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def require_interpreted_kernel(kernel, module_name: str) -> None:
+    """Without CUDA, a kernel module's kernels must be Triton's interpreter versions (tests/conftest.py)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not torch.cuda.is_available() and not isinstance(kernel, InterpretedFunction):
+        raise RuntimeError(
+            f"{module_name} was imported before tests/conftest.py set TRITON_INTERPRET=1, so its kernels "
+            "cannot run on the CPU; set TRITON_INTERPRET=1 in the environment or tests/conftest.py"
+        )

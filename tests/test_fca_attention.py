@@ -6,10 +6,9 @@ run the compiled kernels, and the `gpu` tests add torch.compile, full opcheck an
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 triton = pytest.importorskip("triton")
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from helpers import OpRecorder, require_interpreted_kernel  # noqa: E402
 
 from kernels import fca_attention  # noqa: E402
 from kernels.fca_attention import (  # noqa: E402
@@ -19,13 +18,7 @@ from kernels.fca_attention import (  # noqa: E402
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not isinstance(
-    fca_attention._gated_gelu_kernel, InterpretedFunction
-):
-    raise RuntimeError(
-        "kernels.fca_attention was imported before tests/conftest.py set TRITON_INTERPRET=1, so its kernels "
-        "cannot run on the CPU; set TRITON_INTERPRET=1 in the environment or tests/conftest.py"
-    )
+require_interpreted_kernel(fca_attention._gated_gelu_kernel, "kernels.fca_attention")
 OP = torch.ops.guidesr.fca_channel_attention.default
 
 
@@ -40,18 +33,6 @@ def make_inputs(batch, channels, height, width, dtype, seed=0):
 def max_error_vs_float64(result, y, weight, bias):
     exact = fca_channel_attention_reference(y.double(), weight.double(), bias.double())
     return (result.double() - exact).abs().max().item()
-
-
-class OpRecorder(TorchDispatchMode):
-    """Records the names of the operators that reach the dispatcher."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

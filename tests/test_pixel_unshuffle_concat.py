@@ -8,10 +8,9 @@ rule reduces to exactness: PyTorch's own error here is zero).
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 triton = pytest.importorskip("triton")
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from helpers import OpRecorder, require_interpreted_kernel  # noqa: E402
 
 from kernels import pixel_unshuffle_concat as module  # noqa: E402
 from kernels.pixel_unshuffle_concat import (  # noqa: E402
@@ -21,13 +20,7 @@ from kernels.pixel_unshuffle_concat import (  # noqa: E402
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not isinstance(
-    module._unshuffle_concat_kernel, InterpretedFunction
-):
-    raise RuntimeError(
-        "kernels.pixel_unshuffle_concat was imported before tests/conftest.py set TRITON_INTERPRET=1, so its "
-        "kernel cannot run on the CPU; set TRITON_INTERPRET=1 in the environment or tests/conftest.py"
-    )
+require_interpreted_kernel(module._unshuffle_concat_kernel, "kernels.pixel_unshuffle_concat")
 OP = torch.ops.guidesr.pixel_unshuffle_concat.default
 
 
@@ -36,18 +29,6 @@ def make_inputs(batch, ch, cf, ho, wo, s, dtype, seed=0):
     h = torch.randn(batch, ch, ho, wo, generator=g).to(DEVICE, dtype)
     f = torch.randn(batch, cf, ho * s, wo * s, generator=g).to(DEVICE, dtype)
     return h, f
-
-
-class OpRecorder(TorchDispatchMode):
-    """Records the names of the operators that reach the dispatcher."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -18,11 +18,11 @@ test-slow:
 
 # The embedded demo model (tiny preset), reproduced from scratch on the CPU.
 demo-base:
-	OMP_NUM_THREADS=1 $(PYTHON) -m guidesr.pretrain_base --out guidesr/weights/tiny-base --steps 1000 --lr 1e-3 --seed 0
+	OMP_NUM_THREADS=1 $(PYTHON) -m guidesr.pretrain_base --out guidesr/weights/tiny-base --steps 4000 --lr 1e-3 --seed 0
 
 demo-model:
 	OMP_NUM_THREADS=1 $(PYTHON) -m guidesr.train --preset tiny --base-model guidesr/weights/tiny-base --data sample \
-	  --out guidesr/weights --name guidesr-tiny --steps 1800 --batch-size 4 --crop-size 96 --lr 1e-3 \
+	  --out guidesr/weights --name guidesr-tiny --steps 1300 --batch-size 4 --crop-size 96 --lr 1e-3 \
 	  --warmup-steps 50 --w-lpips 0 --w-gan 0 --checkpoint-every 250 --log-every 10 --seed 0 --no-resume
 
 evaluate:

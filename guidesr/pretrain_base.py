@@ -9,7 +9,7 @@ diffusers-format folder exactly like a user's SD-Turbo folder (unet/, vae/):
   * UNet: random weights with `conv_out` set to zero, so the untrained one-step residual F_m is zero
     and F_n = F_l; GuideSR's LoRA (which targets conv_out) learns the residual from there.
 
-    python -m guidesr.pretrain_base --out guidesr/weights/tiny-base --steps 1000 --lr 1e-3 --seed 0
+    python -m guidesr.pretrain_base --out guidesr/weights/tiny-base --steps 4000 --lr 1e-3 --seed 0
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def make_tiny_base(out: Path, steps: int, seed: int, crop: int = 64, batch: int 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights" / "tiny-base")
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the one-cycle schedule")
     parser.add_argument("--crop", type=int, default=64, help="training crop size (px)")
     parser.add_argument("--batch", type=int, default=8)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -23,6 +24,12 @@ def merged_copy(model: GuideSR) -> GuideSR:
     if leftovers:
         raise RuntimeError(f"LoRA layers survived merge_and_unload: {leftovers[:5]}")
     return merged
+
+
+def inference_copy(model: GuideSR, device: torch.device, dtype: torch.dtype) -> GuideSR:
+    """What the compiled backend runs: a merged copy, gradients off, eval, `dtype` channels_last on `device`."""
+    prepared = merged_copy(model).requires_grad_(False).eval()
+    return prepared.to(device=device, dtype=dtype, memory_format=torch.channels_last)
 
 
 def lora_layer_names(model: nn.Module) -> list[str]:

@@ -16,7 +16,10 @@ stopped at its own cap or at what is left of --budget-s, whichever comes first:
    `compiled` in 512 px tiles, into OUT/report/, with cudnn.benchmark on for every backend (so the
    eager baseline gets tuned cuDNN algorithms too). A step stopped at its limit gets SIGTERM, and
    the report then writes what it measured (512 and the 4K frame share the first build);
-4. pytest-gpu: `pytest -m gpu` (the kernels' and the compiled backend's GPU tests), with what is left.
+4. pytest-gpu: `pytest -m gpu` (the kernels' and the compiled backend's GPU tests);
+5. stage-timing: `python -m runtime.stage_timing` on sd-turbo at 512x512 (each stage of the eager
+   fp16 forward as CUDA-graph replays, with FLOPs and TFLOP/s: where the compiled backend's time
+   should go), into OUT/stages.json, with what is left.
 
 Triton kernels in the report (--triton-kernels auto, the default): on, unless step 2 measured the
 sd-turbo guidance branch compiled *with* them slower (CUDA-graph replays) than compiled without
@@ -34,8 +37,8 @@ TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN (cuBLAS/cuDNN only, Inductor tunes
 
 Last, it prints the targets table (compiled median at 512, speed-up over eager fp16 in the same
 run, PSNR against the fp32 reference, the 4K tiled time, the gap to the arithmetic floor) and
-writes it to OUT/summary.json. Files under OUT: session.log, summary.json, kernels.json and
-report/{report.json, report.md, latency.png, accuracy.png}: 7 files, 1 folder deep (the device
+writes it to OUT/summary.json. Files under OUT: session.log, summary.json, kernels.json, stages.json
+and report/{report.json, report.md, latency.png, accuracy.png}: 8 files, 1 folder deep (the device
 machine returns at most 8 files, 2 folders deep).
 """
 
@@ -55,7 +58,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"
 SITE = Path("/tmp/site")
-BUDGET_S = 480  # 8 minutes
+BUDGET_S = 570  # 9.5 minutes: the report's 8 (issue 7), the GPU tests and the stage timing
 GUIDANCE_CASE = "guidance_branch 1x512"  # the kernels benchmark's case that decides --triton-kernels auto
 MIN_STEP_S = 30  # a step is not started with less time left than this
 ATEN_ONLY = {"TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS": "ATEN", "TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS": "ATEN"}
@@ -89,11 +92,12 @@ class Settings:
 GPU = Settings(preset="sd-turbo", device="cuda", precision="fp16", backends=("torch", "compiled"),
                tiled_backends=("compiled",), sizes=(512, 1024), frame=(2160, 3840), tile=512, overlap=64,
                repeats=20, tiled_repeats=3, warmup=3,
-               caps={"wheels": 60, "kernels-benchmark": 90, "report": 300, "pytest-gpu": 90})
+               caps={"wheels": 60, "kernels-benchmark": 90, "report": 300, "pytest-gpu": 90, "stage-timing": 90})
 # The same steps on the CPU with the tiny preset: the compiled backend and the kernel benchmark need CUDA.
 CPU_SMOKE = Settings(preset="tiny", device="cpu", precision="fp32", backends=("torch",), tiled_backends=("torch",),
                      sizes=(64,), frame=(128, 128), tile=64, overlap=16, repeats=2, tiled_repeats=1, warmup=1,
-                     caps={"wheels": 60, "report": 240, "pytest-gpu": 240, "kernels-benchmark": 60})
+                     caps={"wheels": 60, "report": 240, "pytest-gpu": 240, "kernels-benchmark": 60,
+                           "stage-timing": 120})
 FAST, BASELINE, TARGET_SIZE = "compiled", "torch", 512  # the targets compare these rows
 
 
@@ -320,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
                 settings.caps["report"], report_env)
     session.run("pytest-gpu", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"],
                 settings.caps["pytest-gpu"])
+    session.run("stage-timing", [sys.executable, "-m", "runtime.stage_timing", "--preset", settings.preset,
+                                 "--random-weights", "--device", settings.device, "--size", str(settings.sizes[0]),
+                                 "--triton-kernels", triton_kernels, "--json", str(out / "stages.json")],
+                settings.caps["stage-timing"])
 
     report_path = out / "report" / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None

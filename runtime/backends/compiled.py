@@ -2,19 +2,19 @@
 
 Built once, before the first tile (a few seconds for tiny, minutes for sd-turbo with autotuning):
 
-1. `export.merge.merged_copy`: a copy of the model with LoRA folded into plain weights (the
-   caller's model is untouched and can serve as the --validate reference), gradients off;
-2. cast to fp16 (or fp32) with channels_last weights, on the device;
-3. `torch.compile(..., dynamic=False)` of  image f32 NCHW -> model(image as fp16 channels_last).r1
+1. `export.merge.inference_copy`: a copy of the model with LoRA folded into plain weights (the
+   caller's model is untouched and can serve as the --validate reference), gradients off, cast
+   to fp16 (or fp32) with channels_last weights, on the device;
+2. `torch.compile(..., dynamic=False)` of  image f32 NCHW -> model(image as fp16 channels_last).r1
    -> f32 NCHW, so the casts and layout changes are part of the compiled graph. The Triton ops
    (FCA channel attention, pixel-unshuffle + concat) stay on when the model has them on
    (`config.use_triton_kernels`); they are `triton_op`s, so Inductor launches them from its own code.
    Attention goes through diffusers' AttnProcessor2_0, i.e. F.scaled_dot_product_attention, which
    picks flash attention where the head width allows (sd-turbo's UNet: 64; tiny's first UNet
    level has 4-wide heads, which only the math kernel takes);
-4. warm-up: WARMUP_CALLS calls on a side stream, with cudnn.benchmark on: compilation,
+3. warm-up: WARMUP_CALLS calls on a side stream, with cudnn.benchmark on: compilation,
    autotuning, cuDNN algorithm choice and cuBLAS initialisation all happen here;
-5. capture of one call into a `torch.cuda.CUDAGraph` with a static input and output buffer.
+4. capture of one call into a `torch.cuda.CUDAGraph` with a static input and output buffer.
 
 Per call: copy the tiles into the static input, replay the graph, copy the static output out.
 A partial batch is padded to the graph's batch with copies of its last tile.
@@ -100,11 +100,10 @@ class CompiledBackend(Backend):
         self.mode = "max-autotune-no-cudagraphs" if autotune else "default"
         self.triton_kernels = any(getattr(module, "use_kernel", False) for module in model.modules())
 
-        from export.merge import merged_copy  # imports peft and diffusers (seconds): only when building
+        from export.merge import inference_copy  # imports peft and diffusers (seconds): only when building
 
         dtype = torch.float16 if precision == "fp16" else torch.float32
-        prepared = merged_copy(model).requires_grad_(False).eval()
-        prepared = prepared.to(device=self.device, dtype=dtype, memory_format=torch.channels_last)
+        prepared = inference_copy(model, self.device, dtype)
         # The compiled function must outlive the graph: it owns the kernels the graph replays.
         self._compiled = torch.compile(_TileForward(prepared, dtype), mode=self.mode, dynamic=False)
         self._input = torch.empty((batch, 3, *self.tile_shape), device=self.device).uniform_(-1, 1)

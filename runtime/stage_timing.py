@@ -1,0 +1,177 @@
+"""Where the time goes: GuideSR's forward split into its stages, each timed on its own.
+
+    python -m runtime.stage_timing --preset sd-turbo --random-weights --size 512 --json OUT/stages.json
+    python -m runtime.stage_timing --size 128          # the embedded demo model (on the CPU here)
+
+The model is prepared as the compiled backend prepares it (`export.merge.inference_copy`: LoRA
+merged, fp16 weights, channels_last) but runs eagerly, stage by stage, as `GuideSR.forward` calls
+them. On CUDA each stage is captured in a CUDA graph and timed over graph replays
+(`triton.testing.do_bench_cudagraph`), so the host's launch overhead, which dominates eager PyTorch
+at batch 1, is left out: what remains is the GPU time of PyTorch's, cuDNN's and the Triton ops'
+kernels, the time torch.compile has to beat. The whole forward is timed the same way, and once more
+without a graph (`do_bench`: plain eager, host overhead included). On the CPU every time is a
+`time.perf_counter` median.
+
+FLOPs per stage come from FlopCounterMode on the same call; TFLOP/s = FLOPs / time, next to the
+card's fp16 matmul rate (runtime.report.matmul_rate) where one is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+def stage_calls(model, image: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """{stage: a call of it on inputs made by running the stages before it once}, in forward order."""
+    from guidesr.diffusion import unet_forward, vae_decode, vae_encode
+
+    config = model.config
+    guidance, _ = model.guidance(image)
+    text = model.prompt(image)
+    latent, skips = vae_encode(model.vae, image)
+    denoised = latent + unet_forward(model.unet, latent, config.timestep, text, guidance, model.injections)
+    return {
+        "guidance branch": lambda: model.guidance(image),
+        "prompt": lambda: model.prompt(image),
+        "VAE encoder": lambda: vae_encode(model.vae, image),
+        "UNet + long skip": lambda: latent + unet_forward(model.unet, latent, config.timestep, text, guidance,
+                                                           model.injections),
+        "VAE decoder + skips": lambda: vae_decode(model.vae, denoised, skips, model.vae_skips),
+        "whole forward": lambda: model(image).r1,
+    }
+
+
+def count_flops(call: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        call()
+    return int(counter.get_total_flops())
+
+
+def time_call(call: Callable[[], object], device: torch.device, graph: bool, repeats: int) -> float:
+    """Median milliseconds: CUDA-graph replays or plain launches on CUDA, perf_counter on the CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench, do_bench_cudagraph
+
+        return float(do_bench_cudagraph(call, return_mode="median") if graph
+                     else do_bench(call, return_mode="median"))
+    call()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def measure(model, device: torch.device, precision: str, height: int, width: int, batch: int,
+            repeats: int) -> list[dict]:
+    """One row per stage (and the whole forward): ms, FLOPs, TFLOP/s, share of the staged sum."""
+    dtype = DTYPES[precision]
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    image = (torch.rand(batch, 3, height, width, generator=generator) * 2 - 1).to(
+        device=device, dtype=dtype, memory_format=torch.channels_last)
+    rows = []
+    with torch.no_grad():
+        calls = stage_calls(model, image)
+        for name, call in calls.items():
+            timing = "CUDA-graph replays" if device.type == "cuda" else "perf_counter"
+            try:
+                ms = time_call(call, device, graph=True, repeats=repeats)
+            except Exception as err:  # noqa: BLE001 - a stage that cannot be captured keeps its row, with why
+                rows.append({"stage": name, "error": f"{type(err).__name__}: {err}"})
+                continue
+            flops = count_flops(call)
+            rows.append({"stage": name, "ms": ms, "timing": timing, "flops": flops,
+                         "tflop_s": flops / (ms / 1e3) / 1e12})
+        if device.type == "cuda":
+            ms = time_call(calls["whole forward"], device, graph=False, repeats=repeats)
+            rows.append({"stage": "whole forward, eager launches (no graph)", "ms": ms, "timing": "do_bench",
+                         "flops": rows[-1].get("flops"), "tflop_s": None})
+    stages = [row for row in rows if "ms" in row and not row["stage"].startswith("whole forward")]
+    staged_ms = sum(row["ms"] for row in stages)
+    for row in stages:
+        row["share"] = row["ms"] / staged_ms
+    return rows
+
+
+def format_table(rows: list[dict], title: str, matmul_tflop_s: float | None) -> str:
+    lines = [title, "| stage | ms | GFLOP | TFLOP/s | share of the stages |", "|---|---|---|---|---|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['stage']} | failed: {row['error']} | | | |")
+            continue
+        flops = f"{row['flops'] / 1e9:.1f}" if row.get("flops") is not None else ""
+        rate = f"{row['tflop_s']:.3g}" if row.get("tflop_s") is not None else ""
+        share = f"{row['share']:.0%}" if row.get("share") is not None else ""
+        lines.append(f"| {row['stage']} | {row['ms']:.3f} | {flops} | {rate} | {share} |")
+    if matmul_tflop_s is not None:
+        lines.append(f"\nmeasured fp16 matmul rate: {matmul_tflop_s:.0f} TFLOP/s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from export.merge import inference_copy
+    from guidesr import model_for_preset
+    from guidesr.model import set_kernels_enabled
+
+    from .backends.registry import resolve_device
+    from .report import matmul_rate, parse_size
+    from .upscale import load_model
+
+    parser = argparse.ArgumentParser(prog="python -m runtime.stage_timing", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="checkpoint JSON (default: the embedded demo model)")
+    parser.add_argument("--preset", help="tiny or sd-turbo")
+    parser.add_argument("--random-weights", action="store_true", help="untrained --preset (timing needs no weights)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=tuple(DTYPES), help="default: fp16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--size", type=parse_size, default=(512, 512), help="output size, N or HxW (default 512)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--triton-kernels", choices=("on", "off"), default="on",
+                        help="the fused Triton ops (used on CUDA only; default on)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per stage on the CPU (default 10)")
+    parser.add_argument("--json", type=Path, help="write the rows and settings here")
+    args = parser.parse_args(argv)
+    if args.random_weights and args.preset is None:
+        parser.error("--random-weights needs --preset")
+    if args.batch < 1 or args.repeats < 1:
+        parser.error("--batch and --repeats must be >= 1")
+    device = resolve_device(args.device)
+    precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
+    model = model_for_preset(args.preset) if args.random_weights else load_model(args.checkpoint, args.preset)
+    multiple = model.descriptor.size_multiple
+    height, width = args.size
+    if height % multiple or width % multiple:
+        parser.error(f"--size {height}x{width} must be a multiple of the model's size multiple {multiple}")
+    set_kernels_enabled(model, args.triton_kernels == "on")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    prepared = inference_copy(model, device, DTYPES[precision])
+    rows = measure(prepared, device, precision, height, width, args.batch, args.repeats)
+    rate = matmul_rate(device, precision) / 1e12 if device.type == "cuda" else None
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    weights = "random weights" if args.random_weights else "trained weights"
+    title = (f"{model.config.preset} ({weights}), {precision}, batch {args.batch}, {height}x{width} output, "
+             f"{device_name}, Triton kernels {args.triton_kernels}")
+    print(format_table(rows, title, rate))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"title": title, "device": device_name, "matmul_tflop_s": rate,
+                                         "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
+                                        indent=2) + "\n")
+    return 1 if any("error" in row for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

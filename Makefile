@@ -61,7 +61,7 @@ verify:  ## Polygraphy: ONNX Runtime, and each engine built next to a graph, aga
 #                                                 256/512/1024 whole, 2048 and 2160x3840 tiled
 #   make report PRESET=sd-turbo RANDOM_WEIGHTS=1 REPORT_ARGS="--backends torch compiled --precisions fp16"
 #   make report PRESET=tiny RANDOM_WEIGHTS=1 REPORT_ARGS="--sizes 64 96 --tiled 128 --tile 64 --overlap 16 --repeats 2"
-#   make gpu-session OUT=dir                      issue 7's GPU script (on the lent GPU machine, at most 9.5 minutes)
+#   make gpu-session OUT=dir                      issue 5/7's GPU script (on the lent GPU machine, under 10 minutes)
 #   make gpu-smoke                                the same script on the CPU with the tiny preset (its plumbing)
 # Files: $(REPORT_DIR)/report.json, report.md, latency.png, accuracy.png; OUT/session.log, summary.json, ...
 # Uses PYTHON, CHECKPOINT, PRESET, BASE_MODEL, RANDOM_WEIGHTS and ARTIFACTS from above. On the GPU

@@ -19,7 +19,8 @@ Sections: the attention op (Triton / eager / compiled reference) for C in {32, 6
 channels_last); the whole FCA block (conv1 -> attention -> conv2 + residual, the model's
 `guidesr.guidance.FCABlock`) with and without the kernel; the whole guidance branch of the
 sd-turbo preset (C = 32, 4 FRBs of 2 FCA blocks, IGN) with and without the kernels, eager and
-compiled; the unshuffle + concat op at the injection's first and last scales (s = 8 with 64
+compiled; GroupNorm(32) + SiLU at the sd-turbo VAE's shapes, nn.GroupNorm (eager, compiled)
+against the compiled backend's ChannelStatsGroupNorm (compiled); the unshuffle + concat op at the injection's first and last scales (s = 8 with 64
 guidance channels next to 320 UNet channels, s = 64 with 1 next to 1280) and, for the same
 shapes, concat + 1x1 projection against the equivalent 1x1 + (s x s, stride s) convolution pair
 that never builds the concatenation.
@@ -45,6 +46,8 @@ SIZES = (512, 1024, 2048)
 BATCHES = (1, 4)
 FCA_CHANNELS = (32, 64)
 INJECTION_SCALES = ((8, 64, 320), (64, 1, 1280))  # (s, guidance channels Cf, UNet channels Ch)
+# the sd-turbo VAE's GroupNorm inputs at a 512x512 output (decoder: 128 ch at 512², 256 at 256², 512 at 128²)
+GROUP_NORM_SHAPES = ((1, 128, 512, 512), (1, 256, 256, 256), (1, 512, 128, 128))
 ACCEPTANCE = (1, 64, 1024)  # (batch, C, size): issue 5's bandwidth and torch.compile checks
 DEVICE = "cuda"
 DTYPE = torch.float16
@@ -163,6 +166,27 @@ def guidance_branch_case(batch: int, size: int) -> dict:
             "channels": settings.channels, "ms": times, "graph_ms": graph_times}
 
 
+def group_norm_case(shape: tuple[int, int, int, int]) -> dict:
+    """GroupNorm(32) + SiLU as the VAE runs it (channels_last): nn.GroupNorm eager and compiled, and
+    the compiled backend's ChannelStatsGroupNorm compiled (runtime/backends/group_norm.py)."""
+    from runtime.backends.group_norm import ChannelStatsGroupNorm
+
+    norm = torch.nn.GroupNorm(32, shape[1], eps=1e-6).to(DEVICE, DTYPE)
+    per_channel = ChannelStatsGroupNorm(norm)
+    x = torch.randn(shape, device=DEVICE, dtype=DTYPE).contiguous(memory_format=torch.channels_last)
+    functions = {
+        "eager": lambda: F.silu(norm(x)),
+        "compile": torch.compile(lambda t: F.silu(norm(t)), dynamic=False),
+        "compile_channel_stats": torch.compile(lambda t: F.silu(per_channel(t)), dynamic=False),
+    }
+    calls = {name: (fn if name == "eager" else lambda fn=fn: fn(x)) for name, fn in functions.items()}
+    difference = (calls["compile_channel_stats"]().float() - calls["eager"]().float()).abs().max().item()
+    return {"section": "group_norm", "shape": list(shape), "layout": "channels_last",
+            "ms": {name: median_ms(call) for name, call in calls.items()},
+            "graph_ms": {name: graph_median_ms(call) for name, call in calls.items()},
+            "min_bytes": 3 * x.numel() * ELEMENT_BYTES, "max_abs_diff_channel_stats_vs_eager": difference}
+
+
 def unshuffle_concat_case(compiled: Compiled, s: int, cf: int, ch: int, batch: int, size: int) -> dict:
     from kernels.pixel_unshuffle_concat import pixel_unshuffle_concat, pixel_unshuffle_concat_reference
 
@@ -212,6 +236,7 @@ def plan(compiled: Compiled) -> list[tuple[str, Callable[[], dict]]]:
         (f"fca_attention {ACCEPTANCE} channels_last",
          lambda: fca_attention_case(compiled, *ACCEPTANCE, channels_last=True)),
         ("guidance_branch 1x512", lambda: guidance_branch_case(1, 512)),
+        *[(f"group_norm {shape}", lambda shape=shape: group_norm_case(shape)) for shape in GROUP_NORM_SHAPES],
         ("unshuffle_concat s=8 1x1024", lambda: unshuffle_concat_case(compiled, *INJECTION_SCALES[0], 1, 1024)),
     ]
     grid = []
@@ -239,6 +264,8 @@ def print_table(results: list[dict], copy_gbs: float) -> None:
         if "error" in r:
             print(f"{r['label']:<57} FAILED: {r['error']}")
             continue
+        if r["section"] == "group_norm":
+            continue
         t, g = r["ms"], r.get("graph_ms", {})
         shape = r["shape"] if r["section"] != "unshuffle_concat" else f"s={r['shape']['s']} f={r['shape']['f']}"
         shape = f"{shape} {r['layout']}" if r.get("layout") == "channels_last" else str(shape)
@@ -259,6 +286,15 @@ def print_table(results: list[dict], copy_gbs: float) -> None:
             g = r["graph_ms"]
             print(f"  {r['shape']}: {t['eager']:.3f} / {t['triton']:.3f} / {t['compile']:.3f} / {t['compile_triton']:.3f}"
                   f"   CUDA graph: {g['eager']:.3f} / {g['triton']:.3f} / {g['compile']:.3f} / {g['compile_triton']:.3f}")
+    norms = [r for r in results if r["section"] == "group_norm" and "error" not in r]
+    if norms:
+        print("\nGroupNorm(32) + SiLU, channels_last, CUDA-graph ms (GB/s at 3·N·e): "
+              "eager / compile / compile ChannelStatsGroupNorm")
+        for r in norms:
+            g = r["graph_ms"]
+            rates = " / ".join(f"{r['min_bytes'] / g[k] / 1e6:.0f}" for k in ("eager", "compile", "compile_channel_stats"))
+            print(f"  {r['shape']}: {g['eager']:.3f} / {g['compile']:.3f} / {g['compile_channel_stats']:.3f}   "
+                  f"({rates} GB/s)")
     print("\nconcat + 1x1 projection vs the 1x1 + strided-conv pair (ms)")
     for r in results:
         if r["section"] == "unshuffle_concat" and "error" not in r:

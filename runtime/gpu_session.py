@@ -1,4 +1,4 @@
-"""The prepared GPU session of issue 7: one `run` call, at most 8 minutes, compilation included.
+"""The prepared GPU session of issues 5 and 7: one `run` call, under 10 minutes, compilation included.
 
     python3 -m runtime.gpu_session --out "$OUT"                 # on the lent GPU machine
     python -m runtime.gpu_session --cpu-smoke --out /tmp/smoke  # the same plumbing here, tiny preset, CPU
@@ -58,7 +58,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"
 SITE = Path("/tmp/site")
-BUDGET_S = 570  # 9.5 minutes: the report's 8 (issue 7), the GPU tests and the stage timing
+BUDGET_S = 585  # under the device's 10-minute call: the report (issue 7), the GPU tests, the stage timing
 GUIDANCE_CASE = "guidance_branch 1x512"  # the kernels benchmark's case that decides --triton-kernels auto
 MIN_STEP_S = 30  # a step is not started with less time left than this
 ATEN_ONLY = {"TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS": "ATEN", "TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS": "ATEN"}
@@ -92,7 +92,7 @@ class Settings:
 GPU = Settings(preset="sd-turbo", device="cuda", precision="fp16", backends=("torch", "compiled"),
                tiled_backends=("compiled",), sizes=(512, 1024), frame=(2160, 3840), tile=512, overlap=64,
                repeats=20, tiled_repeats=3, warmup=3,
-               caps={"wheels": 60, "kernels-benchmark": 90, "report": 300, "pytest-gpu": 90, "stage-timing": 90})
+               caps={"wheels": 60, "kernels-benchmark": 75, "report": 330, "pytest-gpu": 120, "stage-timing": 50})
 # The same steps on the CPU with the tiny preset: the compiled backend and the kernel benchmark need CUDA.
 CPU_SMOKE = Settings(preset="tiny", device="cpu", precision="fp32", backends=("torch",), tiled_backends=("torch",),
                      sizes=(64,), frame=(128, 128), tile=64, overlap=16, repeats=2, tiled_repeats=1, warmup=1,

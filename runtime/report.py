@@ -557,6 +557,8 @@ def plot_latency(data: dict, path: Path) -> None:
                 label=f"arithmetic floor, {precision} (FLOPs / matmul rate)")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("output megapixels (circles: one call, squares: tiled)")
     ax.set_ylabel("median latency, ms")
     ax.set_title(f"{data['title']}\n{data['environment']['gpu'] or data['environment']['cpu']}", fontsize=10)

@@ -4,7 +4,9 @@ Built once, before the first tile (a few seconds for tiny, minutes for sd-turbo 
 
 1. `export.merge.inference_copy`: a copy of the model with LoRA folded into plain weights (the
    caller's model is untouched and can serve as the --validate reference), gradients off, cast
-   to fp16 (or fp32) with channels_last weights, on the device;
+   to fp16 (or fp32) with channels_last weights, on the device; every `nn.GroupNorm` becomes
+   `group_norm.ChannelStatsGroupNorm` (the same function, statistics per channel then per group,
+   which Inductor can spread over the GPU; see that file for the measurement behind it);
 2. `torch.compile(..., dynamic=False)` of  image f32 NCHW -> model(image as fp16 channels_last).r1
    -> f32 NCHW, so the casts and layout changes are part of the compiled graph. The Triton ops
    (FCA channel attention, pixel-unshuffle + concat) stay on when the model has them on
@@ -31,9 +33,9 @@ on top of our graph. Autotuning is opt-in because it is slow to build: on an H20
 sd-turbo 512x512 build with it, convolutions and matmuls limited to ATen, was not finished after
 200 s.
 
-fp32 where accuracy needs it, with fp16 weights and activations everywhere else: GroupNorm and
-LayerNorm compute their statistics in fp32 (PyTorch's CUDA kernels and Inductor's decomposition
-both accumulate half inputs in float; tests/test_backends.py checks GroupNorm on the GPU), SDPA's
+fp32 where accuracy needs it, with fp16 weights and activations everywhere else: GroupNorm
+(ChannelStatsGroupNorm: statistics and the affine pass in fp32, rounded once) and LayerNorm
+(Inductor's decomposition accumulates half inputs in float) compute their statistics in fp32, SDPA's
 flash / memory-efficient kernels keep the softmax in fp32, the FCA pooling is done in fp32 inside
 the Triton kernel, and tensor-core convolutions and matmuls accumulate in fp32.
 """
@@ -58,6 +60,7 @@ from .base import (
     run_static_batches,
     skip_when_an_artifact_is_given,
 )
+from .group_norm import use_channel_stats_group_norm
 
 if TYPE_CHECKING:
     from guidesr.model import GuideSR
@@ -104,6 +107,7 @@ class CompiledBackend(Backend):
 
         dtype = torch.float16 if precision == "fp16" else torch.float32
         prepared = inference_copy(model, self.device, dtype)
+        use_channel_stats_group_norm(prepared)
         # The compiled function must outlive the graph: it owns the kernels the graph replays.
         self._compiled = torch.compile(_TileForward(prepared, dtype), mode=self.mode, dynamic=False)
         self._input = torch.empty((batch, 3, *self.tile_shape), device=self.device).uniform_(-1, 1)

@@ -239,17 +239,22 @@ def cuda_model(model):
 
 @pytest.mark.gpu
 def test_half_group_norm_keeps_fp32_statistics_on_cuda():
-    """The compiled backend runs GroupNorm in fp16: its statistics must not be accumulated in fp16.
+    """The compiled backend runs GroupNorm (as ChannelStatsGroupNorm) in fp16: its statistics must not be
+    accumulated in fp16.
 
     One group here holds 2 * 256 * 256 values of mean 50: their sum of squares (3e8) is far past
     fp16's 65504, so an fp16 accumulation would give inf/NaN or garbage.
     """
+    from runtime.backends.group_norm import ChannelStatsGroupNorm
+
     generator = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(1, 64, 256, 256, device="cuda", generator=generator) * 10 + 50
     expected = torch.nn.functional.group_norm(x, 32)
     eager = torch.nn.functional.group_norm(x.half(), 32)
     compiled = torch.compile(lambda t: torch.nn.functional.group_norm(t, 32), dynamic=False)(x.half())
-    for result in (eager, compiled):
+    per_channel = ChannelStatsGroupNorm(torch.nn.GroupNorm(32, 64, affine=False).cuda())  # what `compiled` runs
+    compiled_per_channel = torch.compile(per_channel, dynamic=False)(x.half().contiguous(memory_format=torch.channels_last))
+    for result in (eager, compiled, compiled_per_channel):
         assert torch.isfinite(result).all()
         # fp16 rounding of the input (half an ulp of ~64 is 0.016, over sigma 10) and of outputs up to ~5 (0.002)
         assert (result.float() - expected).abs().max().item() < 1e-2

@@ -14,8 +14,11 @@ and sum(w) and divided, so any overlap (including the larger one next to the mov
 gives a smooth, exact partition of unity.
 
 Memory: tiles are produced one row of tiles at a time and never all at once. The accumulators
-cover one band of tile_h output rows (sum: tile_h x W x C float32 per tile function, weight:
-tile_h x W float32); when a row of tiles is done, the rows no later tile touches are divided out
+cover one band of tile_h output rows (sum: C x tile_h x W float32 per tile function, weight:
+tile_h x W float32; torch tensors, channel-first like the tiles, so each tile is blended by one
+multi-threaded in-place `addcmul_`: on a 2-core CPU, 2026-11-26, this cut the blending of a
+2160x3840 frame in 512 px tiles from ~32 to ~4-7 ms per tile, against numpy arrays in HWC order
+that needed a strided transpose of every tile); when a row of tiles is done, the rows no later tile touches are divided out
 into the output array and the band slides down. The only image-sized arrays are the outputs:
 one H x W x C float32 array per tile function. Input tiles come from a `TileSource`; the
 `BicubicSource` upsamples each tile from the low-resolution image (with a 2-pixel LR margin, so
@@ -265,12 +268,12 @@ def run_tiled(
     if tile_batch < 1:
         raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
     th, tw, width = plan.tile_h, plan.tile_w, plan.width
-    profiles_y = axis_profiles(plan.ys, th)
-    profiles_x = axis_profiles(plan.xs, tw)
+    profiles_y = [torch.from_numpy(p) for p in axis_profiles(plan.ys, th)]
+    profiles_x = [torch.from_numpy(p) for p in axis_profiles(plan.xs, tw)]
 
     outputs: list[np.ndarray] | None = None  # allocated once the channel count is known
-    sums: list[np.ndarray] = []
-    weight = np.zeros((th, width), np.float32)
+    sums: list[torch.Tensor] = []  # [C, th, W] per function: channel-first like the tiles
+    weight = torch.zeros(th, width)
     for row, y in enumerate(plan.ys):
         for first in range(0, len(plan.xs), tile_batch):
             columns = range(first, min(first + tile_batch, len(plan.xs)))
@@ -290,22 +293,22 @@ def run_tiled(
             if outputs is None:
                 channels = inputs.shape[1]
                 outputs = [np.empty((plan.height, width, channels), np.float32) for _ in functions]
-                sums = [np.zeros((th, width, channels), np.float32) for _ in functions]
+                sums = [torch.zeros(channels, th, width) for _ in functions]
             for j, c in enumerate(columns):
                 x = plan.xs[c]
-                w = profiles_y[row][:, None] * profiles_x[c][None, :]
+                w = torch.outer(profiles_y[row], profiles_x[c])
                 weight[:, x : x + tw] += w
                 for acc, result in zip(sums, results):
-                    acc[:, x : x + tw] += result[j].detach().float().cpu().permute(1, 2, 0).numpy() * w[..., None]
+                    acc[:, :, x : x + tw].addcmul_(result[j].detach().float().cpu(), w)
             if on_batch is not None:
                 on_batch(TileBatch(boxes=boxes, inputs=inputs, outputs=results, total_tiles=plan.num_tiles))
         # Rows before the next tile row's start are final: divide them out, then slide the band down.
         done = (plan.ys[row + 1] - y) if row + 1 < len(plan.ys) else th
         for out, acc in zip(outputs, sums):
-            np.divide(acc[:done], weight[:done, :, None], out=out[y : y + done])
-            acc[: th - done] = acc[done:]
-            acc[th - done :] = 0
-        weight[: th - done] = weight[done:]
+            torch.from_numpy(out[y : y + done]).copy_((acc[:, :done] / weight[:done]).permute(1, 2, 0))
+            acc[:, : th - done] = acc[:, done:].clone()  # source and target overlap
+            acc[:, th - done :] = 0
+        weight[: th - done] = weight[done:].clone()
         weight[th - done :] = 0
     assert outputs is not None
     return outputs

@@ -20,8 +20,9 @@ channels_last); the whole FCA block (conv1 -> attention -> conv2 + residual, the
 `guidesr.guidance.FCABlock`) with and without the kernel; the whole guidance branch of the
 sd-turbo preset (C = 32, 4 FRBs of 2 FCA blocks, IGN) with and without the kernels, eager and
 compiled; GroupNorm(32) + SiLU at the sd-turbo VAE's shapes, nn.GroupNorm (eager, compiled)
-against the compiled backend's ChannelStatsGroupNorm (compiled); the unshuffle + concat op at the injection's first and last scales (s = 8 with 64
-guidance channels next to 320 UNet channels, s = 64 with 1 next to 1280) and, for the same
+against the compiled backend's ChannelStatsGroupNorm (compiled); the unshuffle + concat op at
+the injection's first and last scales (s = 8 with 64 guidance channels next to 320 UNet
+channels, s = 64 with 1 next to 1280) and, for the same
 shapes, concat + 1x1 projection against the equivalent 1x1 + (s x s, stride s) convolution pair
 that never builds the concatenation.
 

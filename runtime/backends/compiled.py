@@ -138,7 +138,7 @@ class CompiledBackend(Backend):
         height, width = self.tile_shape
         kernels = "Triton kernels on" if self.triton_kernels else "Triton kernels off"
         return (f"compiled ({self.precision} on {self.device}, tiles of {height}x{width}, batch {self.max_batch}; "
-                f"torch.compile {self.mode} + CUDA graph, channels_last, {kernels})")
+                f"torch.compile {self.mode} + CUDA graph, channels_last, per-channel-statistics GroupNorm, {kernels})")
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         if tuple(tiles.shape[-2:]) != self.tile_shape:

@@ -139,7 +139,7 @@ class PeakMemory:
         if device.type == "cuda":
             self.source = ("torch.cuda.max_memory_allocated (PyTorch's allocator only: memory ONNX Runtime "
                            "or TensorRT allocate themselves is not counted); includes every model on the device "
-                           "(the torch backend and the reference share the fp32 model)")
+                           "(the reference's fp32 model; the torch backend's LoRA-merged copy)")
         else:
             self.source = ("process RSS high-water mark (VmHWM after a reset via /proc/self/clear_refs); "
                            "includes the model")

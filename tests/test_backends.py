@@ -89,6 +89,21 @@ def test_auto_on_the_cpu_takes_torch_and_says_what_it_skipped(model):
         assert skipped in why
 
 
+def test_torch_backend_runs_a_merged_copy_and_leaves_the_model_as_trained(model):
+    from export.merge import lora_layer_names
+
+    backend, _ = create_backend("torch", model, "cpu")
+    assert backend.lora_merged_copy and "LoRA merged" in backend.describe()
+    assert backend.model is not model and not lora_layer_names(backend.model)
+    assert not model.lora_merged and lora_layer_names(model)  # the reference still runs the model as trained
+    batch = tiles(2, 48, 64)
+    reference = ReferenceBackend(model, "cpu")
+    assert "LoRA merged" not in reference.describe()
+    assert (backend(batch) - reference(batch)).abs().max().item() <= FP32_MAX_ABS
+    plain = TorchBackend(model, "cpu", "fp32")  # direct construction keeps whatever it is given
+    assert not plain.lora_merged_copy and plain.model is model
+
+
 def test_artifacts_go_to_their_backend(model, tmp_path):
     with pytest.raises(BackendError, match="--onnx is a graph for the onnxruntime backend, not for torch"):
         create_backend("torch", model, "cpu", onnx=tmp_path / "x.onnx")

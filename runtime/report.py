@@ -670,8 +670,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("nothing to measure: give --sizes and/or --tiled")
 
 
-def _load_model(args: argparse.Namespace):
-    """(model, description of its weights)."""
+def load_model_from_args(args: argparse.Namespace):
+    """(model, description of its weights) from --checkpoint / --preset / --base-model / --random-weights."""
     from guidesr import model_for_preset
 
     from .upscale import load_model
@@ -725,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python -m runtime.report", *(sys.argv[1:] if argv is None else argv)])
     try:
         device = resolve_device(args.device)
-        model, weights = _load_model(args)
+        model, weights = load_model_from_args(args)
     except (ValueError, RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

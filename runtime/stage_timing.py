@@ -22,7 +22,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -61,17 +60,13 @@ def count_flops(call: Callable[[], object]) -> int:
 def time_call(call: Callable[[], object], device: torch.device, graph: bool, repeats: int) -> float:
     """Median milliseconds: CUDA-graph replays or plain launches on CUDA, perf_counter on the CPU."""
     if device.type == "cuda":
-        from triton.testing import do_bench, do_bench_cudagraph
+        from kernels.benchmark import graph_median_ms, median_ms
 
-        return float(do_bench_cudagraph(call, return_mode="median") if graph
-                     else do_bench(call, return_mode="median"))
+        return graph_median_ms(call) if graph else median_ms(call)
+    from .report import time_ms
+
     call()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    return statistics.median(time_ms(call, device) for _ in range(repeats))
 
 
 def measure(model, device: torch.device, precision: str, height: int, width: int, batch: int,
@@ -122,17 +117,16 @@ def format_table(rows: list[dict], title: str, matmul_tflop_s: float | None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     from export.merge import inference_copy
-    from guidesr import model_for_preset
     from guidesr.model import set_kernels_enabled
 
     from .backends.registry import resolve_device
-    from .report import matmul_rate, parse_size
-    from .upscale import load_model
+    from .report import load_model_from_args, matmul_rate, parse_size
 
     parser = argparse.ArgumentParser(prog="python -m runtime.stage_timing", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="checkpoint JSON (default: the embedded demo model)")
     parser.add_argument("--preset", help="tiny or sd-turbo")
+    parser.add_argument("--base-model", help="local diffusers-format base folder")
     parser.add_argument("--random-weights", action="store_true", help="untrained --preset (timing needs no weights)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=tuple(DTYPES), help="default: fp16 on CUDA, fp32 on the CPU")
@@ -143,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per stage on the CPU (default 10)")
     parser.add_argument("--json", type=Path, help="write the rows and settings here")
     args = parser.parse_args(argv)
-    if args.random_weights and args.preset is None:
-        parser.error("--random-weights needs --preset")
+    if args.random_weights and (args.preset is None or args.checkpoint is not None or args.base_model is not None):
+        parser.error("--random-weights needs --preset, and no --checkpoint or --base-model")
     if args.batch < 1 or args.repeats < 1:
         parser.error("--batch and --repeats must be >= 1")
     device = resolve_device(args.device)
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
-    model = model_for_preset(args.preset) if args.random_weights else load_model(args.checkpoint, args.preset)
+    model, weights = load_model_from_args(args)
     multiple = model.descriptor.size_multiple
     height, width = args.size
     if height % multiple or width % multiple:
@@ -161,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(prepared, device, precision, height, width, args.batch, args.repeats)
     rate = matmul_rate(device, precision) / 1e12 if device.type == "cuda" else None
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    weights = "random weights" if args.random_weights else "trained weights"
     title = (f"{model.config.preset} ({weights}), {precision}, batch {args.batch}, {height}x{width} output, "
              f"{device_name}, Triton kernels {args.triton_kernels}")
     print(format_table(rows, title, rate))

@@ -18,9 +18,9 @@ cover one band of tile_h output rows (sum: C x tile_h x W float32 per tile funct
 tile_h x W float32; torch tensors, channel-first like the tiles, so each tile is blended by one
 multi-threaded in-place `addcmul_`: on a 2-core CPU, 2026-11-26, this cut the blending of a
 2160x3840 frame in 512 px tiles from ~32 to ~4-7 ms per tile, against numpy arrays in HWC order
-that needed a strided transpose of every tile; docs/benchmarks.md); when a row of tiles is done, the rows no later
-tile touches are divided out into the output array and the band slides down. The only image-sized arrays are the outputs:
-one H x W x C float32 array per tile function. Input tiles come from a `TileSource`; the
+that needed a strided transpose of every tile; docs/benchmarks.md); when a row of tiles is
+done, the rows no later tile touches are divided out into the output array and the band slides
+down. The only image-sized arrays are the outputs: one H x W x C float32 array per tile function. Input tiles come from a `TileSource`; the
 `BicubicSource` upsamples each tile from the low-resolution image (with a 2-pixel LR margin, so
 it is bit-identical to upsampling the whole image) and never builds the output-sized upsample.
 

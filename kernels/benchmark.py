@@ -20,7 +20,9 @@ channels_last); the whole FCA block (conv1 -> attention -> conv2 + residual, the
 `guidesr.guidance.FCABlock`) with and without the kernel; the whole guidance branch of the
 sd-turbo preset (C = 32, 4 FRBs of 2 FCA blocks, IGN) with and without the kernels, eager and
 compiled; GroupNorm(32) + SiLU at the sd-turbo VAE's shapes, nn.GroupNorm (eager, compiled)
-against the compiled backend's ChannelStatsGroupNorm (compiled); the unshuffle + concat op at
+against the compiled backend's ChannelStatsGroupNorm (compiled); the VAE's 512-wide single-head
+attention block at the 512² and 1024² outputs' latent sizes, compiled with SDPA against the compiled
+backend's score-matrix form (runtime/backends/wide_head_attention.py); the unshuffle + concat op at
 the injection's first and last scales (s = 8 with 64 guidance channels next to 320 UNet
 channels, s = 64 with 1 next to 1280) and, for the same
 shapes, concat + 1x1 projection against the equivalent 1x1 + (s x s, stride s) convolution pair
@@ -49,6 +51,8 @@ FCA_CHANNELS = (32, 64)
 INJECTION_SCALES = ((8, 64, 320), (64, 1, 1280))  # (s, guidance channels Cf, UNet channels Ch)
 # the sd-turbo VAE's GroupNorm inputs at a 512x512 output (decoder: 128 ch at 512², 256 at 256², 512 at 128²)
 GROUP_NORM_SHAPES = ((1, 128, 512, 512), (1, 256, 256, 256), (1, 512, 128, 128))
+# the sd-turbo VAE's mid-block attention input (512 channels, one head) at 512x512 and 1024x1024 outputs
+WIDE_HEAD_ATTENTION_SHAPES = ((1, 512, 64, 64), (1, 512, 128, 128))
 ACCEPTANCE = (1, 64, 1024)  # (batch, C, size): issue 5's bandwidth and torch.compile checks
 DEVICE = "cuda"
 DTYPE = torch.float16
@@ -186,6 +190,36 @@ def group_norm_case(shape: tuple[int, int, int, int]) -> dict:
             "min_bytes": 3 * x.numel() * ELEMENT_BYTES, "max_abs_diff_channel_stats_vs_eager": difference}
 
 
+def wide_head_attention_case(shape: tuple[int, int, int, int]) -> dict:
+    """The VAE's single-head 512-wide attention block (GroupNorm, q/k/v, attention, out, residual) compiled
+    with SDPA (AttnProcessor2_0: the memory-efficient kernel) and with the compiled backend's
+    WideHeadAttnProcessor (score matrix through cuBLAS; runtime/backends/wide_head_attention.py)."""
+    import copy
+
+    from diffusers.models.attention_processor import Attention
+
+    from runtime.backends.group_norm import use_channel_stats_group_norm
+    from runtime.backends.wide_head_attention import use_wide_head_attention
+
+    channels = shape[1]
+    sdpa = Attention(channels, heads=1, dim_head=channels, norm_num_groups=32, eps=1e-6, residual_connection=True,
+                     bias=True, upcast_softmax=True, _from_deprecated_attn_block=True).to(DEVICE, DTYPE).eval()
+    use_channel_stats_group_norm(sdpa)
+    wide = copy.deepcopy(sdpa)
+    assert use_wide_head_attention(wide) == 1
+    x = torch.randn(shape, device=DEVICE, dtype=DTYPE).contiguous(memory_format=torch.channels_last)
+    compiled_sdpa, compiled_wide = torch.compile(sdpa, dynamic=False), torch.compile(wide, dynamic=False)
+    calls = {"eager_sdpa": lambda: sdpa(x), "compile_sdpa": lambda: compiled_sdpa(x),
+             "compile_score_matrix": lambda: compiled_wide(x)}
+    difference = (calls["compile_score_matrix"]().float() - calls["eager_sdpa"]().float()).abs().max().item()
+    tokens = shape[2] * shape[3]
+    return {"section": "wide_head_attention", "shape": list(shape), "layout": "channels_last",
+            "ms": {name: median_ms(call) for name, call in calls.items()},
+            "graph_ms": {name: graph_median_ms(call) for name, call in calls.items()},
+            "attention_flops": 4 * shape[0] * tokens * tokens * channels,
+            "max_abs_diff_score_matrix_vs_eager_sdpa": difference}
+
+
 def unshuffle_concat_case(compiled: Compiled, s: int, cf: int, ch: int, batch: int, size: int) -> dict:
     from kernels.pixel_unshuffle_concat import pixel_unshuffle_concat, pixel_unshuffle_concat_reference
 
@@ -236,6 +270,8 @@ def plan(compiled: Compiled) -> list[tuple[str, Callable[[], dict]]]:
          lambda: fca_attention_case(compiled, *ACCEPTANCE, channels_last=True)),
         ("guidance_branch 1x512", lambda: guidance_branch_case(1, 512)),
         *[(f"group_norm {shape}", lambda shape=shape: group_norm_case(shape)) for shape in GROUP_NORM_SHAPES],
+        *[(f"wide_head_attention {shape}", lambda shape=shape: wide_head_attention_case(shape))
+          for shape in WIDE_HEAD_ATTENTION_SHAPES],
         ("unshuffle_concat s=8 1x1024", lambda: unshuffle_concat_case(compiled, *INJECTION_SCALES[0], 1, 1024)),
     ]
     grid = []
@@ -263,7 +299,7 @@ def print_table(results: list[dict], copy_gbs: float) -> None:
         if "error" in r:
             print(f"{r['label']:<57} FAILED: {r['error']}")
             continue
-        if r["section"] == "group_norm":
+        if r["section"] in ("group_norm", "wide_head_attention"):
             continue
         t, g = r["ms"], r.get("graph_ms", {})
         shape = r["shape"] if r["section"] != "unshuffle_concat" else f"s={r['shape']['s']} f={r['shape']['f']}"
@@ -294,6 +330,14 @@ def print_table(results: list[dict], copy_gbs: float) -> None:
             rates = " / ".join(f"{r['min_bytes'] / g[k] / 1e6:.0f}" for k in ("eager", "compile", "compile_channel_stats"))
             print(f"  {r['shape']}: {g['eager']:.3f} / {g['compile']:.3f} / {g['compile_channel_stats']:.3f}   "
                   f"({rates} GB/s)")
+    attentions = [r for r in results if r["section"] == "wide_head_attention" and "error" not in r]
+    if attentions:
+        print("\nVAE attention block (1 head of 512), channels_last, CUDA-graph ms: "
+              "eager SDPA / compile SDPA / compile score matrix")
+        for r in attentions:
+            g = r["graph_ms"]
+            print(f"  {r['shape']}: {g['eager_sdpa']:.3f} / {g['compile_sdpa']:.3f} / {g['compile_score_matrix']:.3f}"
+                  f"   (max |score matrix - SDPA| {r['max_abs_diff_score_matrix_vs_eager_sdpa']:.2e})")
     print("\nconcat + 1x1 projection vs the 1x1 + strided-conv pair (ms)")
     for r in results:
         if r["section"] == "unshuffle_concat" and "error" not in r:

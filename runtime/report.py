@@ -11,7 +11,9 @@ upsampled bicubically per tile, as the runtime does):
 
 - latency, median and p90 after --warmup untimed calls, with CUDA events on the GPU and
   time.perf_counter on the CPU. Whole sizes (--sizes): --repeats calls of the `Backend` on a
-  prepared input (CPU tensor in, CPU tensor out, so the host<->device copies are included).
+  prepared input (CPU tensor in, CPU tensor out, so the host<->device copies are included);
+  on CUDA, backends with `device_io` (torch, compiled) are also timed with the input already on
+  the GPU and the output left there ("device I/O": the model without the host round trip).
   Tiled sizes (--tiled): --tiled-repeats whole `run_tiled` passes as the runtime makes them
   (each tile upsampled from the LR image, tiles of --tile with --overlap, blending included);
 - throughput: output megapixels per second at the median;
@@ -275,7 +277,8 @@ class Report:
                          f"off) on {device}, same input and tiles",
             "memory_measure": self.memory.source,
             "latency_measure": ("CUDA events" if device.type == "cuda" else "time.perf_counter")
-            + " around each timed call (a Backend call with CPU tensors in and out, or a whole run_tiled pass)",
+            + " around each timed call (a Backend call with CPU tensors in and out, or a whole run_tiled pass; "
+            "'device I/O': the same whole-image call with the input already on the GPU and the output left there)",
             "flops_measure": "torch.utils.flop_counter.FlopCounterMode, model with LoRA merged, batch 1, meta device",
             "matmul_rate_flops": {},
             "results": [],
@@ -332,6 +335,7 @@ class Report:
         if not torch.isfinite(output).all():
             raise FloatingPointError(f"{backend.name} {backend.precision} produced NaN/Inf at {geometry.label}")
         latency = latency_stats(samples)
+        device_io = self.measure_device_io(function, backend, image) if plan.whole else None
         tile_flops = self.flops(plan.tile_h, plan.tile_w)
         flops = tile_flops * plan.num_tiles
         floor_ms = flops / self.matmul_rate(backend.precision) * 1e3
@@ -340,12 +344,24 @@ class Report:
             "mode": "tiled" if geometry.tiled else "whole", "height": geometry.height, "width": geometry.width,
             "megapixels": geometry.megapixels, "tile": [plan.tile_h, plan.tile_w], "overlap": plan.overlap,
             "tiles": plan.num_tiles, "warmup_ms": [round(s, 4) for s in warmup_ms], "repeats": repeats,
-            "latency_ms": latency, "throughput_mp_s": geometry.megapixels / (latency["median"] / 1e3),
+            "latency_ms": latency, "device_io_latency_ms": device_io,
+            "throughput_mp_s": geometry.megapixels / (latency["median"] / 1e3),
             "memory_at_start_bytes": in_use, "peak_memory_bytes": peak,
             "accuracy": accuracy(output, self.reference(geometry, plan)),
             "flops": flops, "floor_ms": floor_ms, "gap_to_floor": latency["median"] / floor_ms,
             "torch_settings": torch_settings(), "error": None,
         }
+
+    def measure_device_io(self, function, backend: Backend, image: torch.Tensor) -> dict | None:
+        """Latency of the same call with the input already on the GPU and the output left there (no host
+        round trip; backends with `device_io` on CUDA only, else None)."""
+        if self.device.type != "cuda" or not backend.device_io:
+            return None
+        on_device = image.to(self.device)
+        for _ in range(self.args.warmup):
+            function(on_device)
+        samples = [time_ms(lambda: function(on_device), self.device) for _ in range(self.args.repeats)]
+        return latency_stats(samples)
 
     def add_quality(self, backend: Backend, evaluation) -> None:
         names, lq, hr = evaluation
@@ -481,9 +497,9 @@ def format_markdown(data: dict) -> str:
         f"- floor: FLOPs ({data['flops_measure']}) / measured matmul rate ("
         + ", ".join(f"{p} {r / 1e12:.2f} TFLOP/s" for p, r in data["matmul_rate_flops"].items()) + ")",
         "",
-        "| backend | precision | size (HxW) | tiles | median ms | p90 ms | MP/s | peak MiB (+calls) | PSNR dB | SSIM "
-        "| max-abs | TFLOP | floor ms | gap | build s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| backend | precision | size (HxW) | tiles | median ms | p90 ms | device I/O median ms | MP/s "
+        "| peak MiB (+calls) | PSNR dB | SSIM | max-abs | TFLOP | floor ms | gap | build s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if "interrupted" in data:
         lines[2:2] = [f"**Incomplete**: {data['interrupted']}.", ""]
@@ -494,13 +510,15 @@ def format_markdown(data: dict) -> str:
         size = f"{row['height']}x{row['width']}"
         if row["error"] is not None:
             lines.append(f"| {row['backend']} | {row['precision']} | {size} | {row['mode']} | failed: {row['error']} "
-                         + "| " * 10 + "|")
+                         + "| " * 11 + "|")
             continue
         acc, lat = row["accuracy"], row["latency_ms"]
         tiles = f"{row['tiles']} x {row['tile'][0]}x{row['tile'][1]}" if row["mode"] == "tiled" else "whole"
         psnr_text = "identical" if acc["psnr_db"] is None else f"{acc['psnr_db']:.2f}"
+        device_io = "-" if row["device_io_latency_ms"] is None else f"{row['device_io_latency_ms']['median']:.2f}"
         lines.append(
             f"| {row['backend']} | {row['precision']} | {size} | {tiles} | {lat['median']:.2f} | {lat['p90']:.2f} | "
+            f"{device_io} | "
             f"{row['throughput_mp_s']:.3f} | {row['peak_memory_bytes'] / 2**20:.0f} "
             f"(+{(row['peak_memory_bytes'] - row['memory_at_start_bytes']) / 2**20:.0f}) | {psnr_text} | "
             f"{acc['ssim']:.5f} | "
@@ -824,9 +842,11 @@ def _error(err: BaseException) -> str:
 
 def _row_line(row: dict) -> str:
     psnr_db = row["accuracy"]["psnr_db"]
+    device_io = row["device_io_latency_ms"]
     return (f"{row['backend']} {row['precision']} {row['height']}x{row['width']} {row['mode']}: "
             f"median {row['latency_ms']['median']:.2f} ms, p90 {row['latency_ms']['p90']:.2f} ms, "
-            f"{row['throughput_mp_s']:.3f} MP/s, "
+            + ("" if device_io is None else f"device I/O median {device_io['median']:.2f} ms, ")
+            + f"{row['throughput_mp_s']:.3f} MP/s, "
             f"PSNR vs fp32 {'identical' if psnr_db is None else f'{psnr_db:.2f} dB'}, "
             f"{row['gap_to_floor']:.1f}x the floor")
 

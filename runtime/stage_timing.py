@@ -14,12 +14,18 @@ without a graph (`do_bench`: plain eager, host overhead included). On the CPU ev
 
 FLOPs per stage come from FlopCounterMode on the same call; TFLOP/s = FLOPs / time, next to the
 card's fp16 matmul rate (runtime.report.matmul_rate) where one is measured.
+
+`--profile-compiled N` (CUDA) also builds the compiled backend for the same size and records N of its
+graph replays with torch.profiler: GPU time per forward by kernel category (convolution, matmul,
+attention, normalisation, other Inductor kernels, copies and memsets) and the 40 costliest kernels,
+so a change to the compiled backend can be checked where it should act.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -100,6 +106,60 @@ def measure(model, device: torch.device, precision: str, height: int, width: int
     return rows
 
 
+# (category, pattern on the kernel name), first match wins: cuDNN's attention kernels before its convolutions;
+# Inductor's kernels (triton_*) are named after the ops they fuse, which often include "convolution" (its bias)
+KERNEL_CATEGORIES = (
+    ("attention", re.compile(r"fmha|sdpa|flash|attention", re.I)),
+    ("normalisation", re.compile(r"group_norm|layer_norm|var_mean", re.I)),
+    ("other Inductor kernels", re.compile(r"^triton_")),
+    ("convolution", re.compile(r"fprop|conv|dgrad|implicit_gemm", re.I)),
+    ("matmul", re.compile(r"nvjet|gemm|cublas|cutlass", re.I)),
+    ("copies and memsets", re.compile(r"memcpy|memset|copy", re.I)),
+)
+
+
+def kernel_category(name: str) -> str:
+    return next((category for category, pattern in KERNEL_CATEGORIES if pattern.search(name)), "other")
+
+
+def profile_compiled(model, device: torch.device, precision: str, height: int, width: int, batch: int,
+                     replays: int) -> dict:
+    """GPU milliseconds per forward of the compiled backend's graph replays, by category and by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .backends.compiled import CompiledBackend
+
+    backend = CompiledBackend(model, device, precision, (height, width), batch)
+    tiles = torch.rand(batch, 3, height, width, device=device) * 2 - 1
+    backend(tiles)
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            backend(tiles)
+        torch.cuda.synchronize(device)
+    kernels = sorted(((event.key, event.self_device_time_total / 1e3 / replays, event.count / replays)
+                      for event in prof.key_averages() if event.self_device_time_total > 0),
+                     key=lambda kernel: -kernel[1])
+    categories: dict[str, float] = {}
+    for name, ms, _ in kernels:
+        categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + ms
+    return {"backend": backend.describe(), "replays": replays, "gpu_ms_per_forward": sum(k[1] for k in kernels),
+            "categories_ms": dict(sorted(categories.items(), key=lambda item: -item[1])),
+            "kernels": [{"name": name, "ms": ms, "calls": calls, "category": kernel_category(name)}
+                        for name, ms, calls in kernels]}
+
+
+def format_profile(profile: dict, top: int = 40) -> str:
+    lines = [f"\n{profile['backend']}: {profile['gpu_ms_per_forward']:.3f} GPU-ms per forward "
+             f"(torch.profiler, {profile['replays']} replays)",
+             "| category | ms per forward |", "|---|---|"]
+    lines += [f"| {category} | {ms:.3f} |" for category, ms in profile["categories_ms"].items()]
+    lines += ["", "| kernel | category | ms per forward | calls per forward |", "|---|---|---|---|"]
+    lines += [f"| {k['name'][:100]} | {k['category']} | {k['ms']:.3f} | {k['calls']:g} |"
+              for k in profile["kernels"][:top]]
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict], title: str, matmul_tflop_s: float | None) -> str:
     lines = [title, "| stage | ms | GFLOP | TFLOP/s | share of the stages |", "|---|---|---|---|---|"]
     for row in rows:
@@ -135,13 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton-kernels", choices=("on", "off"), default="on",
                         help="the fused Triton ops (used on CUDA only; default on)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per stage on the CPU (default 10)")
+    parser.add_argument("--profile-compiled", type=int, default=0, metavar="N",
+                        help="CUDA: also profile N graph replays of the compiled backend at this size (default 0: no)")
     parser.add_argument("--json", type=Path, help="write the rows and settings here")
     args = parser.parse_args(argv)
     if args.random_weights and (args.preset is None or args.checkpoint is not None or args.base_model is not None):
         parser.error("--random-weights needs --preset, and no --checkpoint or --base-model")
-    if args.batch < 1 or args.repeats < 1:
-        parser.error("--batch and --repeats must be >= 1")
+    if args.batch < 1 or args.repeats < 1 or args.profile_compiled < 0:
+        parser.error("--batch and --repeats must be >= 1, --profile-compiled >= 0")
     device = resolve_device(args.device)
+    if args.profile_compiled and device.type != "cuda":
+        parser.error(f"--profile-compiled needs a CUDA device (the compiled backend's), not {device}")
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
     model, weights = load_model_from_args(args)
     multiple = model.descriptor.size_multiple
@@ -158,11 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"{model.config.preset} ({weights}), {precision}, batch {args.batch}, {height}x{width} output, "
              f"{device_name}, Triton kernels {args.triton_kernels}")
     print(format_table(rows, title, rate))
+    del prepared
+    profile = None
+    if args.profile_compiled:
+        profile = profile_compiled(model, device, precision, height, width, args.batch, args.profile_compiled)
+        print(format_profile(profile))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"title": title, "device": device_name, "matmul_tflop_s": rate,
-                                         "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
-                                        indent=2) + "\n")
+                                         "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+                                         "compiled_profile": profile}, indent=2) + "\n")
     return 1 if any("error" in row for row in rows) else 0
 
 

@@ -281,6 +281,8 @@ def test_eager_triton_kernels_match_pytorch_in_fp32(cuda_model):
     with_kernels = TorchBackend(cuda_model, "cuda", "fp32")(batch)
     reference = ReferenceBackend(cuda_model, "cuda")(batch)  # the same model with the kernels switched off
     assert (with_kernels - reference).abs().max().item() <= FP32_MAX_ABS
+    on_device = TorchBackend(cuda_model, "cuda", "fp32")(batch.cuda())  # device_io: the result stays on the GPU
+    assert on_device.is_cuda and (on_device.cpu() - reference).abs().max().item() <= FP32_MAX_ABS
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +301,9 @@ def test_compiled_backend_matches_the_fp32_reference(cuda_model, compiled):
     assert result.shape == batch.shape and torch.isfinite(result).all()
     assert psnr(result, reference) >= 40.0
     torch.testing.assert_close(compiled(batch), result, rtol=0, atol=0)  # replays are deterministic
+    on_device = compiled(batch.cuda())  # device_io: no host round trip, the same replays
+    assert on_device.is_cuda
+    torch.testing.assert_close(on_device.cpu(), result, rtol=0, atol=0)
     assert not cuda_model.lora_merged  # the backend merged LoRA into its own copy
 
 

@@ -52,6 +52,7 @@ def test_json_has_every_field(report_dir):
         latency = row["latency_ms"]
         assert 0 < latency["min"] <= latency["median"] <= latency["p90"]
         assert len(latency["samples"]) == (1 if row["mode"] == "tiled" else 2)
+        assert row["device_io_latency_ms"] is None  # measured for CUDA devices only
         assert row["throughput_mp_s"] == pytest.approx(row["megapixels"] / latency["median"] * 1e3)
         assert row["peak_memory_bytes"] > 50 * 2**20  # RSS high-water: the interpreter, torch and the model
         assert row["flops"] > 0 and row["floor_ms"] > 0 and row["gap_to_floor"] == pytest.approx(
@@ -118,7 +119,8 @@ def test_sigterm_writes_what_was_measured(tmp_path):
 
 def _row(backend, mode, size, median_ms, psnr_db, height=None):
     return {"backend": backend, "precision": "fp16", "mode": mode, "height": height or size, "width": size,
-            "latency_ms": {"median": median_ms, "p90": median_ms * 1.1}, "accuracy": {"psnr_db": psnr_db},
+            "latency_ms": {"median": median_ms, "p90": median_ms * 1.1}, "device_io_latency_ms": None,
+            "accuracy": {"psnr_db": psnr_db},
             "tiles": 45, "tile": [512, 512], "flops": 4.6e12, "floor_ms": 6.0, "gap_to_floor": median_ms / 6.0,
             "error": None}
 
@@ -141,6 +143,16 @@ def test_targets_pass_fail_and_missing_rows():
     checks = check_targets(report, "fp16", (2160, 3840))
     assert [c["passed"] for c in checks] == [None] * 5 and all("n/a" in c["measured"] for c in checks)
     assert "| check | measured | target | result |" in format_checks(checks, "title")
+
+
+def test_targets_add_the_device_io_latency_where_measured():
+    fast = _row("compiled", "whole", 512, 16.0, 45.0) | {"device_io_latency_ms": {"median": 14.5, "p90": 14.6}}
+    report = {"results": [_row("torch", "whole", 512, 60.0, 70.0), fast], "matmul_rate_flops": {"fp16": 7.7e14}}
+    checks = check_targets(report, "fp16", (2160, 3840))
+    assert [c["passed"] for c in checks[:3]] == [False, True, True]  # 16 ms with host copies, 14.5 without
+    assert "on the GPU" in checks[1]["check"] and checks[1]["measured"] == "14.50 ms (p90 14.60)"
+    fast["device_io_latency_ms"]["median"] = 15.5
+    assert check_targets(report, "fp16", (2160, 3840))[1]["passed"] is False
 
 
 def test_kernels_choice_follows_the_guidance_branch_measurement(tmp_path):

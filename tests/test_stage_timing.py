@@ -37,3 +37,35 @@ def test_cli_rejects_a_size_off_the_multiple(capsys):
         stage_timing.main(["--preset", "tiny", "--random-weights", "--device", "cpu", "--size", "72x56"])
     assert stop.value.code == 2
     assert "size multiple" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,category", [
+    # kernel names from the H200 profile of the compiled sd-turbo forward (docs/results/2026-11-26-h200-session2)
+    ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64", "attention"),
+    ("fmha_cutlassF_f16_aligned_32x128_gmem_sm80(PyTorchMemEffAttention::AttentionKernel", "attention"),
+    ("nvjet_sm90_hsh_168x128_64x5_1x2_h_bz_coopA_bias_TNN", "matmul"),
+    ("triton_per_fused_clone_convolution_native_group_norm_silu_7", "normalisation"),
+    ("triton_red_fused__to_copy_var_mean_12", "normalisation"),
+    ("triton_poi_fused_convolution_gelu_mul_sigmoid_unsqueeze_54", "other Inductor kernels"),
+    ("Memset (Device)", "copies and memsets"),
+])
+def test_kernel_categories(name, category):
+    assert stage_timing.kernel_category(name) == category
+
+
+def test_profile_compiled_needs_cuda(capsys):
+    with pytest.raises(SystemExit) as stop:
+        stage_timing.main(["--preset", "tiny", "--random-weights", "--device", "cpu", "--size", "64",
+                           "--profile-compiled", "2"])
+    assert stop.value.code == 2
+    assert "--profile-compiled needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_profile_compiled_accounts_for_the_forward():
+    model = model_for_preset("tiny")
+    profile = stage_timing.profile_compiled(model, torch.device("cuda"), "fp16", 64, 96, batch=1, replays=3)
+    assert profile["gpu_ms_per_forward"] > 0 and profile["categories_ms"]["convolution"] > 0
+    assert sum(profile["categories_ms"].values()) == pytest.approx(profile["gpu_ms_per_forward"])
+    assert "| convolution |" in stage_timing.format_profile(profile)

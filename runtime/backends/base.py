@@ -29,10 +29,13 @@ class Backend(ABC):
     tile_shape: tuple[int, int] | None = None  # a static graph's (h, w); None: any shape
     max_batch: int | None = None  # None: any batch size
     descriptor: Any = None  # the model's ModelDescriptor (scale, size_multiple, ...)
+    # True: also takes tiles on `device` and returns the image there, with no host round trip
+    device_io: bool = False
 
     @abstractmethod
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
-        """[B, 3, th, tw] float32 in [-1, 1] on the CPU -> the model's image, same shape, float32 on the CPU."""
+        """[B, 3, th, tw] float32 in [-1, 1] on the CPU -> the model's image, same shape, float32 on the CPU
+        (on the tiles' device where `device_io`)."""
 
     def describe(self) -> str:
         shape = "any tile shape" if self.tile_shape is None else f"tiles of {self.tile_shape[0]}x{self.tile_shape[1]}"

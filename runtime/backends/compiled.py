@@ -6,20 +6,23 @@ Built once, before the first tile (a few seconds for tiny, minutes for sd-turbo 
    caller's model is untouched and can serve as the --validate reference), gradients off, cast
    to fp16 (or fp32) with channels_last weights, on the device; every `nn.GroupNorm` becomes
    `group_norm.ChannelStatsGroupNorm` (the same function, statistics per channel then per group,
-   which Inductor can spread over the GPU; see that file for the measurement behind it);
+   which Inductor can spread over the GPU; see that file for the measurement behind it), and every
+   attention with heads wider than flash attention takes (the VAE's, 512 wide) computes its score
+   matrix with cuBLAS (`wide_head_attention.py`) instead of SDPA's memory-efficient kernel;
 2. `torch.compile(..., dynamic=False)` of  image f32 NCHW -> model(image as fp16 channels_last).r1
    -> f32 NCHW, so the casts and layout changes are part of the compiled graph. The Triton ops
    (FCA channel attention, pixel-unshuffle + concat) stay on when the model has them on
    (`config.use_triton_kernels`); they are `triton_op`s, so Inductor launches them from its own code.
-   Attention goes through diffusers' AttnProcessor2_0, i.e. F.scaled_dot_product_attention, which
-   picks flash attention where the head width allows (sd-turbo's UNet: 64; tiny's first UNet
+   The other attentions go through diffusers' AttnProcessor2_0, i.e. F.scaled_dot_product_attention,
+   which picks flash attention where the head width allows (sd-turbo's UNet: 64; tiny's first UNet
    level has 4-wide heads, which only the math kernel takes);
 3. warm-up: WARMUP_CALLS calls on a side stream, with cudnn.benchmark on: compilation,
    autotuning, cuDNN algorithm choice and cuBLAS initialisation all happen here;
 4. capture of one call into a `torch.cuda.CUDAGraph` with a static input and output buffer.
 
-Per call: copy the tiles into the static input, replay the graph, copy the static output out.
-A partial batch is padded to the graph's batch with copies of its last tile.
+Per call: copy the tiles into the static input, replay the graph, copy the static output out (to the
+CPU for CPU tiles; a device copy, no host round trip and no synchronisation, for tiles already on the
+backend's device). A partial batch is padded to the graph's batch with copies of its last tile.
 
 Why a hand-made CUDA graph instead of mode="reduce-overhead": the graph then holds the whole
 forward, one launch per batch, including any part dynamo leaves to eager PyTorch (graph breaks),
@@ -61,6 +64,7 @@ from .base import (
     skip_when_an_artifact_is_given,
 )
 from .group_norm import use_channel_stats_group_norm
+from .wide_head_attention import use_wide_head_attention
 
 if TYPE_CHECKING:
     from guidesr.model import GuideSR
@@ -82,6 +86,7 @@ class _TileForward(nn.Module):
 
 
 class CompiledBackend(Backend):
+    device_io = True
     def __init__(self, model: GuideSR, device: str | torch.device, precision: str = "fp16",
                  tile: tuple[int, int] = (512, 512), batch: int = 1, autotune: bool = False):
         self.device = torch.device(device)
@@ -108,6 +113,7 @@ class CompiledBackend(Backend):
         dtype = torch.float16 if precision == "fp16" else torch.float32
         prepared = inference_copy(model, self.device, dtype)
         use_channel_stats_group_norm(prepared)
+        use_wide_head_attention(prepared)
         # The compiled function must outlive the graph: it owns the kernels the graph replays.
         self._compiled = torch.compile(_TileForward(prepared, dtype), mode=self.mode, dynamic=False)
         self._input = torch.empty((batch, 3, *self.tile_shape), device=self.device).uniform_(-1, 1)
@@ -138,7 +144,8 @@ class CompiledBackend(Backend):
         height, width = self.tile_shape
         kernels = "Triton kernels on" if self.triton_kernels else "Triton kernels off"
         return (f"compiled ({self.precision} on {self.device}, tiles of {height}x{width}, batch {self.max_batch}; "
-                f"torch.compile {self.mode} + CUDA graph, channels_last, per-channel-statistics GroupNorm, {kernels})")
+                f"torch.compile {self.mode} + CUDA graph, channels_last, per-channel-statistics GroupNorm, "
+                f"cuBLAS score-matrix attention for wide heads, {kernels})")
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         if tuple(tiles.shape[-2:]) != self.tile_shape:
@@ -150,7 +157,7 @@ class CompiledBackend(Backend):
     def _replay(self, batch: torch.Tensor) -> torch.Tensor:
         self._input.copy_(batch)  # into the captured graph's input buffer
         self._graph.replay()
-        return self._output.cpu()  # waits for the replay
+        return self._output.to(batch.device, copy=True)  # the next replay overwrites the buffer; to the CPU: waits
 
 
 def compiled_unavailable_reason(device: torch.device) -> str | None:

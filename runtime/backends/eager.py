@@ -27,6 +27,8 @@ class TorchBackend(Backend):
     -> 1.6-2.0 s per call; how it was measured: docs/design/runtime.md). The caller's model is left as trained, so --validate's fp32 reference
     (which constructs this class without the merge) runs the model's own definition."""
 
+    device_io = True
+
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu", precision: str = "fp32",
                  merge_lora: bool = False):
         if precision not in PRECISIONS:
@@ -59,7 +61,7 @@ class TorchBackend(Backend):
         with torch.inference_mode(), self._numerics():
             result = self.model(tiles.to(self.device, non_blocking=True))
         image = result if isinstance(result, torch.Tensor) else result.r1  # GuideSR returns (r1, r2)
-        return image.float().cpu()
+        return image.float().to(tiles.device)
 
 
 def create_torch_backend(model: nn.Module, request: BackendRequest) -> TorchBackend:

@@ -16,7 +16,8 @@ first H200 run, enough to hide a 0.1 ms kernel); the GB/s use that GPU time:
 
 Sections: the attention op (Triton / eager / compiled reference) for C in {32, 64}, 512² to
 2048², batch 1 and 4, NCHW, plus channels_last at the acceptance shape (the compiled model runs
-channels_last); the whole FCA block (conv1 -> attention -> conv2 + residual, the model's
+channels_last); PyTorch's GELU against a plain copy at the acceptance shape (is an erf pass
+memory- or instruction-bound?); the whole FCA block (conv1 -> attention -> conv2 + residual, the model's
 `guidesr.guidance.FCABlock`) with and without the kernel; the whole guidance branch of the
 sd-turbo preset (C = 32, 4 FRBs of 2 FCA blocks, IGN) with and without the kernels, eager and
 compiled; GroupNorm(32) + SiLU at the sd-turbo VAE's shapes, nn.GroupNorm (eager, compiled)
@@ -125,6 +126,19 @@ def fca_attention_case(compiled: Compiled, batch: int, channels: int, size: int,
             "layout": "channels_last" if channels_last else "NCHW", "ms": times, "graph_ms": graph_times,
             "min_bytes": 3 * y.numel() * ELEMENT_BYTES,
             "max_abs_diff_vs_eager": (fused.float() - eager.float()).abs().max().item()}
+
+
+def gelu_cost_case(batch: int, channels: int, size: int) -> dict:
+    """Is an erf-GELU pass memory- or instruction-bound? PyTorch's GELU (fp32 erf on fp16 data) against a
+    plain copy of the same tensor, both reading and writing it once (2·N·e bytes). The fused attention
+    evaluates GELU in two passes; if GELU is much slower than the copy, that is where its time goes."""
+    y = torch.randn(batch, channels, size, size, device=DEVICE, dtype=DTYPE)
+    out = torch.empty_like(y)
+    calls = {"copy": lambda: out.copy_(y), "gelu": lambda: torch.nn.functional.gelu(y)}
+    graph_times = {name: graph_median_ms(call) for name, call in calls.items()}
+    return {"section": "gelu_cost", "shape": [batch, channels, size, size], "layout": "NCHW",
+            "ms": {name: median_ms(call) for name, call in calls.items()}, "graph_ms": graph_times,
+            "gbs": {name: 2 * y.numel() * ELEMENT_BYTES / ms / 1e6 for name, ms in graph_times.items()}}
 
 
 def fca_block_case(batch: int, channels: int, size: int) -> dict:
@@ -265,6 +279,7 @@ def plan(compiled: Compiled) -> list[tuple[str, Callable[[], dict]]]:
     """(label, case) in priority order: the acceptance shapes, the model's shapes, then the grid."""
     first = [
         (f"fca_attention {ACCEPTANCE}", lambda: fca_attention_case(compiled, *ACCEPTANCE)),
+        (f"gelu_cost {ACCEPTANCE}", lambda: gelu_cost_case(*ACCEPTANCE)),
         (f"fca_block {ACCEPTANCE}", lambda: fca_block_case(*ACCEPTANCE)),
         (f"fca_attention {ACCEPTANCE} channels_last",
          lambda: fca_attention_case(compiled, *ACCEPTANCE, channels_last=True)),
@@ -299,7 +314,7 @@ def print_table(results: list[dict], copy_gbs: float) -> None:
         if "error" in r:
             print(f"{r['label']:<57} FAILED: {r['error']}")
             continue
-        if r["section"] in ("group_norm", "wide_head_attention"):
+        if r["section"] in ("group_norm", "wide_head_attention", "gelu_cost"):
             continue
         t, g = r["ms"], r.get("graph_ms", {})
         shape = r["shape"] if r["section"] != "unshuffle_concat" else f"s={r['shape']['s']} f={r['shape']['f']}"
@@ -321,6 +336,11 @@ def print_table(results: list[dict], copy_gbs: float) -> None:
             g = r["graph_ms"]
             print(f"  {r['shape']}: {t['eager']:.3f} / {t['triton']:.3f} / {t['compile']:.3f} / {t['compile_triton']:.3f}"
                   f"   CUDA graph: {g['eager']:.3f} / {g['triton']:.3f} / {g['compile']:.3f} / {g['compile_triton']:.3f}")
+    for r in results:
+        if r["section"] == "gelu_cost" and "error" not in r:
+            g, rates = r["graph_ms"], r["gbs"]
+            print(f"\nGELU vs copy of {r['shape']} fp16 (CUDA-graph ms, GB/s at 2·N·e): copy {g['copy']:.3f} "
+                  f"({rates['copy']:.0f}), GELU {g['gelu']:.3f} ({rates['gelu']:.0f})")
     norms = [r for r in results if r["section"] == "group_norm" and "error" not in r]
     if norms:
         print("\nGroupNorm(32) + SiLU, channels_last, CUDA-graph ms (GB/s at 3·N·e): "

@@ -15,7 +15,7 @@ without a graph (`do_bench`: plain eager, host overhead included). On the CPU ev
 FLOPs per stage come from FlopCounterMode on the same call; TFLOP/s = FLOPs / time, next to the
 card's fp16 matmul rate (runtime.report.matmul_rate) where one is measured.
 
-`--profile-compiled N` (CUDA) also builds the compiled backend for the same size and records N of its
+`--profile-compiled N` (CUDA) first builds the compiled backend for the same size and records N of its
 graph replays with torch.profiler: GPU time per forward by kernel category (convolution, matmul,
 attention, normalisation, other Inductor kernels, copies and memsets) and the 40 costliest kernels,
 so a change to the compiled backend can be checked where it should act.
@@ -215,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     set_kernels_enabled(model, args.triton_kernels == "on")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    profile = None
+    if args.profile_compiled:  # first: a run stopped at a time limit during the stages has printed it
+        profile = profile_compiled(model, device, precision, height, width, args.batch, args.profile_compiled)
+        print(format_profile(profile), flush=True)
     prepared = inference_copy(model, device, DTYPES[precision])
     rows = measure(prepared, device, precision, height, width, args.batch, args.repeats)
     rate = matmul_rate(device, precision) / 1e12 if device.type == "cuda" else None
@@ -222,11 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"{model.config.preset} ({weights}), {precision}, batch {args.batch}, {height}x{width} output, "
              f"{device_name}, Triton kernels {args.triton_kernels}")
     print(format_table(rows, title, rate))
-    del prepared
-    profile = None
-    if args.profile_compiled:
-        profile = profile_compiled(model, device, precision, height, width, args.batch, args.profile_compiled)
-        print(format_profile(profile))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"title": title, "device": device_name, "matmul_tflop_s": rate,

@@ -9,8 +9,8 @@ Built once, before the first tile (a few seconds for tiny, minutes for sd-turbo 
    which Inductor can spread over the GPU; see that file for the measurement behind it), and every
    attention with heads wider than flash attention takes (the VAE's, 512 wide) computes its score
    matrix with cuBLAS (`wide_head_attention.py`) instead of SDPA's memory-efficient kernel;
-2. `torch.compile(..., dynamic=False)` of  image f32 NCHW -> model(image as fp16 channels_last).r1
-   -> f32 NCHW, so the casts and layout changes are part of the compiled graph. The Triton ops
+2. `torch.compile(..., dynamic=False)` of  image NCHW -> model(image as channels_last).r1 -> NCHW,
+   all in the model's dtype, so the layout changes are part of the compiled graph. The Triton ops
    (FCA channel attention, pixel-unshuffle + concat) stay on when the model has them on
    (`config.use_triton_kernels`); they are `triton_op`s, so Inductor launches them from its own code.
    The other attentions go through diffusers' AttnProcessor2_0, i.e. F.scaled_dot_product_attention,
@@ -20,9 +20,18 @@ Built once, before the first tile (a few seconds for tiny, minutes for sd-turbo 
    autotuning, cuDNN algorithm choice and cuBLAS initialisation all happen here;
 4. capture of one call into a `torch.cuda.CUDAGraph` with a static input and output buffer.
 
-Per call: copy the tiles into the static input, replay the graph, copy the static output out (to the
-CPU for CPU tiles; a device copy, no host round trip and no synchronisation, for tiles already on the
-backend's device). A partial batch is padded to the graph's batch with copies of its last tile.
+Per call, CPU tiles: cast them to the model's dtype into a page-locked input buffer, copy that to
+the graph's input asynchronously, replay, copy the graph's output into a page-locked output buffer,
+synchronise, return it as a new float32 tensor. Tiles already on the GPU: cast into the graph's
+input on the device, replay, return a float32 copy of the output on the device (no host round trip,
+no synchronisation). A partial batch is padded to the graph's batch with copies of its last tile.
+
+Why the host copies look like this: on the H200 (2026-11-26, commit 67fdbe6) a 512x512 call took
+15.39 ms with CPU tensors and 14.72 ms with the tiles on the GPU; the 0.67 ms between them was a
+pageable copy of the float32 input (3 MB) in and of the float32 output out into a new CPU tensor.
+fp16 halves those bytes (the graph's first operation was that cast, and its output is fp16, so
+the values are the same), and page-locked buffers let the copies run at DMA speed. Predicted:
+the host side from 0.67 to ~0.3 ms, i.e. ~15.0-15.1 ms per 512x512 call. Not yet measured.
 
 Why a hand-made CUDA graph instead of mode="reduce-overhead": the graph then holds the whole
 forward, one launch per batch, including any part dynamo leaves to eager PyTorch (graph breaks),
@@ -73,16 +82,14 @@ WARMUP_CALLS = 3  # the first compiles and autotunes; the others run the steady 
 
 
 class _TileForward(nn.Module):
-    """image [B, 3, H, W] float32 NCHW -> R1 float32 NCHW; the model runs in `dtype`, channels_last."""
+    """image [B, 3, H, W] NCHW -> R1 NCHW, in the model's dtype; the model runs channels_last."""
 
-    def __init__(self, model: GuideSR, dtype: torch.dtype):
+    def __init__(self, model: GuideSR):
         super().__init__()
         self.model = model
-        self.dtype = dtype
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.to(self.dtype, memory_format=torch.channels_last)
-        return self.model(x).r1.float().contiguous()
+        return self.model(image.contiguous(memory_format=torch.channels_last)).r1.contiguous()
 
 
 class CompiledBackend(Backend):
@@ -115,8 +122,11 @@ class CompiledBackend(Backend):
         use_channel_stats_group_norm(prepared)
         use_wide_head_attention(prepared)
         # The compiled function must outlive the graph: it owns the kernels the graph replays.
-        self._compiled = torch.compile(_TileForward(prepared, dtype), mode=self.mode, dynamic=False)
-        self._input = torch.empty((batch, 3, *self.tile_shape), device=self.device).uniform_(-1, 1)
+        self._compiled = torch.compile(_TileForward(prepared), mode=self.mode, dynamic=False)
+        shape = (batch, 3, *self.tile_shape)
+        self._input = torch.empty(shape, device=self.device, dtype=dtype).uniform_(-1, 1)
+        self._host_input = torch.empty(shape, dtype=dtype, pin_memory=True)
+        self._host_output = torch.empty(shape, dtype=dtype, pin_memory=True)
         with torch.cuda.device(self.device), torch.no_grad(), self._numerics():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -155,9 +165,16 @@ class CompiledBackend(Backend):
             return run_static_batches(tiles, self.max_batch, self._replay)
 
     def _replay(self, batch: torch.Tensor) -> torch.Tensor:
-        self._input.copy_(batch)  # into the captured graph's input buffer
+        if batch.is_cuda:
+            self._input.copy_(batch)  # into the captured graph's input buffer
+            self._graph.replay()
+            return self._output.to(batch.device, torch.float32, copy=True)  # the next replay overwrites the buffer
+        self._host_input.copy_(batch)  # the previous call synchronised: its copy from this buffer is done
+        self._input.copy_(self._host_input, non_blocking=True)
         self._graph.replay()
-        return self._output.to(batch.device, copy=True)  # the next replay overwrites the buffer; to the CPU: waits
+        self._host_output.copy_(self._output, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return self._host_output.to(torch.float32, copy=True)
 
 
 def compiled_unavailable_reason(device: torch.device) -> str | None:

@@ -81,6 +81,20 @@ def graph_median_ms(fn) -> float:
     return float(do_bench_cudagraph(fn, return_mode="median"))
 
 
+def kernel_ms(fn, calls: int = 20) -> dict[str, float]:
+    """GPU milliseconds per call of each kernel `fn` launches (torch.profiler; consecutive calls, no L2 flush)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {event.key: event.self_device_time_total / 1e3 / calls
+            for event in prof.key_averages() if event.self_device_time_total > 0}
+
+
 def copy_bandwidth_gbs() -> float:
     src = torch.randn(2**29, dtype=DTYPE, device=DEVICE)  # 1 GiB
     dst = torch.empty_like(src)
@@ -122,10 +136,13 @@ def fca_attention_case(compiled: Compiled, batch: int, channels: int, size: int,
         "eager": graph_median_ms(lambda: fca_channel_attention_reference(y, weight, bias)),
         "compile": graph_median_ms(lambda: reference(y, weight, bias)),
     }
-    return {"section": "fca_attention", "shape": [batch, channels, size, size],
-            "layout": "channels_last" if channels_last else "NCHW", "ms": times, "graph_ms": graph_times,
-            "min_bytes": 3 * y.numel() * ELEMENT_BYTES,
-            "max_abs_diff_vs_eager": (fused.float() - eager.float()).abs().max().item()}
+    row = {"section": "fca_attention", "shape": [batch, channels, size, size],
+           "layout": "channels_last" if channels_last else "NCHW", "ms": times, "graph_ms": graph_times,
+           "min_bytes": 3 * y.numel() * ELEMENT_BYTES,
+           "max_abs_diff_vs_eager": (fused.float() - eager.float()).abs().max().item()}
+    if (batch, channels, size) == ACCEPTANCE:  # where the op's time goes: its three kernels
+        row["triton_kernel_ms"] = kernel_ms(lambda: fca_channel_attention(y, weight, bias, use_kernel=True))
+    return row
 
 
 def gelu_cost_case(batch: int, channels: int, size: int) -> dict:
@@ -337,6 +354,13 @@ def print_table(results: list[dict], copy_gbs: float) -> None:
             print(f"  {r['shape']}: {t['eager']:.3f} / {t['triton']:.3f} / {t['compile']:.3f} / {t['compile_triton']:.3f}"
                   f"   CUDA graph: {g['eager']:.3f} / {g['triton']:.3f} / {g['compile']:.3f} / {g['compile_triton']:.3f}")
     for r in results:
+        if "triton_kernel_ms" in r:
+            n_bytes = r["min_bytes"] // 3
+            print(f"\nFCA attention's kernels at {r['shape']} {r['layout']} (torch.profiler, ms per call; "
+                  f"GB/s at N·e for the partial sums, 2·N·e for the gated GELU):")
+            for name, ms in r["triton_kernel_ms"].items():
+                moved = {"_gelu_partial_sum_kernel": n_bytes, "_gated_gelu_kernel": 2 * n_bytes}.get(name)
+                print(f"  {name}: {ms:.4f}" + (f" ({moved / ms / 1e6:.0f} GB/s)" if moved else ""))
         if r["section"] == "gelu_cost" and "error" not in r:
             g, rates = r["graph_ms"], r["gbs"]
             print(f"\nGELU vs copy of {r['shape']} fp16 (CUDA-graph ms, GB/s at 2·N·e): copy {g['copy']:.3f} "

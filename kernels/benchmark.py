@@ -81,8 +81,9 @@ def graph_median_ms(fn) -> float:
     return float(do_bench_cudagraph(fn, return_mode="median"))
 
 
-def kernel_ms(fn, calls: int = 20) -> dict[str, float]:
-    """GPU milliseconds per call of each kernel `fn` launches (torch.profiler; consecutive calls, no L2 flush)."""
+def kernel_ms(fn, calls: int = 20) -> dict[str, dict[str, float]]:
+    """{kernel: {"ms", "launches"} per call of `fn`}, costliest first (torch.profiler; consecutive calls,
+    no L2 flush). Kernels replayed from a CUDA graph are seen too."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -91,8 +92,9 @@ def kernel_ms(fn, calls: int = 20) -> dict[str, float]:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    return {event.key: event.self_device_time_total / 1e3 / calls
-            for event in prof.key_averages() if event.self_device_time_total > 0}
+    events = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
+                    key=lambda e: -e.self_device_time_total)
+    return {e.key: {"ms": e.self_device_time_total / 1e3 / calls, "launches": e.count / calls} for e in events}
 
 
 def copy_bandwidth_gbs() -> float:
@@ -358,7 +360,8 @@ def print_table(results: list[dict], copy_gbs: float) -> None:
             n_bytes = r["min_bytes"] // 3
             print(f"\nFCA attention's kernels at {r['shape']} {r['layout']} (torch.profiler, ms per call; "
                   f"GB/s at N·e for the partial sums, 2·N·e for the gated GELU):")
-            for name, ms in r["triton_kernel_ms"].items():
+            for name, kernel in r["triton_kernel_ms"].items():
+                ms = kernel["ms"]
                 moved = {"_gelu_partial_sum_kernel": n_bytes, "_gated_gelu_kernel": 2 * n_bytes}.get(name)
                 print(f"  {name}: {ms:.4f}" + (f" ({moved / ms / 1e6:.0f} GB/s)" if moved else ""))
         if r["section"] == "gelu_cost" and "error" not in r:

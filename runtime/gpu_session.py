@@ -17,10 +17,11 @@ stopped at its own cap or at what is left of --budget-s, whichever comes first:
    eager baseline gets tuned cuDNN algorithms too). A step stopped at its limit gets SIGTERM, and
    the report then writes what it measured (512 and the 4K frame share the first build);
 4. pytest-gpu: `pytest -m gpu` (the kernels' and the compiled backend's GPU tests);
-5. stage-timing: `python -m runtime.stage_timing --profile-compiled 5` on sd-turbo at 512x512 (each
-   stage of the eager fp16 forward as CUDA-graph replays, with FLOPs and TFLOP/s; then the compiled
-   backend's GPU time by kernel category, from torch.profiler; its build hits the report's Inductor
-   cache), into OUT/stages.json, with what is left.
+5. stage-timing: `python -m runtime.stage_timing --profile-compiled 5` on sd-turbo at 512x512 (first
+   the compiled backend's GPU time by kernel category, from torch.profiler, after a build of its own;
+   then each stage of the eager fp16 forward as CUDA-graph replays, with FLOPs and TFLOP/s), into
+   OUT/stages.json, with what is left. The budget rarely leaves it enough: docs/benchmarks.md
+   ("Running the GPU session") gives the second call that finishes steps 4 and 5.
 
 Triton kernels in the report (--triton-kernels auto, the default): on, unless step 2 measured the
 sd-turbo guidance branch compiled *with* them slower (CUDA-graph replays) than compiled without

@@ -112,9 +112,9 @@ KERNEL_CATEGORIES = (
     ("attention", re.compile(r"fmha|sdpa|flash|attention", re.I)),
     ("normalisation", re.compile(r"group_norm|layer_norm|var_mean", re.I)),
     ("other Inductor kernels", re.compile(r"^triton_")),
+    ("copies and memsets", re.compile(r"memcpy|memset|copy", re.I)),  # before "conv", which "convert" contains
     ("convolution", re.compile(r"fprop|conv|dgrad|implicit_gemm", re.I)),
     ("matmul", re.compile(r"nvjet|gemm|cublas|cutlass", re.I)),
-    ("copies and memsets", re.compile(r"memcpy|memset|copy", re.I)),
 )
 
 
@@ -125,28 +125,20 @@ def kernel_category(name: str) -> str:
 def profile_compiled(model, device: torch.device, precision: str, height: int, width: int, batch: int,
                      replays: int) -> dict:
     """GPU milliseconds per forward of the compiled backend's graph replays, by category and by kernel."""
-    from torch.profiler import ProfilerActivity, profile
+    from kernels.benchmark import kernel_ms
 
     from .backends.compiled import CompiledBackend
 
     backend = CompiledBackend(model, device, precision, (height, width), batch)
     tiles = torch.rand(batch, 3, height, width, device=device) * 2 - 1
-    backend(tiles)
-    torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(replays):
-            backend(tiles)
-        torch.cuda.synchronize(device)
-    kernels = sorted(((event.key, event.self_device_time_total / 1e3 / replays, event.count / replays)
-                      for event in prof.key_averages() if event.self_device_time_total > 0),
-                     key=lambda kernel: -kernel[1])
+    kernels = kernel_ms(lambda: backend(tiles), replays)
     categories: dict[str, float] = {}
-    for name, ms, _ in kernels:
-        categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + ms
-    return {"backend": backend.describe(), "replays": replays, "gpu_ms_per_forward": sum(k[1] for k in kernels),
+    for name, kernel in kernels.items():
+        categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + kernel["ms"]
+    return {"backend": backend.describe(), "replays": replays,
+            "gpu_ms_per_forward": sum(kernel["ms"] for kernel in kernels.values()),
             "categories_ms": dict(sorted(categories.items(), key=lambda item: -item[1])),
-            "kernels": [{"name": name, "ms": ms, "calls": calls, "category": kernel_category(name)}
-                        for name, ms, calls in kernels]}
+            "kernels": [{"name": name, "category": kernel_category(name)} | kernel for name, kernel in kernels.items()]}
 
 
 def format_profile(profile: dict, top: int = 40) -> str:
@@ -154,8 +146,8 @@ def format_profile(profile: dict, top: int = 40) -> str:
              f"(torch.profiler, {profile['replays']} replays)",
              "| category | ms per forward |", "|---|---|"]
     lines += [f"| {category} | {ms:.3f} |" for category, ms in profile["categories_ms"].items()]
-    lines += ["", "| kernel | category | ms per forward | calls per forward |", "|---|---|---|---|"]
-    lines += [f"| {k['name'][:100]} | {k['category']} | {k['ms']:.3f} | {k['calls']:g} |"
+    lines += ["", "| kernel | category | ms per forward | launches per forward |", "|---|---|---|---|"]
+    lines += [f"| {k['name'][:100]} | {k['category']} | {k['ms']:.3f} | {k['launches']:g} |"
               for k in profile["kernels"][:top]]
     return "\n".join(lines)
 
@@ -196,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the fused Triton ops (used on CUDA only; default on)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per stage on the CPU (default 10)")
     parser.add_argument("--profile-compiled", type=int, default=0, metavar="N",
-                        help="CUDA: also profile N graph replays of the compiled backend at this size (default 0: no)")
+                        help="CUDA: first profile N graph replays of the compiled backend at this size (default 0: no)")
     parser.add_argument("--json", type=Path, help="write the rows and settings here")
     args = parser.parse_args(argv)
     if args.random_weights and (args.preset is None or args.checkpoint is not None or args.base_model is not None):

@@ -49,6 +49,8 @@ def test_cli_rejects_a_size_off_the_multiple(capsys):
     ("triton_red_fused__to_copy_var_mean_12", "normalisation"),
     ("triton_poi_fused_convolution_gelu_mul_sigmoid_unsqueeze_54", "other Inductor kernels"),
     ("Memset (Device)", "copies and memsets"),
+    ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda, c10::convert>",
+     "copies and memsets"),
 ])
 def test_kernel_categories(name, category):
     assert stage_timing.kernel_category(name) == category

@@ -48,7 +48,8 @@ sd-turbo 512x512 build with it, convolutions and matmuls limited to ATen, was no
 fp32 where accuracy needs it, with fp16 weights and activations everywhere else: GroupNorm
 (ChannelStatsGroupNorm: statistics and the affine pass in fp32, rounded once) and LayerNorm
 (Inductor's decomposition accumulates half inputs in float) compute their statistics in fp32, SDPA's
-flash / memory-efficient kernels keep the softmax in fp32, the FCA pooling is done in fp32 inside
+flash / memory-efficient kernels keep the softmax in fp32 (the wide-head form rounds its logits to
+fp16 first, then takes the softmax in fp32; see that file), the FCA pooling is done in fp32 inside
 the Triton kernel, and tensor-core convolutions and matmuls accumulate in fp32.
 """
 

@@ -97,6 +97,12 @@ def kernel_ms(fn, calls: int = 20) -> dict[str, dict[str, float]]:
     return {e.key: {"ms": e.self_device_time_total / 1e3 / calls, "launches": e.count / calls} for e in events}
 
 
+def time_calls(calls: dict[str, Callable[[], object]]) -> dict[str, dict[str, float]]:
+    """{"ms": do_bench medians, "graph_ms": CUDA-graph medians}, each keyed like `calls`."""
+    return {"ms": {name: median_ms(call) for name, call in calls.items()},
+            "graph_ms": {name: graph_median_ms(call) for name, call in calls.items()}}
+
+
 def copy_bandwidth_gbs() -> float:
     src = torch.randn(2**29, dtype=DTYPE, device=DEVICE)  # 1 GiB
     dst = torch.empty_like(src)
@@ -154,10 +160,9 @@ def gelu_cost_case(batch: int, channels: int, size: int) -> dict:
     y = torch.randn(batch, channels, size, size, device=DEVICE, dtype=DTYPE)
     out = torch.empty_like(y)
     calls = {"copy": lambda: out.copy_(y), "gelu": lambda: torch.nn.functional.gelu(y)}
-    graph_times = {name: graph_median_ms(call) for name, call in calls.items()}
-    return {"section": "gelu_cost", "shape": [batch, channels, size, size], "layout": "NCHW",
-            "ms": {name: median_ms(call) for name, call in calls.items()}, "graph_ms": graph_times,
-            "gbs": {name: 2 * y.numel() * ELEMENT_BYTES / ms / 1e6 for name, ms in graph_times.items()}}
+    times = time_calls(calls)
+    return {"section": "gelu_cost", "shape": [batch, channels, size, size], "layout": "NCHW", **times,
+            "gbs": {name: 2 * y.numel() * ELEMENT_BYTES / ms / 1e6 for name, ms in times["graph_ms"].items()}}
 
 
 def fca_block_case(batch: int, channels: int, size: int) -> dict:
@@ -217,9 +222,7 @@ def group_norm_case(shape: tuple[int, int, int, int]) -> dict:
     calls = {"eager": lambda: F.silu(norm(x)), "compile": lambda: compiled_norm(x),
              "compile_channel_stats": lambda: compiled_channel_stats(x)}
     difference = (calls["compile_channel_stats"]().float() - calls["eager"]().float()).abs().max().item()
-    return {"section": "group_norm", "shape": list(shape), "layout": "channels_last",
-            "ms": {name: median_ms(call) for name, call in calls.items()},
-            "graph_ms": {name: graph_median_ms(call) for name, call in calls.items()},
+    return {"section": "group_norm", "shape": list(shape), "layout": "channels_last", **time_calls(calls),
             "min_bytes": 3 * x.numel() * ELEMENT_BYTES, "max_abs_diff_channel_stats_vs_eager": difference}
 
 
@@ -246,9 +249,7 @@ def wide_head_attention_case(shape: tuple[int, int, int, int]) -> dict:
              "compile_score_matrix": lambda: compiled_wide(x)}
     difference = (calls["compile_score_matrix"]().float() - calls["eager_sdpa"]().float()).abs().max().item()
     tokens = shape[2] * shape[3]
-    return {"section": "wide_head_attention", "shape": list(shape), "layout": "channels_last",
-            "ms": {name: median_ms(call) for name, call in calls.items()},
-            "graph_ms": {name: graph_median_ms(call) for name, call in calls.items()},
+    return {"section": "wide_head_attention", "shape": list(shape), "layout": "channels_last", **time_calls(calls),
             "attention_flops": 4 * shape[0] * tokens * tokens * channels,
             "max_abs_diff_score_matrix_vs_eager_sdpa": difference}
 
@@ -368,23 +369,16 @@ def print_table(results: list[dict], copy_gbs: float) -> None:
             g, rates = r["graph_ms"], r["gbs"]
             print(f"\nGELU vs copy of {r['shape']} fp16 (CUDA-graph ms, GB/s at 2·N·e): copy {g['copy']:.3f} "
                   f"({rates['copy']:.0f}), GELU {g['gelu']:.3f} ({rates['gelu']:.0f})")
-    norms = [r for r in results if r["section"] == "group_norm" and "error" not in r]
-    if norms:
-        print("\nGroupNorm(32) + SiLU, channels_last, CUDA-graph ms (GB/s at 3·N·e): "
-              "eager / compile / compile ChannelStatsGroupNorm")
-        for r in norms:
-            g = r["graph_ms"]
-            rates = " / ".join(f"{r['min_bytes'] / g[k] / 1e6:.0f}" for k in ("eager", "compile", "compile_channel_stats"))
-            print(f"  {r['shape']}: {g['eager']:.3f} / {g['compile']:.3f} / {g['compile_channel_stats']:.3f}   "
-                  f"({rates} GB/s)")
-    attentions = [r for r in results if r["section"] == "wide_head_attention" and "error" not in r]
-    if attentions:
-        print("\nVAE attention block (1 head of 512), channels_last, CUDA-graph ms: "
-              "eager SDPA / compile SDPA / compile score matrix")
-        for r in attentions:
-            g = r["graph_ms"]
-            print(f"  {r['shape']}: {g['eager_sdpa']:.3f} / {g['compile_sdpa']:.3f} / {g['compile_score_matrix']:.3f}"
-                  f"   (max |score matrix - SDPA| {r['max_abs_diff_score_matrix_vs_eager_sdpa']:.2e})")
+    print_graph_comparison(
+        results, "group_norm", ("eager", "compile", "compile_channel_stats"),
+        "GroupNorm(32) + SiLU, channels_last, CUDA-graph ms (GB/s at 3·N·e): eager / compile / compile "
+        "ChannelStatsGroupNorm",
+        lambda r, g: "(" + " / ".join(f"{r['min_bytes'] / ms / 1e6:.0f}" for ms in g) + " GB/s)")
+    print_graph_comparison(
+        results, "wide_head_attention", ("eager_sdpa", "compile_sdpa", "compile_score_matrix"),
+        "VAE attention block (1 head of 512), channels_last, CUDA-graph ms: eager SDPA / compile SDPA / compile "
+        "score matrix",
+        lambda r, g: f"(max |score matrix - SDPA| {r['max_abs_diff_score_matrix_vs_eager_sdpa']:.2e})")
     print("\nconcat + 1x1 projection vs the 1x1 + strided-conv pair (ms)")
     for r in results:
         if r["section"] == "unshuffle_concat" and "error" not in r:
@@ -393,6 +387,17 @@ def print_table(results: list[dict], copy_gbs: float) -> None:
                 f"  s={r['shape']['s']:<3} f={str(r['shape']['f']):<22} triton concat+1x1 {t['triton_concat+1x1']:8.3f}"
                 f"  eager concat+1x1 {t['eager_concat+1x1']:8.3f}  1x1+strided {t['1x1+strided_conv']:8.3f}"
             )
+
+
+def print_graph_comparison(results: list[dict], section: str, keys: tuple[str, ...], heading: str,
+                           detail: Callable[[dict, list[float]], str]) -> None:
+    """One line per measured row of `section`: its CUDA-graph ms for `keys`, then `detail(row, those ms)`."""
+    rows = [r for r in results if r["section"] == section and "error" not in r]
+    if rows:
+        print(f"\n{heading}")
+    for r in rows:
+        graph = [r["graph_ms"][key] for key in keys]
+        print(f"  {r['shape']}: {' / '.join(f'{ms:.3f}' for ms in graph)}   {detail(r, graph)}")
 
 
 def main() -> None:

@@ -132,13 +132,12 @@ def profile_compiled(model, device: torch.device, precision: str, height: int, w
     backend = CompiledBackend(model, device, precision, (height, width), batch)
     tiles = torch.rand(batch, 3, height, width, device=device) * 2 - 1
     kernels = kernel_ms(lambda: backend(tiles), replays)
+    rows = [{"name": name, "category": kernel_category(name)} | kernel for name, kernel in kernels.items()]
     categories: dict[str, float] = {}
-    for name, kernel in kernels.items():
-        categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + kernel["ms"]
-    return {"backend": backend.describe(), "replays": replays,
-            "gpu_ms_per_forward": sum(kernel["ms"] for kernel in kernels.values()),
-            "categories_ms": dict(sorted(categories.items(), key=lambda item: -item[1])),
-            "kernels": [{"name": name, "category": kernel_category(name)} | kernel for name, kernel in kernels.items()]}
+    for row in rows:
+        categories[row["category"]] = categories.get(row["category"], 0.0) + row["ms"]
+    return {"backend": backend.describe(), "replays": replays, "gpu_ms_per_forward": sum(r["ms"] for r in rows),
+            "categories_ms": dict(sorted(categories.items(), key=lambda item: -item[1])), "kernels": rows}
 
 
 def format_profile(profile: dict, top: int = 40) -> str:

@@ -20,9 +20,10 @@ multi-threaded in-place `addcmul_`: on a 2-core CPU, 2026-11-26, this cut the bl
 2160x3840 frame in 512 px tiles from ~32 to ~4-7 ms per tile, against numpy arrays in HWC order
 that needed a strided transpose of every tile; docs/benchmarks.md); when a row of tiles is
 done, the rows no later tile touches are divided out into the output array and the band slides
-down. The only image-sized arrays are the outputs: one H x W x C float32 array per tile function. Input tiles come from a `TileSource`; the
-`BicubicSource` upsamples each tile from the low-resolution image (with a 2-pixel LR margin, so
-it is bit-identical to upsampling the whole image) and never builds the output-sized upsample.
+down. The only image-sized arrays are the outputs: one H x W x C float32 array per tile function.
+Input tiles come from a `TileSource`; the `BicubicSource` upsamples each tile from the
+low-resolution image (with a 2-pixel LR margin, so it is bit-identical to upsampling the whole
+image) and never builds the output-sized upsample.
 
 Peak memory for one tile function, output H x W, C = 3, tile t x t, batch B:
     12 H W (output) + 16 t W (band sum + weight) + ~24 B t^2 (input/output tile batches)

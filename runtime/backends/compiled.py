@@ -95,6 +95,7 @@ class _TileForward(nn.Module):
 
 class CompiledBackend(Backend):
     device_io = True
+
     def __init__(self, model: GuideSR, device: str | torch.device, precision: str = "fp16",
                  tile: tuple[int, int] = (512, 512), batch: int = 1, autotune: bool = False):
         self.device = torch.device(device)

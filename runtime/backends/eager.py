@@ -24,8 +24,9 @@ class TorchBackend(Backend):
     `merge_lora=True` (what `--backend torch` builds) runs a LoRA-merged copy of a GuideSR model:
     the same function (fp32 difference ~1e-6), one convolution or matmul per adapted layer instead
     of three, no LoRA intermediates (tiny demo, 512x512, fp32, 2 CPU threads, 2026-11-26: 2.3-2.7 s
-    -> 1.6-2.0 s per call; how it was measured: docs/design/runtime.md). The caller's model is left as trained, so --validate's fp32 reference
-    (which constructs this class without the merge) runs the model's own definition."""
+    -> 1.6-2.0 s per call; how it was measured: docs/design/runtime.md). The caller's model is left
+    as trained, so --validate's fp32 reference (which constructs this class without the merge) runs
+    the model's own definition."""
 
     device_io = True
 

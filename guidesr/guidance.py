@@ -13,14 +13,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.fca_attention import fca_channel_attention
+import torch.nn.functional as F
+
+from kernels.fca_attention import fca_channel_attention, fca_channel_attention_reference, fused_op_applies
 
 
 class FCABlock(nn.Module):
     """Feature Channel Attention: conv -> GELU -> avg-pool -> conv -> sigmoid -> multiply -> conv, + x.
 
     The part between the two 3x3 convolutions runs as one fused Triton op on CUDA when
-    `use_kernel` is set (kernels/fca_attention.py); elsewhere it is plain PyTorch.
+    `use_kernel` is set (kernels/fca_attention.py); elsewhere it is plain PyTorch. The op adds
+    conv1's bias itself, so conv1 runs without it there (under torch.compile the bias would
+    otherwise be a separate pass: Inductor cannot fuse it into a custom op).
     """
 
     def __init__(self, channels: int, use_kernel: bool = True):
@@ -31,8 +35,12 @@ class FCABlock(nn.Module):
         self.use_kernel = use_kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv1(x)  # [B, C, H, W]
-        z = fca_channel_attention(y, self.attention.weight, self.attention.bias, use_kernel=self.use_kernel)
+        weight, bias = self.attention.weight, self.attention.bias
+        if self.use_kernel and fused_op_applies(x, weight, bias, self.conv1.weight):
+            y = F.conv2d(x, self.conv1.weight, padding=1)  # [B, C, H, W], conv1's bias still to add
+            z = fca_channel_attention(y, weight, bias, y_bias=self.conv1.bias)
+        else:
+            z = fca_channel_attention_reference(self.conv1(x), weight, bias)  # [B, C, H, W]
         return x + self.conv2(z)
 
 

@@ -54,6 +54,8 @@ INJECTION_SCALES = ((8, 64, 320), (64, 1, 1280))  # (s, guidance channels Cf, UN
 GROUP_NORM_SHAPES = ((1, 128, 512, 512), (1, 256, 256, 256), (1, 512, 128, 128))
 # the sd-turbo VAE's mid-block attention input (512 channels, one head) at 512x512 and 1024x1024 outputs
 WIDE_HEAD_ATTENTION_SHAPES = ((1, 512, 64, 64), (1, 512, 128, 128))
+# (in, out) channels of the sd-turbo model's full-resolution 3x3 convolutions with a 3-channel side
+THIN_CONVS = ((3, 128), (128, 3), (3, 32), (64, 3), (3, 64))
 ACCEPTANCE = (1, 64, 1024)  # (batch, C, size): issue 5's bandwidth and torch.compile checks
 DEVICE = "cuda"
 DTYPE = torch.float16
@@ -148,8 +150,13 @@ def fca_attention_case(compiled: Compiled, batch: int, channels: int, size: int,
            "layout": "channels_last" if channels_last else "NCHW", "ms": times, "graph_ms": graph_times,
            "min_bytes": 3 * y.numel() * ELEMENT_BYTES,
            "max_abs_diff_vs_eager": (fused.float() - eager.float()).abs().max().item()}
-    if (batch, channels, size) == ACCEPTANCE:  # where the op's time goes: its three kernels
+    if (batch, channels, size) == ACCEPTANCE:  # where the op's time goes: its three kernels, and erf's cost
+        from kernels.fca_attention import fca_channel_attention_triton
+
         row["triton_kernel_ms"] = kernel_ms(lambda: fca_channel_attention(y, weight, bias, use_kernel=True))
+        row["erf_gelu"] = time_calls({"triton": lambda: fca_channel_attention_triton(y, weight, bias, fast_gelu=False)})
+        erf = fca_channel_attention_triton(y, weight, bias, fast_gelu=False)
+        row["max_abs_diff_fast_vs_erf_gelu"] = (fused.float() - erf.float()).abs().max().item()
     return row
 
 
@@ -165,18 +172,21 @@ def gelu_cost_case(batch: int, channels: int, size: int) -> dict:
             "gbs": {name: 2 * y.numel() * ELEMENT_BYTES / ms / 1e6 for name, ms in times["graph_ms"].items()}}
 
 
-def fca_block_case(batch: int, channels: int, size: int) -> dict:
+def fca_block_case(batch: int, channels: int, size: int, channels_last: bool = False) -> dict:
     from guidesr.guidance import FCABlock
 
     torch.manual_seed(channels)
     block = FCABlock(channels).to(DEVICE, DTYPE).eval()
     x = torch.randn(batch, channels, size, size, device=DEVICE, dtype=DTYPE)
+    if channels_last:  # as the compiled model runs it
+        block, x = block.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     times, graph_times = {}, {}
     for name, use_kernel in (("triton", True), ("eager", False)):
         block.use_kernel = use_kernel
         times[name] = median_ms(lambda: block(x))
         graph_times[name] = graph_median_ms(lambda: block(x))
-    return {"section": "fca_block", "shape": [batch, channels, size, size], "ms": times, "graph_ms": graph_times}
+    return {"section": "fca_block", "shape": [batch, channels, size, size],
+            "layout": "channels_last" if channels_last else "NCHW", "ms": times, "graph_ms": graph_times}
 
 
 def guidance_branch_case(batch: int, size: int) -> dict:
@@ -254,6 +264,30 @@ def wide_head_attention_case(shape: tuple[int, int, int, int]) -> dict:
             "max_abs_diff_score_matrix_vs_eager_sdpa": difference}
 
 
+def thin_conv_case(in_channels: int, out_channels: int, size: int, padded: int = 8) -> dict:
+    """A 3x3 convolution with 3 input or 3 output channels at full resolution (the sd-turbo model has six
+    at 512²: the VAE's conv_in and conv_out, the guidance branch's first convolution, the IGN's three),
+    channels_last fp16, as cuDNN runs it and with the thin side zero-padded to `padded` channels (the
+    same result: zero input channels add nothing, extra output channels are sliced off)."""
+    x = torch.randn(1, in_channels, size, size, device=DEVICE, dtype=DTYPE).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(out_channels, in_channels, 3, 3, device=DEVICE, dtype=DTYPE) / (9 * in_channels) ** 0.5
+              ).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(out_channels, device=DEVICE, dtype=DTYPE)
+    if in_channels < out_channels:
+        x_pad = F.pad(x, (0, 0, 0, 0, 0, padded - in_channels)).contiguous(memory_format=torch.channels_last)
+        w_pad = F.pad(weight, (0, 0, 0, 0, 0, padded - in_channels)).contiguous(memory_format=torch.channels_last)
+        b_pad, keep = bias, out_channels
+    else:
+        x_pad = x
+        w_pad = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, padded - out_channels)).contiguous(memory_format=torch.channels_last)
+        b_pad, keep = F.pad(bias, (0, padded - out_channels)), out_channels
+    calls = {"cudnn": lambda: F.conv2d(x, weight, bias, padding=1),
+             f"padded_{padded}": lambda: F.conv2d(x_pad, w_pad, b_pad, padding=1)[:, :keep]}
+    difference = (calls["cudnn"]().float() - calls[f"padded_{padded}"]().float()).abs().max().item()
+    return {"section": "thin_conv", "shape": [1, in_channels, out_channels, size], "layout": "channels_last",
+            **time_calls(calls), "max_abs_diff_padded": difference}
+
+
 def unshuffle_concat_case(compiled: Compiled, s: int, cf: int, ch: int, batch: int, size: int) -> dict:
     from kernels.pixel_unshuffle_concat import pixel_unshuffle_concat, pixel_unshuffle_concat_reference
 
@@ -303,6 +337,9 @@ def plan(compiled: Compiled) -> list[tuple[str, Callable[[], dict]]]:
         (f"fca_block {ACCEPTANCE}", lambda: fca_block_case(*ACCEPTANCE)),
         (f"fca_attention {ACCEPTANCE} channels_last",
          lambda: fca_attention_case(compiled, *ACCEPTANCE, channels_last=True)),
+        (f"fca_block {ACCEPTANCE} channels_last", lambda: fca_block_case(*ACCEPTANCE, channels_last=True)),
+        *[(f"thin_conv {cin}->{cout} 512", lambda cin=cin, cout=cout: thin_conv_case(cin, cout, 512))
+          for cin, cout in THIN_CONVS],
         ("guidance_branch 1x512", lambda: guidance_branch_case(1, 512)),
         *[(f"group_norm {shape}", lambda shape=shape: group_norm_case(shape)) for shape in GROUP_NORM_SHAPES],
         *[(f"wide_head_attention {shape}", lambda shape=shape: wide_head_attention_case(shape))
@@ -334,7 +371,7 @@ def print_table(results: list[dict], copy_gbs: float) -> None:
         if "error" in r:
             print(f"{r['label']:<57} FAILED: {r['error']}")
             continue
-        if r["section"] in ("group_norm", "wide_head_attention", "gelu_cost"):
+        if r["section"] in ("group_norm", "wide_head_attention", "gelu_cost", "thin_conv"):
             continue
         t, g = r["ms"], r.get("graph_ms", {})
         shape = r["shape"] if r["section"] != "unshuffle_concat" else f"s={r['shape']['s']} f={r['shape']['f']}"
@@ -357,6 +394,11 @@ def print_table(results: list[dict], copy_gbs: float) -> None:
             print(f"  {r['shape']}: {t['eager']:.3f} / {t['triton']:.3f} / {t['compile']:.3f} / {t['compile_triton']:.3f}"
                   f"   CUDA graph: {g['eager']:.3f} / {g['triton']:.3f} / {g['compile']:.3f} / {g['compile_triton']:.3f}")
     for r in results:
+        if "erf_gelu" in r:
+            erf_ms = r["erf_gelu"]["graph_ms"]["triton"]
+            print(f"\nFCA attention {r['shape']} {r['layout']} with erf GELU instead of the fast form: {erf_ms:.3f} ms "
+                  f"(CUDA graph; {r['min_bytes'] / erf_ms / 1e6:.0f} GB/s; max |fast - erf| "
+                  f"{r['max_abs_diff_fast_vs_erf_gelu']:.2e})")
         if "triton_kernel_ms" in r:
             n_bytes = r["min_bytes"] // 3
             print(f"\nFCA attention's kernels at {r['shape']} {r['layout']} (torch.profiler, ms per call; "
@@ -379,6 +421,11 @@ def print_table(results: list[dict], copy_gbs: float) -> None:
         "VAE attention block (1 head of 512), channels_last, CUDA-graph ms: eager SDPA / compile SDPA / compile "
         "score matrix",
         lambda r, g: f"(max |score matrix - SDPA| {r['max_abs_diff_score_matrix_vs_eager_sdpa']:.2e})")
+    print_graph_comparison(
+        results, "thin_conv", ("cudnn", "padded_8"),
+        "3x3 convolutions with a 3-channel side, [1, in, out, size], channels_last, CUDA-graph ms: cuDNN / "
+        "thin side zero-padded to 8",
+        lambda r, g: f"(max |padded - cuDNN| {r['max_abs_diff_padded']:.2e})")
     print("\nconcat + 1x1 projection vs the 1x1 + strided-conv pair (ms)")
     for r in results:
         if r["section"] == "unshuffle_concat" and "error" not in r:

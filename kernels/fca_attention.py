@@ -1,7 +1,29 @@
-"""Fused channel attention of the FCA block (paper §3.1): z = g * sigmoid(W @ mean_hw(g) + b), g = GELU(y).
+"""Fused channel attention of the FCA block (paper §3.1): z = g * sigmoid(W @ mean_hw(g) + b), g = GELU(y + b1).
 
-The FCA block is ``out = x + conv2(z)`` with ``y = conv1(x)``; this op is everything between the
-two 3x3 convolutions. GELU is the exact erf form (``nn.GELU()``'s default).
+The FCA block is ``out = x + conv2(z)`` with ``y + b1 = conv1(x)``; this op is everything between
+the two 3x3 convolutions, and it takes conv1's bias b1 (``y_bias``, optional) so that conv1 can run
+without one: Inductor peels a convolution's bias off into a pointwise add that it fuses into the
+consumer, and a custom op is a consumer it cannot fuse into, so without ``y_bias`` the compiled
+model would spend a whole extra pass (read N, write N) adding b1 before this op.
+GELU is the erf form (``nn.GELU()``'s default).
+
+GELU's cost (fast form for fp16 and bf16)
+-----------------------------------------
+Pass 1 and pass 3 below both evaluate GELU, and libdevice's ``erff`` (two polynomial branches, a
+warp of random data takes both) makes the passes instruction-bound rather than memory-bound: at
+1x64x1024² on an H200 (2026-11-26) this op ran at 47 % of copy bandwidth. Counted in the sm_90
+SASS (tests/test_kernels_compile_sm90.py compiles the kernels; ``cuobjdump -sass``), the erf
+passes issue ~43 instructions per element, which at 132 SMs x 128 lanes x 1.98 GHz is ~86 µs per
+pass over 64 Mi elements, against 32 µs (pass 1) and 63 µs (pass 3) of memory time. For fp16 and
+bf16 inputs the kernels therefore evaluate
+
+    GELU(x) = x / (1 + 2^(x * Q(x²))),  Q a degree-4 polynomial (``FAST_GELU_COEFFICIENTS``),
+
+i.e. x·sigmoid(x·P(x²)) with log2(e) folded into P, fitted (iteratively reweighted least squares
+towards minimax) to x·Φ(x) on [-10, 10]: absolute error below 4e-6 in fp32 arithmetic (0.004 of
+an fp16 ulp at 1; tests/test_fca_attention.py checks it), Q <= -2.30 everywhere so the tails go to
+x and to 0 without a clamp, at 8 FMA-pipe instructions plus ex2 and a reciprocal. fp32 inputs keep
+the exact ``erf``; ``fast_gelu`` on the launcher overrides the choice (the benchmark times both).
 
 Passes over the [B, C, H, W] tensor (N elements of e bytes each)
 -----------------------------------------------------------------
@@ -68,30 +90,49 @@ _MAX_CHUNKS = 1024
 _MAX_BLOCK_K = 128  # partial sums the gate kernel adds per step
 
 
-def fca_channel_attention_reference(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+# GELU(x) ~ x / (1 + 2^(x * Q(x^2))); Q's coefficients from x^0 up (see "GELU's cost" above)
+FAST_GELU_COEFFICIENTS = (-2.30204531, -0.105226838, 0.000360343681, 8.82271836e-05, -3.22845091e-06)
+
+
+def fast_gelu_reference(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' fp16/bf16 GELU form in PyTorch, in x's dtype (the tests check the fit in float64)."""
+    x2 = x * x
+    q = torch.full_like(x, FAST_GELU_COEFFICIENTS[-1])
+    for coefficient in FAST_GELU_COEFFICIENTS[-2::-1]:
+        q = q * x2 + coefficient
+    return x / (1 + torch.exp2(x * q))
+
+
+def fca_channel_attention_reference(
+    y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, y_bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """The PyTorch definition (and the ONNX-exported graph): GELU, spatial mean, 1x1 conv, sigmoid, scale."""
     c = y.shape[1]
+    if y_bias is not None:
+        y = y + y_bias.reshape(1, c, 1, 1)
     g = F.gelu(y)
     gate = torch.sigmoid(F.linear(g.mean(dim=(2, 3)), weight.reshape(c, c), bias))  # [B, C]
     return g * gate[:, :, None, None]
 
 
 def fca_channel_attention(
-    y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, use_kernel: bool = True
+    y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, y_bias: torch.Tensor | None = None,
+    use_kernel: bool = True,
 ) -> torch.Tensor:
-    """FCA channel attention; the fused Triton op where it applies, else the PyTorch reference.
+    """FCA channel attention of y + y_bias; the fused Triton op where it applies, else the PyTorch reference.
 
-    `weight` is the 1x1 conv's [C, C, 1, 1] (or [C, C]) weight and `bias` its [C] bias.
-    The Triton op runs only with `use_kernel` on CUDA tensors, outside ONNX export and when no
-    gradient is needed (the op is inference only).
+    `weight` is the 1x1 conv's [C, C, 1, 1] (or [C, C]) weight, `bias` its [C] bias, `y_bias` a [C]
+    bias added to y first (conv1's). The Triton op runs only with `use_kernel` where
+    `fused_op_applies` says so.
     """
-    if use_kernel and _triton_applies(y, weight, bias):
-        return torch.ops.guidesr.fca_channel_attention(y, weight, bias)
-    return fca_channel_attention_reference(y, weight, bias)
+    if use_kernel and fused_op_applies(y, weight, bias):
+        return torch.ops.guidesr.fca_channel_attention(y, weight, bias, y_bias)
+    return fca_channel_attention_reference(y, weight, bias, y_bias)
 
 
-def _triton_applies(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
-    tensors = (y, weight, bias)
+def fused_op_applies(y: torch.Tensor, *parameters: torch.Tensor) -> bool:
+    """The Triton op runs on CUDA tensors, outside ONNX export, when no gradient is needed (inference only)."""
+    tensors = (y, *parameters)
     return (
         triton is not None
         and all(t.is_cuda for t in tensors)
@@ -121,17 +162,35 @@ def _empty_output(y: torch.Tensor) -> torch.Tensor:
 
 if triton is not None:
 
+    _Q0, _Q1, _Q2, _Q3, _Q4 = (tl.constexpr(c) for c in FAST_GELU_COEFFICIENTS)
+
     @triton.jit
-    def _gelu(x):
+    def _gelu(x, FAST: tl.constexpr):
+        if FAST:  # x / (1 + 2^(x Q(x²))): see "GELU's cost" in the module docstring
+            x2 = x * x
+            q = _Q4 * x2 + _Q3
+            q = q * x2 + _Q2
+            q = q * x2 + _Q1
+            q = q * x2 + _Q0
+            return x / (1.0 + tl.math.exp2(x * q))
         return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
 
     @triton.jit
+    def _load_biased(ptrs, mask, y_bias_ptr, c, c_mask, HAS_Y_BIAS: tl.constexpr):
+        """y[b, c, hw] (+ y_bias[c]) in fp32; masked lanes are 0."""
+        v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_Y_BIAS:
+            y_bias = tl.load(y_bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+            v = tl.where(mask, v + y_bias[:, None], 0.0)
+        return v
+
+    @triton.jit
     def _gelu_partial_sum_kernel(
-        y_ptr, partial_ptr, C, HW, n_chunks, chunk,
+        y_ptr, y_bias_ptr, partial_ptr, C, HW, n_chunks, chunk,
         stride_yb, stride_yc, stride_yhw,
-        BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, HAS_Y_BIAS: tl.constexpr, FAST_GELU: tl.constexpr,
     ):
-        """partial[b, c, k] = sum of GELU(y[b, c, hw]) over chunk k of H·W, in fp32."""
+        """partial[b, c, k] = sum of GELU(y[b, c, hw] + y_bias[c]) over chunk k of H·W, in fp32."""
         pid_bc = tl.program_id(0)
         k = tl.program_id(1)
         n_cblocks = tl.cdiv(C, BLOCK_C)
@@ -143,8 +202,8 @@ if triton is not None:
         for start in range(0, chunk, BLOCK_HW):
             hw = k * chunk + start + tl.arange(0, BLOCK_HW)
             mask = c_mask[:, None] & (hw < HW)[None, :]
-            v = tl.load(row + hw.to(tl.int64)[None, :] * stride_yhw, mask=mask, other=0.0)
-            acc += _gelu(v.to(tl.float32))  # masked lanes load 0 and GELU(0) = 0
+            v = _load_biased(row + hw.to(tl.int64)[None, :] * stride_yhw, mask, y_bias_ptr, c, c_mask, HAS_Y_BIAS)
+            acc += _gelu(v, FAST_GELU)  # masked lanes are 0 and GELU(0) = 0
         tl.store(partial_ptr + (b * C + c) * n_chunks + k, tl.sum(acc, axis=1), mask=c_mask)
 
     @triton.jit
@@ -180,11 +239,11 @@ if triton is not None:
 
     @triton.jit
     def _gated_gelu_kernel(
-        y_ptr, gate_ptr, out_ptr, C, HW, n_hw_blocks,
+        y_ptr, y_bias_ptr, gate_ptr, out_ptr, C, HW, n_hw_blocks,
         stride_yb, stride_yc, stride_yhw, stride_ob, stride_oc, stride_ohw,
-        BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, HAS_Y_BIAS: tl.constexpr, FAST_GELU: tl.constexpr,
     ):
-        """out[b, c, hw] = GELU(y[b, c, hw]) * gate[b, c], computed in fp32, stored in out's dtype."""
+        """out[b, c, hw] = GELU(y[b, c, hw] + y_bias[c]) * gate[b, c], computed in fp32, stored in out's dtype."""
         pid = tl.program_id(0)  # consecutive programs walk one channel block's H·W
         hw = (pid % n_hw_blocks) * BLOCK_HW + tl.arange(0, BLOCK_HW)
         pid_bc = pid // n_hw_blocks
@@ -194,17 +253,20 @@ if triton is not None:
         c_mask = c < C
         mask = c_mask[:, None] & (hw < HW)[None, :]
         b64, c64, hw64 = b.to(tl.int64), c.to(tl.int64)[:, None], hw.to(tl.int64)[None, :]
-        v = tl.load(y_ptr + b64 * stride_yb + c64 * stride_yc + hw64 * stride_yhw, mask=mask, other=0.0)
+        v = _load_biased(y_ptr + b64 * stride_yb + c64 * stride_yc + hw64 * stride_yhw, mask, y_bias_ptr, c, c_mask,
+                         HAS_Y_BIAS)
         gate = tl.load(gate_ptr + b * C + c, mask=c_mask, other=0.0)
-        z = _gelu(v.to(tl.float32)) * gate[:, None]
+        z = _gelu(v, FAST_GELU) * gate[:, None]
         out = out_ptr + b64 * stride_ob + c64 * stride_oc + hw64 * stride_ohw
         tl.store(out, z.to(out_ptr.dtype.element_ty), mask=mask)
 
     def fca_channel_attention_triton(
-        y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None
+        y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, y_bias: torch.Tensor | None = None,
+        out: torch.Tensor | None = None, fast_gelu: bool | None = None,
     ) -> torch.Tensor:
         """Launch the three kernels (see the module docstring); returns z, written into `out` if given.
 
+        `fast_gelu`: the polynomial-sigmoid GELU (None: for fp16 and bf16 y, erf for fp32).
         Takes any strides: NCHW and channels_last tensors are read in place (the tile runs along
         whichever of C or H·W is the inner axis); a tensor whose H and W do not flatten into one
         axis (e.g. a crop) is made contiguous first. `out` must have y's shape and dtype and
@@ -223,6 +285,11 @@ if triton is not None:
         if _hw_stride(y) is None:
             y = y.contiguous()
         weight = weight.reshape(channels, channels)
+        if y_bias is not None and y_bias.shape != (channels,):
+            raise ValueError(f"y_bias must have shape ({channels},), got {tuple(y_bias.shape)}")
+        flags = {"HAS_Y_BIAS": y_bias is not None,
+                 "FAST_GELU": y.dtype != torch.float32 if fast_gelu is None else bool(fast_gelu)}
+        y_bias = bias if y_bias is None else y_bias  # a pointer the kernels never read without HAS_Y_BIAS
         y_strides = (int(y.stride(0)), int(y.stride(1)), int(_hw_stride(y)))
         out_strides = (int(out.stride(0)), int(out.stride(1)), int(_hw_stride(out)))
 
@@ -244,8 +311,8 @@ if triton is not None:
         gate = torch.empty((batch, channels), device=y.device, dtype=torch.float32)
 
         wrap_triton(_gelu_partial_sum_kernel)[(batch * n_cblocks, n_chunks)](
-            y, partial, channels, hw, n_chunks, chunk, *y_strides,
-            BLOCK_C=block_c, BLOCK_HW=block_hw,
+            y, y_bias, partial, channels, hw, n_chunks, chunk, *y_strides,
+            BLOCK_C=block_c, BLOCK_HW=block_hw, **flags,
         )
         block_co = min(triton.next_power_of_2(channels), 64)
         block_ci = min(triton.next_power_of_2(channels), 4096 // block_co)
@@ -255,17 +322,19 @@ if triton is not None:
         )
         n_hw_blocks = triton.cdiv(hw, block_hw)
         wrap_triton(_gated_gelu_kernel)[(n_hw_blocks * batch * n_cblocks,)](
-            y, gate, out, channels, hw, n_hw_blocks, *y_strides, *out_strides,
-            BLOCK_C=block_c, BLOCK_HW=block_hw,
+            y, y_bias, gate, out, channels, hw, n_hw_blocks, *y_strides, *out_strides,
+            BLOCK_C=block_c, BLOCK_HW=block_hw, **flags,
         )
         return out
 
     @torch.library.triton_op(OP_NAME, mutates_args=())
-    def _fca_channel_attention_op(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return fca_channel_attention_triton(y, weight, bias)
+    def _fca_channel_attention_op(
+        y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, y_bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return fca_channel_attention_triton(y, weight, bias, y_bias)
 
     # triton_op's default fake traces the launcher, which under TRITON_INTERPRET would run the
     # interpreter on fake tensors; this one only allocates, so the fake is checkable on a CPU.
     @_fca_channel_attention_op.register_fake
-    def _(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def _(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, y_bias: torch.Tensor | None) -> torch.Tensor:
         return _empty_output(y)

@@ -18,7 +18,11 @@ card's fp16 matmul rate (runtime.report.matmul_rate) where one is measured.
 `--profile-compiled N` (CUDA) first builds the compiled backend for the same size and records N of its
 graph replays with torch.profiler: GPU time per forward by kernel category (convolution, matmul,
 attention, normalisation, other Inductor kernels, copies and memsets) and the 40 costliest kernels,
-so a change to the compiled backend can be checked where it should act.
+so a change to the compiled backend can be checked where it should act; then N calls of the compiled
+function outside the graph, for the GPU time of each PyTorch op (convolutions, matmuls, attention) by
+input shape; then the backend's whole calls (graph replay alone, tiles on the GPU, tiles on the CPU),
+so the host side of a call is measured without a report run. The profile is written to --json as
+soon as it is taken.
 """
 
 from __future__ import annotations
@@ -137,7 +141,43 @@ def profile_compiled(model, device: torch.device, precision: str, height: int, w
     for row in rows:
         categories[row["category"]] = categories.get(row["category"], 0.0) + row["ms"]
     return {"backend": backend.describe(), "replays": replays, "gpu_ms_per_forward": sum(r["ms"] for r in rows),
-            "categories_ms": dict(sorted(categories.items(), key=lambda item: -item[1])), "kernels": rows}
+            "call_ms": backend_call_ms(backend, tiles),
+            "categories_ms": dict(sorted(categories.items(), key=lambda item: -item[1])), "kernels": rows,
+            "ops": op_device_ms(lambda: backend.compiled_forward(), replays)}
+
+
+def backend_call_ms(backend, tiles: torch.Tensor, calls: int = 50) -> dict[str, float]:
+    """Median ms of whole backend calls (CUDA events, as runtime.report times them): the graph replay alone,
+    tiles on the GPU, and tiles on the CPU (the host copies and the synchronisation included)."""
+    from .report import time_ms
+
+    host_tiles = tiles.cpu()
+    cases = {"graph replay": backend.replay_graph, "device tensors": lambda: backend(tiles),
+             "CPU tensors": lambda: backend(host_tiles)}
+    result = {}
+    for name, call in cases.items():
+        call()
+        result[name] = statistics.median(time_ms(call, tiles.device) for _ in range(calls))
+    return result
+
+
+def op_device_ms(call: Callable[[], object], calls: int, top: int = 60) -> list[dict]:
+    """The costliest PyTorch ops of `call` (run without a CUDA graph, so the ops are seen) by the GPU time of
+    the kernels each launches itself, with their input shapes: which convolution or matmul shape is slow.
+    Inductor's own Triton kernels are launched from its generated code, not from an op: they are not here."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages(group_by_input_shape=True)
+              if e.device_type == torch.autograd.DeviceType.CPU and e.self_device_time_total > 0]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    return [{"op": e.key, "shapes": str(e.input_shapes), "ms": e.self_device_time_total / 1e3 / calls,
+             "calls": e.count / calls} for e in events[:top]]
 
 
 def format_profile(profile: dict, top: int = 40) -> str:
@@ -148,6 +188,9 @@ def format_profile(profile: dict, top: int = 40) -> str:
     lines += ["", "| kernel | category | ms per forward | launches per forward |", "|---|---|---|---|"]
     lines += [f"| {k['name'][:100]} | {k['category']} | {k['ms']:.3f} | {k['launches']:g} |"
               for k in profile["kernels"][:top]]
+    lines += ["", "| op (outside the graph) | input shapes | GPU ms per forward | calls per forward |", "|---|---|---|---|"]
+    lines += [f"| {op['op']} | {op['shapes'][:120]} | {op['ms']:.3f} | {op['calls']:g} |" for op in profile["ops"][:top]]
+    lines += ["", "whole calls, median ms: " + ", ".join(f"{name} {ms:.3f}" for name, ms in profile["call_ms"].items())]
     return "\n".join(lines)
 
 
@@ -210,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile_compiled:  # first: a run stopped at a time limit during the stages has printed it
         profile = profile_compiled(model, device, precision, height, width, args.batch, args.profile_compiled)
         print(format_profile(profile), flush=True)
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"compiled_profile": profile}, indent=2) + "\n")
     prepared = inference_copy(model, device, DTYPES[precision])
     rows = measure(prepared, device, precision, height, width, args.batch, args.repeats)
     rate = matmul_rate(device, precision) / 1e12 if device.type == "cuda" else None

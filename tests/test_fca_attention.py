@@ -12,6 +12,7 @@ from helpers import OpRecorder, require_interpreted_kernel  # noqa: E402
 
 from kernels import fca_attention  # noqa: E402
 from kernels.fca_attention import (  # noqa: E402
+    fast_gelu_reference,
     fca_channel_attention,
     fca_channel_attention_reference,
     fca_channel_attention_triton,
@@ -30,9 +31,37 @@ def make_inputs(batch, channels, height, width, dtype, seed=0):
     return tuple(t.to(DEVICE, dtype) for t in (y, weight, bias))
 
 
-def max_error_vs_float64(result, y, weight, bias):
-    exact = fca_channel_attention_reference(y.double(), weight.double(), bias.double())
+def max_error_vs_float64(result, y, weight, bias, y_bias=None):
+    exact = fca_channel_attention_reference(y.double(), weight.double(), bias.double(),
+                                            None if y_bias is None else y_bias.double())
     return (result.double() - exact).abs().max().item()
+
+
+def test_fast_gelu_fit_within_4e6_of_erf_gelu():
+    """The fp16/bf16 kernels' GELU form, in float64: the fit itself, its tails, and special values."""
+    x = torch.cat([torch.linspace(-12, 12, 240001, dtype=torch.float64),
+                   torch.tensor([-65504.0, -1e3, -40.0, 40.0, 1e3, 65504.0], dtype=torch.float64)])
+    error = (fast_gelu_reference(x) - torch.nn.functional.gelu(x)).abs()
+    assert error.max().item() < 4e-6, (error.max().item(), x[error.argmax()].item())
+    x32 = x.float()  # as the kernels evaluate it
+    assert (fast_gelu_reference(x32).double() - torch.nn.functional.gelu(x)).abs()[:240001].max().item() < 5e-6
+    special = fast_gelu_reference(torch.tensor([float("inf"), float("nan"), 0.0]))
+    assert special[0] == float("inf") and special[1].isnan() and special[2] == 0
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # 2^x -> inf: GELU -> 0, as meant
+@pytest.mark.parametrize("fast_gelu", [True, False])
+def test_kernel_gelu_forms_match_their_python_definitions(fast_gelu):
+    """fp32 input, either GELU form forced: the kernel's constants are FAST_GELU_COEFFICIENTS (a fp32-accurate
+    match to the float64 evaluation of the same form, much tighter than the fit's own 4e-6)."""
+    y, weight, bias = make_inputs(2, 7, 19, 23, torch.float32, seed=3)
+    y = y * 3  # GELU's curved range and its tails
+    z = fca_channel_attention_triton(y, weight, bias, fast_gelu=fast_gelu)
+    y64 = y.double()
+    g = fast_gelu_reference(y64) if fast_gelu else torch.nn.functional.gelu(y64)
+    gate = torch.sigmoid(torch.nn.functional.linear(g.mean(dim=(2, 3)), weight.double().reshape(7, 7), bias.double()))
+    exact_form = g * gate[:, :, None, None]
+    assert (z.double() - exact_form).abs().max().item() < 2e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -55,6 +84,24 @@ def test_kernel_error_at_most_twice_pytorchs(shape, dtype):
     torch_error = max_error_vs_float64(fca_channel_attention_reference(y, weight, bias), y, weight, bias)
     # (The CPU interpreter rounds fp32 -> bf16 by truncation, the GPU to nearest; the bound holds for both.)
     assert kernel_error <= 2 * torch_error + torch.finfo(dtype).eps, (kernel_error, torch_error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_y_bias_is_added_before_gelu(dtype, layout):
+    """conv1's bias, passed as y_bias, gives what adding it to y first gives (within the same error bound)."""
+    y, weight, bias = make_inputs(3, 17, 23, 37, dtype, seed=4)
+    y = y.contiguous(memory_format=layout)
+    y_bias = (torch.randn(17, generator=torch.Generator().manual_seed(5)) * 0.5).to(DEVICE, dtype)
+    out = torch.full_like(y, float("nan"))
+    fca_channel_attention_triton(y, weight, bias, y_bias=y_bias, out=out)
+    assert not torch.isnan(out).any()
+    kernel_error = max_error_vs_float64(out, y, weight, bias, y_bias)
+    torch_error = max_error_vs_float64(fca_channel_attention_reference(y, weight, bias, y_bias), y, weight, bias,
+                                       y_bias)
+    assert kernel_error <= 2 * torch_error + torch.finfo(dtype).eps, (kernel_error, torch_error)
+    with pytest.raises(ValueError, match="y_bias must have shape"):
+        fca_channel_attention_triton(y, weight, bias, y_bias=y_bias[:5])
 
 
 def test_strided_inputs_read_in_place_and_output_layout():
@@ -107,9 +154,10 @@ def test_custom_op_registered_with_fake_impl():
     y = y.to(memory_format=torch.channels_last)
     # Under the interpreter the AOT checks would trace the launcher with fake tensors: GPU only.
     utils = None if DEVICE == "cuda" else ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(OP, (y, weight, bias), test_utils=utils)
+    torch.library.opcheck(OP, (y, weight, bias, None), test_utils=utils)
+    torch.library.opcheck(OP, (y, weight, bias, bias), test_utils=utils)
     with torch._subclasses.FakeTensorMode() as mode:
-        fake = OP(mode.from_tensor(y), mode.from_tensor(weight), mode.from_tensor(bias))
+        fake = OP(mode.from_tensor(y), mode.from_tensor(weight), mode.from_tensor(bias), None)
     assert (fake.shape, fake.dtype, fake.stride()) == (y.shape, y.dtype, y.stride())
 
 

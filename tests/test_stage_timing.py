@@ -70,4 +70,9 @@ def test_profile_compiled_accounts_for_the_forward():
     profile = stage_timing.profile_compiled(model, torch.device("cuda"), "fp16", 64, 96, batch=1, replays=3)
     assert profile["gpu_ms_per_forward"] > 0 and profile["categories_ms"]["convolution"] > 0
     assert sum(profile["categories_ms"].values()) == pytest.approx(profile["gpu_ms_per_forward"])
-    assert "| convolution |" in stage_timing.format_profile(profile)
+    assert any(op["op"] == "aten::convolution" or "conv" in op["op"] for op in profile["ops"]), profile["ops"][:5]
+    calls = profile["call_ms"]
+    assert set(calls) == {"graph replay", "device tensors", "CPU tensors"} and all(ms > 0 for ms in calls.values())
+    assert calls["CPU tensors"] > calls["graph replay"]
+    text = stage_timing.format_profile(profile)
+    assert "| convolution |" in text and "whole calls, median ms" in text

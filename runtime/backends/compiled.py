@@ -166,6 +166,17 @@ class CompiledBackend(Backend):
         with torch.cuda.device(self.device):
             return run_static_batches(tiles, self.max_batch, self._replay)
 
+    def replay_graph(self) -> torch.Tensor:
+        """One replay on whatever the graph's input buffer holds; returns its output buffer (for profiling)."""
+        with torch.cuda.device(self.device):
+            self._graph.replay()
+        return self._output
+
+    def compiled_forward(self) -> torch.Tensor:
+        """The compiled function on the graph's input buffer, outside the graph (for profiling its ops)."""
+        with torch.cuda.device(self.device), torch.no_grad(), self._numerics():
+            return self._compiled(self._input)
+
     def _replay(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.is_cuda:
             self._input.copy_(batch)  # into the captured graph's input buffer

@@ -104,6 +104,24 @@ def test_torch_backend_runs_a_merged_copy_and_leaves_the_model_as_trained(model)
     assert not plain.lora_merged_copy and plain.model is model
 
 
+def test_the_compiled_backends_model_computes_what_the_model_computes(model):
+    """prepare_model in float64 on the CPU: its rewrites (per-channel GroupNorm, fused UNet q/k/v, wide-head
+    attention) leave the merged model's function unchanged, and every UNet attention's projections are fused."""
+    from diffusers.models.attention_processor import Attention
+
+    from export.merge import inference_copy
+    from runtime.backends.compiled import prepare_model
+
+    merged = inference_copy(model, torch.device("cpu"), torch.float64)
+    prepared = prepare_model(model, torch.device("cpu"), torch.float64)
+    attentions = [m for m in prepared.unet.modules() if isinstance(m, Attention)]
+    assert attentions and all(getattr(m, "to_qkv", None) is not None or getattr(m, "to_kv", None) is not None
+                              for m in attentions)
+    batch = tiles(2, 48, 64).double().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert (prepared(batch).r1 - merged(batch).r1).abs().max().item() < 1e-10
+
+
 def test_artifacts_go_to_their_backend(model, tmp_path):
     with pytest.raises(BackendError, match="--onnx is a graph for the onnxruntime backend, not for torch"):
         create_backend("torch", model, "cpu", onnx=tmp_path / "x.onnx")

@@ -8,9 +8,11 @@ Built once, before the first tile (a few seconds for tiny, minutes for sd-turbo 
    `group_norm.ChannelStatsGroupNorm` (the same function, statistics per channel then per group,
    which Inductor can spread over the GPU; see that file for the measurement behind it), and every
    attention with heads wider than flash attention takes (the VAE's, 512 wide) computes its score
-   matrix with cuBLAS (`wide_head_attention.py`) instead of SDPA's memory-efficient kernel;
-2. `torch.compile(..., dynamic=False)` of  image NCHW -> model(image as channels_last).r1 -> NCHW,
-   all in the model's dtype, so the layout changes are part of the compiled graph. The Triton ops
+   matrix with cuBLAS (`wide_head_attention.py`) instead of SDPA's memory-efficient kernel, and the
+   UNet's attention projections are fused (below); `prepare_model` does all of step 1;
+2. `torch.compile(..., dynamic=False)` of  image NCHW -> model(image as channels_last).r1 -> NCHW
+   float32, in the model's dtype up to that last cast, so the layout changes are part of the
+   compiled graph. The Triton ops
    (FCA channel attention, pixel-unshuffle + concat) stay on when the model has them on
    (`config.use_triton_kernels`); they are `triton_op`s, so Inductor launches them from its own code.
    The other attentions go through diffusers' AttnProcessor2_0, i.e. F.scaled_dot_product_attention,
@@ -21,17 +23,35 @@ Built once, before the first tile (a few seconds for tiny, minutes for sd-turbo 
 4. capture of one call into a `torch.cuda.CUDAGraph` with a static input and output buffer.
 
 Per call, CPU tiles: cast them to the model's dtype into a page-locked input buffer, copy that to
-the graph's input asynchronously, replay, copy the graph's output into a page-locked output buffer,
-synchronise, return it as a new float32 tensor. Tiles already on the GPU: cast into the graph's
-input on the device, replay, return a float32 copy of the output on the device (no host round trip,
-no synchronisation). A partial batch is padded to the graph's batch with copies of its last tile.
+the graph's input asynchronously, replay, copy the graph's float32 output (the cast is the last
+operation of the compiled graph, fused into its NCHW copy) into a new page-locked tensor from
+PyTorch's caching host allocator, synchronise, return that tensor. Tiles already on the GPU: cast
+into the graph's input on the device, replay, return a copy of the output on the device (no host
+round trip, no synchronisation). A partial batch is padded to the graph's batch with copies of its
+last tile.
 
 Why the host copies look like this: on the H200 (2026-11-26, commit 67fdbe6) a 512x512 call took
 15.39 ms with CPU tensors and 14.72 ms with the tiles on the GPU; the 0.67 ms between them was a
 pageable copy of the float32 input (3 MB) in and of the float32 output out into a new CPU tensor.
-fp16 halves those bytes (the graph's first operation was that cast, and its output is fp16, so
-the values are the same), and page-locked buffers let the copies run at DMA speed. Predicted:
-the host side from 0.67 to ~0.3 ms, i.e. ~15.0-15.1 ms per 512x512 call. Not yet measured.
+Casting the input to fp16 into a page-locked buffer and copying the fp16 output into another, then
+casting it to a new float32 tensor on the CPU, measured (same card, commit 52c4354) 15.29 ms with
+CPU tensors against 14.65 ms with device tensors and 14.51 ms for the graph replay alone: 0.64 ms
+of host side, not the ~0.3 ms predicted, so most of it was CPU work around the copies rather than
+the copies. The output side now has no CPU pass at all: the DMA writes the float32 result straight
+into the page-locked tensor that is returned (3 MB instead of 1.5 MB over the bus, ~0.05 ms more;
+the CPU cast of 0.79 M elements and the new 3 MB allocation, ~0.1-0.2 ms, gone). Predicted: host
+side 0.64 -> ~0.5 ms.
+
+Small convolutions: before compiling, `small_conv.use_im2col_where_faster` times each convolution with
+at most 16x16 output pixels (the UNet's deepest levels) as cuDNN runs it and as unfold + one cuBLAS
+matmul, on its own input and this GPU, and keeps the faster (see that file); `describe()` says how
+many were swapped and `im2col_layers` holds the timings.
+
+UNet attention: `fuse_qkv_projections()` (diffusers) replaces each self-attention's three q/k/v
+projections by one matmul and each cross-attention's k/v pair by one, the same products in fewer,
+larger cuBLAS calls: the H200 profile (commit 52c4354) counted 1182 kernels per forward, with
+matmuls of [256, 1280] x [1280, 1280] at ~5 us each, far below the card's rate. Predicted: ~48
+fewer launches and ~0.1-0.2 ms less per 512x512 forward.
 
 Why a hand-made CUDA graph instead of mode="reduce-overhead": the graph then holds the whole
 forward, one launch per batch, including any part dynamo leaves to eager PyTorch (graph breaks),
@@ -74,6 +94,7 @@ from .base import (
     skip_when_an_artifact_is_given,
 )
 from .group_norm import use_channel_stats_group_norm
+from .small_conv import use_im2col_where_faster
 from .wide_head_attention import use_wide_head_attention
 
 if TYPE_CHECKING:
@@ -82,15 +103,26 @@ if TYPE_CHECKING:
 WARMUP_CALLS = 3  # the first compiles and autotunes; the others run the steady state once more before capture
 
 
+def prepare_model(model: GuideSR, device: torch.device, dtype: torch.dtype) -> GuideSR:
+    """The copy of `model` that the compiled backend compiles (steps 1 and 2 of the module docstring)."""
+    from export.merge import inference_copy  # imports peft and diffusers (seconds): only when building
+
+    prepared = inference_copy(model, device, dtype)
+    use_channel_stats_group_norm(prepared)
+    prepared.unet.fuse_qkv_projections()
+    use_wide_head_attention(prepared)
+    return prepared
+
+
 class _TileForward(nn.Module):
-    """image [B, 3, H, W] NCHW -> R1 NCHW, in the model's dtype; the model runs channels_last."""
+    """image [B, 3, H, W] NCHW in the model's dtype -> R1 NCHW float32; the model runs channels_last."""
 
     def __init__(self, model: GuideSR):
         super().__init__()
         self.model = model
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model(image.contiguous(memory_format=torch.channels_last)).r1.contiguous()
+        return self.model(image.contiguous(memory_format=torch.channels_last)).r1.contiguous().float()
 
 
 class CompiledBackend(Backend):
@@ -117,18 +149,16 @@ class CompiledBackend(Backend):
         self.mode = "max-autotune-no-cudagraphs" if autotune else "default"
         self.triton_kernels = any(getattr(module, "use_kernel", False) for module in model.modules())
 
-        from export.merge import inference_copy  # imports peft and diffusers (seconds): only when building
-
         dtype = torch.float16 if precision == "fp16" else torch.float32
-        prepared = inference_copy(model, self.device, dtype)
-        use_channel_stats_group_norm(prepared)
-        use_wide_head_attention(prepared)
-        # The compiled function must outlive the graph: it owns the kernels the graph replays.
-        self._compiled = torch.compile(_TileForward(prepared), mode=self.mode, dynamic=False)
+        prepared = prepare_model(model, self.device, dtype)
         shape = (batch, 3, *self.tile_shape)
         self._input = torch.empty(shape, device=self.device, dtype=dtype).uniform_(-1, 1)
         self._host_input = torch.empty(shape, dtype=dtype, pin_memory=True)
-        self._host_output = torch.empty(shape, dtype=dtype, pin_memory=True)
+        tile_forward = _TileForward(prepared)
+        with torch.cuda.device(self.device), self._numerics():
+            self.im2col_layers = use_im2col_where_faster(prepared, lambda: tile_forward(self._input))
+        # The compiled function must outlive the graph: it owns the kernels the graph replays.
+        self._compiled = torch.compile(tile_forward, mode=self.mode, dynamic=False)
         with torch.cuda.device(self.device), torch.no_grad(), self._numerics():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -155,9 +185,11 @@ class CompiledBackend(Backend):
     def describe(self) -> str:
         height, width = self.tile_shape
         kernels = "Triton kernels on" if self.triton_kernels else "Triton kernels off"
+        im2col = sum(row["swapped"] for row in self.im2col_layers)
         return (f"compiled ({self.precision} on {self.device}, tiles of {height}x{width}, batch {self.max_batch}; "
                 f"torch.compile {self.mode} + CUDA graph, channels_last, per-channel-statistics GroupNorm, "
-                f"cuBLAS score-matrix attention for wide heads, {kernels})")
+                f"cuBLAS score-matrix attention for wide heads, fused UNet q/k/v, im2col for {im2col} of "
+                f"{len(self.im2col_layers)} small convolutions, {kernels})")
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         if tuple(tiles.shape[-2:]) != self.tile_shape:
@@ -181,13 +213,15 @@ class CompiledBackend(Backend):
         if batch.is_cuda:
             self._input.copy_(batch)  # into the captured graph's input buffer
             self._graph.replay()
-            return self._output.to(batch.device, torch.float32, copy=True)  # the next replay overwrites the buffer
+            return self._output.to(batch.device, copy=True)  # the next replay overwrites the buffer
         self._host_input.copy_(batch)  # the previous call synchronised: its copy from this buffer is done
         self._input.copy_(self._host_input, non_blocking=True)
         self._graph.replay()
-        self._host_output.copy_(self._output, non_blocking=True)
+        # page-locked, from PyTorch's caching host allocator (a block the caller has freed comes back)
+        output = torch.empty(self._output.shape, dtype=torch.float32, pin_memory=True)
+        output.copy_(self._output, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
-        return self._host_output.to(torch.float32, copy=True)
+        return output
 
 
 def compiled_unavailable_reason(device: torch.device) -> str | None:

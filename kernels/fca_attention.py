@@ -28,9 +28,12 @@ Predicted from the SASS (~24 instructions per element): pass 1 ~48 µs, pass 3 a
 op ~0.115 ms instead of 0.203. Measured on the H200 (2026-11-27, commit 52c4354, CUDA-graph
 replays): 0.116 ms NCHW (82 % of copy bandwidth; erf form in the same run 0.204 ms), pass 1 49.4 µs,
 pass 3 64.5 µs (4160 GB/s), gate 3.4 µs; channels_last 0.138 ms (69 %), of which the gate kernel
-took 14.6 µs summing 64 Ki partial sums in one program (its steps have since been made 4x larger,
-with 8 warps: not yet measured). Fast against erf form, largest output difference: 1.95e-3, one
-fp16 step at the output's scale.
+took 14.6 µs summing 64 Ki partial sums in one program. Fast against erf form, largest output
+difference: 1.95e-3, one fp16 step at the output's scale. (Tried and reverted, commit 871daa3: gate
+steps 4x larger with ``num_warps=8`` as a launch argument took the channels_last gate to 6.1 µs and
+the op to 0.130 ms, but the eager call took ~0.13 ms more host time, 0.194 -> 0.319 ms in
+``do_bench``: the launch argument was the only change to the launch, and ``wrap_triton`` handles
+launch options by wrapping the kernel in a new autotuner per call; docs/benchmarks.md.)
 
 Passes over the [B, C, H, W] tensor (N elements of e bytes each)
 -----------------------------------------------------------------
@@ -94,12 +97,7 @@ _TILE = 2048  # elements per [BLOCK_C, BLOCK_HW] tile in passes 1 and 3
 _TARGET_PROGRAMS = 4096
 _MIN_PROGRAM_ELEMENTS = 8192
 _MAX_CHUNKS = 1024
-# The gate kernel is one program per (sample, 64 output channels): it adds up to _GATE_TILE partial sums per
-# step, _MAX_BLOCK_K chunks at a time, with _GATE_WARPS warps. channels_last at 1x64x1024² has 1024 chunks
-# per channel (64 Ki partials), where 8 K-element steps with 4 warps took 14.6 µs on an H200 (2026-11-26).
-_MAX_BLOCK_K = 512
-_GATE_TILE = 16384
-_GATE_WARPS = 8
+_MAX_BLOCK_K = 128  # partial sums the gate kernel adds per step
 
 
 # GELU(x) ~ x / (1 + 2^(x * Q(x^2))); Q's coefficients from x^0 up (see "GELU's cost" above)
@@ -327,11 +325,10 @@ if triton is not None:
             BLOCK_C=block_c, BLOCK_HW=block_hw, **flags,
         )
         block_co = min(triton.next_power_of_2(channels), 64)
-        block_k = min(triton.next_power_of_2(n_chunks), _MAX_BLOCK_K)
-        block_ci = min(triton.next_power_of_2(channels), max(1, _GATE_TILE // block_k), 4096 // block_co)
+        block_ci = min(triton.next_power_of_2(channels), 4096 // block_co)
         wrap_triton(_channel_gate_kernel)[(batch, triton.cdiv(channels, block_co))](
             partial, weight, bias, gate, channels, n_chunks, hw, weight.stride(0), weight.stride(1),
-            BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_K=block_k, num_warps=_GATE_WARPS,
+            BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_K=min(triton.next_power_of_2(n_chunks), _MAX_BLOCK_K),
         )
         n_hw_blocks = triton.cdiv(hw, block_hw)
         wrap_triton(_gated_gelu_kernel)[(n_hw_blocks * batch * n_cblocks,)](

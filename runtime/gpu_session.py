@@ -8,22 +8,24 @@ stopped at its own cap or at what is left of --budget-s, whichever comes first:
 
 1. wheels: the wheels carried in .whl/ (made here by ../shared/tools/device-wheels.sh: the GPU
    image lacks diffusers) are installed into /tmp/site, which the later steps get on PYTHONPATH;
-2. kernels-benchmark: `python -m kernels.benchmark --json OUT/kernels.json` (issue 5's acceptance
+2. pytest-gpu: `pytest -m gpu` (the kernels' and the compiled backend's GPU tests), first: in the
+   second, third and fourth sessions it came after the report and was cut by the budget, so the
+   final code of the fourth was never tested on a GPU;
+3. kernels-benchmark: `python -m kernels.benchmark --json OUT/kernels.json` (issue 5's acceptance
    shapes and the sd-turbo guidance branch first; it writes what it measured when stopped);
-3. report: `python -m runtime.report --preset sd-turbo --random-weights` on CUDA, fp16: `torch`
+4. report: `python -m runtime.report --preset sd-turbo --random-weights` on CUDA, fp16: `torch`
    (eager) and `compiled` (and `tensorrt` when TensorRT is installed and --engine names an engine
    built on this GPU model) at 512x512 and 1024x1024, and a 2160x3840 (4K UHD) output tiled through
    `compiled` in 512 px tiles, into OUT/report/, with cudnn.benchmark on for every backend (so the
    eager baseline gets tuned cuDNN algorithms too). A step stopped at its limit gets SIGTERM, and
    the report then writes what it measured (512 and the 4K frame share the first build);
-4. pytest-gpu: `pytest -m gpu` (the kernels' and the compiled backend's GPU tests);
 5. stage-timing: `python -m runtime.stage_timing --profile-compiled 5` on sd-turbo at 512x512 (first
    the compiled backend's GPU time by kernel category, from torch.profiler, after a build of its own;
    then each stage of the eager fp16 forward as CUDA-graph replays, with FLOPs and TFLOP/s), into
    OUT/stages.json, with what is left. The budget rarely leaves it enough: docs/benchmarks.md
-   ("Running the GPU session") gives the second call that finishes steps 4 and 5.
+   ("Running the GPU session") gives a second call for it.
 
-Triton kernels in the report (--triton-kernels auto, the default): on, unless step 2 measured the
+Triton kernels in the report (--triton-kernels auto, the default): on, unless step 3 measured the
 sd-turbo guidance branch compiled *with* them slower (CUDA-graph replays) than compiled without
 them, in which case the report runs with them off and summary.json says why. (The first H200 run
 measured 3.09 ms with against 1.39 ms without, from a channels_last pass-1 grid of 64 programs since
@@ -95,7 +97,7 @@ class Settings:
 GPU = Settings(preset="sd-turbo", device="cuda", precision="fp16", backends=("torch", "compiled"),
                tiled_backends=("compiled",), sizes=(512, 1024), frame=(2160, 3840), tile=512, overlap=64,
                repeats=20, tiled_repeats=3, warmup=3,
-               caps={"wheels": 60, "kernels-benchmark": 90, "report": 340, "pytest-gpu": 120, "stage-timing": 150})
+               caps={"wheels": 60, "pytest-gpu": 150, "kernels-benchmark": 60, "report": 340, "stage-timing": 150})
 # The same steps on the CPU with the tiny preset: the compiled backend and the kernel benchmark need CUDA.
 CPU_SMOKE = Settings(preset="tiny", device="cpu", precision="fp32", backends=("torch",), tiled_backends=("torch",),
                      sizes=(64,), frame=(128, 128), tile=64, overlap=16, repeats=2, tiled_repeats=1, warmup=1,
@@ -316,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, wheels)],
                      settings.caps["wheels"]).status == "ok":
         session.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), str(REPO), os.environ.get("PYTHONPATH")]))
+    session.run("pytest-gpu", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rs"],
+                settings.caps["pytest-gpu"])
     if settings.device != "cuda":
         session.skip("kernels-benchmark", "it needs CUDA")
     else:
@@ -330,8 +334,6 @@ def main(argv: list[str] | None = None) -> int:
     report_env = ATEN_ONLY if args.autotune == "aten" else {}
     session.run("report", report_command(settings, out / "report", args.engine, args.autotune, triton_kernels),
                 settings.caps["report"], report_env)
-    session.run("pytest-gpu", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"],
-                settings.caps["pytest-gpu"])
     profile = ["--profile-compiled", str(PROFILED_REPLAYS)] if settings.device == "cuda" else []
     session.run("stage-timing", [sys.executable, "-m", "runtime.stage_timing", "--preset", settings.preset,
                                  "--random-weights", "--device", settings.device, "--size", str(settings.sizes[0]),

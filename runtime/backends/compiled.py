@@ -40,18 +40,18 @@ of host side, not the ~0.3 ms predicted, so most of it was CPU work around the c
 the copies. The output side now has no CPU pass at all: the DMA writes the float32 result straight
 into the page-locked tensor that is returned (3 MB instead of 1.5 MB over the bus, ~0.05 ms more;
 the CPU cast of 0.79 M elements and the new 3 MB allocation, ~0.1-0.2 ms, gone). Predicted: host
-side 0.64 -> ~0.5 ms.
-
-Small convolutions: before compiling, `small_conv.use_im2col_where_faster` times each convolution with
-at most 16x16 output pixels (the UNet's deepest levels) as cuDNN runs it and as unfold + one cuBLAS
-matmul, on its own input and this GPU, and keeps the faster (see that file); `describe()` says how
-many were swapped and `im2col_layers` holds the timings.
+side 0.64 -> ~0.5 ms. Measured (H200, 2026-11-27, commit 871daa3, runtime.report): 15.14 ms median
+with CPU tensors (the steady calls 15.03-15.10; the first eight of warm-up and timing took 17.8-21.7
+ms, cause not measured) against 14.72 ms with device tensors: ~0.4 ms of host side.
 
 UNet attention: `fuse_qkv_projections()` (diffusers) replaces each self-attention's three q/k/v
 projections by one matmul and each cross-attention's k/v pair by one, the same products in fewer,
 larger cuBLAS calls: the H200 profile (commit 52c4354) counted 1182 kernels per forward, with
 matmuls of [256, 1280] x [1280, 1280] at ~5 us each, far below the card's rate. Predicted: ~48
-fewer launches and ~0.1-0.2 ms less per 512x512 forward.
+fewer launches and ~0.1-0.2 ms less per 512x512 forward. Measured (commit 871daa3, with the Triton
+kernels on as well): 14.72 ms with device tensors, the same as without either change (14.72 ms,
+commit 67fdbe6): no measurable gain. It stays because that run is the measured configuration; the
+next profile should show whether the split q/k/v views cost copies that ate the saving.
 
 Why a hand-made CUDA graph instead of mode="reduce-overhead": the graph then holds the whole
 forward, one launch per batch, including any part dynamo leaves to eager PyTorch (graph breaks),
@@ -94,7 +94,6 @@ from .base import (
     skip_when_an_artifact_is_given,
 )
 from .group_norm import use_channel_stats_group_norm
-from .small_conv import use_im2col_where_faster
 from .wide_head_attention import use_wide_head_attention
 
 if TYPE_CHECKING:
@@ -154,11 +153,8 @@ class CompiledBackend(Backend):
         shape = (batch, 3, *self.tile_shape)
         self._input = torch.empty(shape, device=self.device, dtype=dtype).uniform_(-1, 1)
         self._host_input = torch.empty(shape, dtype=dtype, pin_memory=True)
-        tile_forward = _TileForward(prepared)
-        with torch.cuda.device(self.device), self._numerics():
-            self.im2col_layers = use_im2col_where_faster(prepared, lambda: tile_forward(self._input))
         # The compiled function must outlive the graph: it owns the kernels the graph replays.
-        self._compiled = torch.compile(tile_forward, mode=self.mode, dynamic=False)
+        self._compiled = torch.compile(_TileForward(prepared), mode=self.mode, dynamic=False)
         with torch.cuda.device(self.device), torch.no_grad(), self._numerics():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -185,11 +181,9 @@ class CompiledBackend(Backend):
     def describe(self) -> str:
         height, width = self.tile_shape
         kernels = "Triton kernels on" if self.triton_kernels else "Triton kernels off"
-        im2col = sum(row["swapped"] for row in self.im2col_layers)
         return (f"compiled ({self.precision} on {self.device}, tiles of {height}x{width}, batch {self.max_batch}; "
                 f"torch.compile {self.mode} + CUDA graph, channels_last, per-channel-statistics GroupNorm, "
-                f"cuBLAS score-matrix attention for wide heads, fused UNet q/k/v, im2col for {im2col} of "
-                f"{len(self.im2col_layers)} small convolutions, {kernels})")
+                f"cuBLAS score-matrix attention for wide heads, fused UNet q/k/v, {kernels})")
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         if tuple(tiles.shape[-2:]) != self.tile_shape:

@@ -11,9 +11,8 @@ fine structure survives, and any H, W works.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 import torch.nn.functional as F
+from torch import nn
 
 from kernels.fca_attention import fca_channel_attention, fca_channel_attention_reference, fused_op_applies
 

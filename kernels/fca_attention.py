@@ -5,7 +5,7 @@ the two 3x3 convolutions, and it takes conv1's bias b1 (``y_bias``, optional) so
 without one: Inductor peels a convolution's bias off into a pointwise add that it fuses into the
 consumer, and a custom op is a consumer it cannot fuse into, so without ``y_bias`` the compiled
 model would spend a whole extra pass (read N, write N) adding b1 before this op.
-GELU is the erf form (``nn.GELU()``'s default).
+GELU is the erf form (``nn.GELU()``'s default): exact for fp32, a fit for fp16 and bf16 (below).
 
 GELU's cost (fast form for fp16 and bf16)
 -----------------------------------------
@@ -32,8 +32,9 @@ took 14.6 µs summing 64 Ki partial sums in one program. Fast against erf form, 
 difference: 1.95e-3, one fp16 step at the output's scale. (Tried and reverted, commit 871daa3: gate
 steps 4x larger with ``num_warps=8`` as a launch argument took the channels_last gate to 6.1 µs and
 the op to 0.130 ms, but the eager call took ~0.13 ms more host time, 0.194 -> 0.319 ms in
-``do_bench``: the launch argument was the only change to the launch, and ``wrap_triton`` handles
-launch options by wrapping the kernel in a new autotuner per call; docs/benchmarks.md.)
+``do_bench``. The launch argument was the only change to the launch; torch's Triton wrapper can
+wrap a kernel launched with such options in a new autotuner per call, the likely cause, not
+confirmed; docs/benchmarks.md.)
 
 Passes over the [B, C, H, W] tensor (N elements of e bytes each)
 -----------------------------------------------------------------

@@ -215,3 +215,23 @@ def test_onnx_export_records_the_reference():
         program = torch.onnx.export(Attention(), (torch.randn(1, 8, 12, 16, device=DEVICE),), dynamo=True)
     op_types = {node.op_type for node in program.model_proto.graph.node}
     assert "Sigmoid" in op_types and not any("fca" in t for t in op_types), op_types
+
+
+def test_fca_block_hands_conv1s_bias_to_the_op(monkeypatch):
+    """FCABlock's kernel path (conv1 without its bias, the bias passed as y_bias) computes the block's
+    reference path. The op is made to apply to CPU tensors, where the interpreter runs its kernels."""
+    from guidesr import guidance
+
+    for module in (guidance, fca_attention):
+        monkeypatch.setattr(module, "fused_op_applies", lambda *tensors: True)
+    torch.manual_seed(6)
+    block = guidance.FCABlock(6).to(DEVICE).eval()
+    torch.nn.init.normal_(block.conv1.bias, std=0.5)  # a bias that matters
+    x = torch.randn(2, 6, 13, 17, device=DEVICE)
+    with torch.no_grad(), OpRecorder() as recorder:
+        fused = block(x)
+    assert "guidesr.fca_channel_attention.default" in recorder.ops
+    block.use_kernel = False
+    with torch.no_grad():
+        reference = block(x)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)

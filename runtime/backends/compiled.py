@@ -103,7 +103,7 @@ WARMUP_CALLS = 3  # the first compiles and autotunes; the others run the steady 
 
 
 def prepare_model(model: GuideSR, device: torch.device, dtype: torch.dtype) -> GuideSR:
-    """The copy of `model` that the compiled backend compiles (steps 1 and 2 of the module docstring)."""
+    """The copy of `model` that the compiled backend compiles (step 1 of the module docstring)."""
     from export.merge import inference_copy  # imports peft and diffusers (seconds): only when building
 
     prepared = inference_copy(model, device, dtype)

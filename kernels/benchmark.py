@@ -16,9 +16,12 @@ first H200 run, enough to hide a 0.1 ms kernel); the GB/s use that GPU time:
 
 Sections: the attention op (Triton / eager / compiled reference) for C in {32, 64}, 512² to
 2048², batch 1 and 4, NCHW, plus channels_last at the acceptance shape (the compiled model runs
-channels_last); PyTorch's GELU against a plain copy at the acceptance shape (is an erf pass
-memory- or instruction-bound?); the whole FCA block (conv1 -> attention -> conv2 + residual, the model's
-`guidesr.guidance.FCABlock`) with and without the kernel; the whole guidance branch of the
+channels_last), and there the op's three kernels one by one (torch.profiler) and the op with the
+erf GELU instead of the fp16 fast form; PyTorch's GELU against a plain copy at the acceptance shape
+(is an erf pass memory- or instruction-bound?); the whole FCA block (conv1 -> attention -> conv2 +
+residual, the model's `guidesr.guidance.FCABlock`) with and without the kernel, NCHW and
+channels_last; the model's six full-resolution 3x3 convolutions with a 3-channel side, as cuDNN runs
+them and with that side zero-padded to 8 channels; the whole guidance branch of the
 sd-turbo preset (C = 32, 4 FRBs of 2 FCA blocks, IGN) with and without the kernels, eager and
 compiled; GroupNorm(32) + SiLU at the sd-turbo VAE's shapes, nn.GroupNorm (eager, compiled)
 against the compiled backend's ChannelStatsGroupNorm (compiled); the VAE's 512-wide single-head

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.fca_attention import fca_channel_attention, fca_channel_attention_reference, fused_op_applies
+from kernels.fca_attention import fca_channel_attention_reference, fused_op_applies
 
 
 class FCABlock(nn.Module):
@@ -37,7 +37,7 @@ class FCABlock(nn.Module):
         weight, bias = self.attention.weight, self.attention.bias
         if self.use_kernel and fused_op_applies(x, weight, bias, self.conv1.weight):
             y = F.conv2d(x, self.conv1.weight, padding=1)  # [B, C, H, W], conv1's bias still to add
-            z = fca_channel_attention(y, weight, bias, y_bias=self.conv1.bias)
+            z = torch.ops.guidesr.fca_channel_attention(y, weight, bias, self.conv1.bias)
         else:
             z = fca_channel_attention_reference(self.conv1(x), weight, bias)  # [B, C, H, W]
         return x + self.conv2(z)

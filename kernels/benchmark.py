@@ -139,18 +139,11 @@ def fca_attention_case(compiled: Compiled, batch: int, channels: int, size: int,
     reference = compiled(fca_channel_attention_reference)
     fused = fca_channel_attention(y, weight, bias, use_kernel=True)
     eager = fca_channel_attention_reference(y, weight, bias)
-    times = {
-        "triton": median_ms(lambda: fca_channel_attention(y, weight, bias, use_kernel=True)),
-        "eager": median_ms(lambda: fca_channel_attention_reference(y, weight, bias)),
-        "compile": median_ms(lambda: reference(y, weight, bias)),
-    }
-    graph_times = {
-        "triton": graph_median_ms(lambda: fca_channel_attention(y, weight, bias, use_kernel=True)),
-        "eager": graph_median_ms(lambda: fca_channel_attention_reference(y, weight, bias)),
-        "compile": graph_median_ms(lambda: reference(y, weight, bias)),
-    }
+    times = time_calls({"triton": lambda: fca_channel_attention(y, weight, bias, use_kernel=True),
+                        "eager": lambda: fca_channel_attention_reference(y, weight, bias),
+                        "compile": lambda: reference(y, weight, bias)})
     row = {"section": "fca_attention", "shape": [batch, channels, size, size],
-           "layout": "channels_last" if channels_last else "NCHW", "ms": times, "graph_ms": graph_times,
+           "layout": "channels_last" if channels_last else "NCHW", **times,
            "min_bytes": 3 * y.numel() * ELEMENT_BYTES,
            "max_abs_diff_vs_eager": (fused.float() - eager.float()).abs().max().item()}
     if (batch, channels, size) == ACCEPTANCE:  # where the op's time goes: its three kernels, and erf's cost
@@ -279,13 +272,13 @@ def thin_conv_case(in_channels: int, out_channels: int, size: int, padded: int =
     if in_channels < out_channels:
         x_pad = F.pad(x, (0, 0, 0, 0, 0, padded - in_channels)).contiguous(memory_format=torch.channels_last)
         w_pad = F.pad(weight, (0, 0, 0, 0, 0, padded - in_channels)).contiguous(memory_format=torch.channels_last)
-        b_pad, keep = bias, out_channels
+        b_pad = bias
     else:
         x_pad = x
         w_pad = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, padded - out_channels)).contiguous(memory_format=torch.channels_last)
-        b_pad, keep = F.pad(bias, (0, padded - out_channels)), out_channels
+        b_pad = F.pad(bias, (0, padded - out_channels))
     calls = {"cudnn": lambda: F.conv2d(x, weight, bias, padding=1),
-             f"padded_{padded}": lambda: F.conv2d(x_pad, w_pad, b_pad, padding=1)[:, :keep]}
+             f"padded_{padded}": lambda: F.conv2d(x_pad, w_pad, b_pad, padding=1)[:, :out_channels]}
     difference = (calls["cudnn"]().float() - calls[f"padded_{padded}"]().float()).abs().max().item()
     return {"section": "thin_conv", "shape": [1, in_channels, out_channels, size], "layout": "channels_last",
             **time_calls(calls), "max_abs_diff_padded": difference}
@@ -312,23 +305,16 @@ def unshuffle_concat_case(compiled: Compiled, s: int, cf: int, ch: int, batch: i
     def strided_projection():
         return F.conv2d(h, weight_h, bias) + F.conv2d(f, weight_f, stride=s)
 
-    times = {
-        "triton": median_ms(lambda: pixel_unshuffle_concat(h, f, s, use_kernel=True)),
-        "eager": median_ms(lambda: pixel_unshuffle_concat_reference(h, f, s)),
-        "compile": median_ms(lambda: reference(h, f, s)),
-        "triton_concat+1x1": median_ms(concat_then_project),
-        "eager_concat+1x1": median_ms(eager_concat_then_project),
-        "1x1+strided_conv": median_ms(strided_projection),
-    }
-    graph_times = {
-        "triton": graph_median_ms(lambda: pixel_unshuffle_concat(h, f, s, use_kernel=True)),
-        "eager": graph_median_ms(lambda: pixel_unshuffle_concat_reference(h, f, s)),
-        "compile": graph_median_ms(lambda: reference(h, f, s)),
-    }
+    times = time_calls({"triton": lambda: pixel_unshuffle_concat(h, f, s, use_kernel=True),
+                        "eager": lambda: pixel_unshuffle_concat_reference(h, f, s),
+                        "compile": lambda: reference(h, f, s)})
+    times["ms"] |= {"triton_concat+1x1": median_ms(concat_then_project),
+                    "eager_concat+1x1": median_ms(eager_concat_then_project),
+                    "1x1+strided_conv": median_ms(strided_projection)}
     exact = torch.equal(pixel_unshuffle_concat(h, f, s, use_kernel=True), pixel_unshuffle_concat_reference(h, f, s))
     projection_diff = (concat_then_project().float() - strided_projection().float()).abs().max().item()
     return {"section": "unshuffle_concat", "shape": {"h": list(h.shape), "f": list(f.shape), "s": s},
-            "ms": times, "graph_ms": graph_times, "min_bytes": 2 * (h.numel() + f.numel()) * ELEMENT_BYTES,
+            **times, "min_bytes": 2 * (h.numel() + f.numel()) * ELEMENT_BYTES,
             "equal_to_eager": exact, "max_abs_diff_concat_vs_strided_projection": projection_diff}
 
 

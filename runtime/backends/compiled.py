@@ -2,14 +2,18 @@
 
 Built once, before the first tile (a few seconds for tiny, minutes for sd-turbo with autotuning):
 
-1. `export.merge.inference_copy`: a copy of the model with LoRA folded into plain weights (the
-   caller's model is untouched and can serve as the --validate reference), gradients off, cast
-   to fp16 (or fp32) with channels_last weights, on the device; every `nn.GroupNorm` becomes
-   `group_norm.ChannelStatsGroupNorm` (the same function, statistics per channel then per group,
-   which Inductor can spread over the GPU; see that file for the measurement behind it), and every
-   attention with heads wider than flash attention takes (the VAE's, 512 wide) computes its score
-   matrix with cuBLAS (`wide_head_attention.py`) instead of SDPA's memory-efficient kernel, and the
-   UNet's attention projections are fused (below); `prepare_model` does all of step 1;
+1. `prepare_model`, the copy that is compiled, each rewrite the same function:
+   a. `export.merge.inference_copy`: a copy of the model with LoRA folded into plain weights (the
+      caller's model is untouched and can serve as the --validate reference), gradients off, cast
+      to fp16 (or fp32) with channels_last weights, on the device;
+   b. every `nn.GroupNorm` becomes `group_norm.ChannelStatsGroupNorm` (statistics per channel then
+      per group, which Inductor can spread over the GPU; see that file for the measurement behind it);
+   c. the UNet's attention projections are fused (below);
+   d. every attention with heads wider than flash attention takes (the VAE's, 512 wide) computes its
+      score matrix with cuBLAS (`wide_head_attention.py`) instead of SDPA's memory-efficient kernel;
+   e. the constant inputs are folded (`constant_folding.py`, below): the time embedding at the fixed
+      timestep goes into every UNet ResNet block's conv1 bias, and every cross-attention's k/v of
+      the prompt become a buffer;
 2. `torch.compile(..., dynamic=False)` of  image NCHW -> model(image as channels_last).r1 -> NCHW
    float32, in the model's dtype up to that last cast, so the layout changes are part of the
    compiled graph. The Triton ops
@@ -52,6 +56,22 @@ fewer launches and ~0.1-0.2 ms less per 512x512 forward. Measured (commit 871daa
 kernels on as well): 14.72 ms with device tensors, the same as without either change (14.72 ms,
 commit 67fdbe6): no measurable gain. It stays because that run is the measured configuration; the
 next profile should show whether the split q/k/v views cost copies that ate the saving.
+
+Constant inputs (`constant_folding.py`): the UNet runs at one timestep with one prompt, yet every
+forward recomputed the time embedding, each ResNet block's projection of it and each
+cross-attention's k/v of the prompt. sd-turbo's UNet has 22 ResNet blocks with a time projection
+(12 of [1, 1280] x [1280, 1280], 5 with 640 and 5 with 320 outputs) and 16 cross-attentions, so the
+folded forward has 40 fewer cuBLAS calls (24 addmm: the time MLP's 2 and the 22 projections; 16 mm
+of [77·B, 1024] x [1024, 2·inner]) and fewer small Inductor kernels: the sinusoid (traced, but
+nothing reads it, so Inductor drops it), the SiLUs of the embedding and, with a batch above 1, the
+copy of the expanded prompt that to_kv read. Checked with Inductor on the CPU (tiny preset, batch
+1): 14 fewer extern matmuls (2 + 8 ResNet blocks + 4 cross-attentions), 5 fewer fused kernels (the
+sinusoid and 4 SiLUs), no sin/cos left. For sd-turbo on the H200 that is ~45-50 of the 1182
+launches. Predicted: ~0.1-0.2 ms less per 512x512 forward (the 52c4354 profile put the 13 [1,
+1280]-wide addmm at 0.068 ms; the others are kernels of a few us each), i.e. 15.14 -> ~14.95-15.05
+ms with CPU tensors. Not measured yet. With a batch above 1 the stored k/v reach SDPA as a
+stride-0 expand over the batch; should Inductor copy them before the flash kernel, that part of
+the saving becomes copies.
 
 Why a hand-made CUDA graph instead of mode="reduce-overhead": the graph then holds the whole
 forward, one launch per batch, including any part dynamo leaves to eager PyTorch (graph breaks),
@@ -106,10 +126,13 @@ def prepare_model(model: GuideSR, device: torch.device, dtype: torch.dtype) -> G
     """The copy of `model` that the compiled backend compiles (step 1 of the module docstring)."""
     from export.merge import inference_copy  # imports peft and diffusers (seconds): only when building
 
+    from .constant_folding import fold_constant_inputs
+
     prepared = inference_copy(model, device, dtype)
     use_channel_stats_group_norm(prepared)
     prepared.unet.fuse_qkv_projections()
     use_wide_head_attention(prepared)
+    fold_constant_inputs(prepared)
     return prepared
 
 
@@ -149,7 +172,8 @@ class CompiledBackend(Backend):
         self.triton_kernels = any(getattr(module, "use_kernel", False) for module in model.modules())
 
         dtype = torch.float16 if precision == "fp16" else torch.float32
-        prepared = prepare_model(model, self.device, dtype)
+        with self._numerics():  # fp32: the constants folded into the copy are computed without TF32, as the graph runs
+            prepared = prepare_model(model, self.device, dtype)
         shape = (batch, 3, *self.tile_shape)
         self._input = torch.empty(shape, device=self.device, dtype=dtype).uniform_(-1, 1)
         self._host_input = torch.empty(shape, dtype=dtype, pin_memory=True)
@@ -183,7 +207,8 @@ class CompiledBackend(Backend):
         kernels = "Triton kernels on" if self.triton_kernels else "Triton kernels off"
         return (f"compiled ({self.precision} on {self.device}, tiles of {height}x{width}, batch {self.max_batch}; "
                 f"torch.compile {self.mode} + CUDA graph, channels_last, per-channel-statistics GroupNorm, "
-                f"cuBLAS score-matrix attention for wide heads, fused UNet q/k/v, {kernels})")
+                f"cuBLAS score-matrix attention for wide heads, fused UNet q/k/v, time embedding and prompt k/v "
+                f"folded, {kernels})")
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         if tuple(tiles.shape[-2:]) != self.tile_shape:

@@ -10,7 +10,8 @@ stopped at its own cap or at what is left of --budget-s, whichever comes first:
    image lacks diffusers) are installed into /tmp/site, which the later steps get on PYTHONPATH;
 2. pytest-gpu: `pytest -m gpu` (the kernels' and the compiled backend's GPU tests), first: in the
    second, third and fourth sessions it came after the report and was cut by the budget, so the
-   final code of the fourth was never tested on a GPU;
+   final code of the fourth was never tested on a GPU; verbose (a test's name as it passes, so a cut
+   run still says which passed) with the 15 slowest tests' times;
 3. kernels-benchmark: `python -m kernels.benchmark --json OUT/kernels.json` (issue 5's acceptance
    shapes and the sd-turbo guidance branch first; it writes what it measured when stopped);
 4. report: `python -m runtime.report --preset sd-turbo --random-weights` on CUDA, fp16: `torch`
@@ -318,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, wheels)],
                      settings.caps["wheels"]).status == "ok":
         session.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), str(REPO), os.environ.get("PYTHONPATH")]))
-    session.run("pytest-gpu", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rs"],
+    session.run("pytest-gpu", [sys.executable, "-m", "pytest", "-v", "--durations=15", "-m", "gpu", "-p", "no:cacheprovider",
+                               "-rs"],
                 settings.caps["pytest-gpu"])
     if settings.device != "cuda":
         session.skip("kernels-benchmark", "it needs CUDA")

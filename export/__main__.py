@@ -99,6 +99,8 @@ def _command(commands, name: str, run, help_text: str) -> argparse.ArgumentParse
 def _shape_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--batch", type=int, default=1, help="batch size of static graphs (default 1)")
     command.add_argument("--max-batch", type=int, default=4, help="largest batch of dynamic graphs (default 4)")
+    command.add_argument("--trt-plugins", action="store_true",
+                         help="FCA channel attention as TensorRT plugin nodes (fused Triton kernels; TensorRT only)")
 
 
 def load_from_args(args) -> tuple[GuideSR, str]:
@@ -121,7 +123,8 @@ def load_from_args(args) -> tuple[GuideSR, str]:
 
 def _specs(args, model: GuideSR, variants: list[str]) -> list[GraphSpec]:
     multiple = model.config.size_multiple
-    return [guidesr_graph(multiple, args.tile, v, batch=args.batch, max_batch=args.max_batch) for v in variants]
+    return [guidesr_graph(multiple, args.tile, v, batch=args.batch, max_batch=args.max_batch,
+                          trt_plugins=args.trt_plugins) for v in variants]
 
 
 def _run_onnx(args, model: GuideSR, weights: str) -> int:

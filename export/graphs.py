@@ -10,6 +10,10 @@ in two variants of the same trace:
 The ONNX exporter takes its input/output names and dynamic axes from here, the TensorRT builder
 its optimisation profile, and the ONNX file and engine metadata carry the spec as JSON, so a
 runtime reads the shapes an engine accepts from the file instead of guessing.
+
+`trt_plugins` (off by default) asks for the TensorRT plugin form of the graph: each FCA block's
+channel attention becomes plugin nodes running the fused Triton kernels (export/plugin_nodes.py)
+instead of the standard ONNX ops, so the graph needs TensorRT with those plugins registered.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class GraphSpec:
     size_multiple: int  # H and W must be multiples of it (the model skips its padding in the graph)
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    trt_plugins: bool = False  # FCA channel attention as TensorRT plugin nodes (see the module docstring)
 
     @property
     def input_names(self) -> list[str]:
@@ -87,14 +92,19 @@ class GraphSpec:
             )
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """The spec as JSON; `trt_plugins` only when set, so plain graphs carry the same JSON as before it existed."""
+        data = asdict(self)
+        if not self.trt_plugins:
+            del data["trt_plugins"]
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "GraphSpec":
         data = json.loads(text)
         return cls(name=data["name"], variant=data["variant"], size_multiple=data["size_multiple"],
                    inputs=tuple(_tensor_spec(t) for t in data["inputs"]),
-                   outputs=tuple(_tensor_spec(t) for t in data["outputs"]))
+                   outputs=tuple(_tensor_spec(t) for t in data["outputs"]),
+                   trt_plugins=data.get("trt_plugins", False))
 
 
 def _tensor_spec(data: dict) -> TensorSpec:
@@ -102,7 +112,7 @@ def _tensor_spec(data: dict) -> TensorSpec:
 
 
 def guidesr_graph(size_multiple: int, tile: tuple[int, int], variant: str, batch: int = 1,
-                  max_batch: int = 4) -> GraphSpec:
+                  max_batch: int = 4, trt_plugins: bool = False) -> GraphSpec:
     """The image -> R1 graph for tiles of `tile` = (H, W); both must be multiples of `size_multiple`."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
@@ -119,7 +129,7 @@ def guidesr_graph(size_multiple: int, tile: tuple[int, int], variant: str, batch
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         lo, opt, hi = (1, 3, size_multiple, size_multiple), (1, 3, height, width), (max_batch, 3, 2 * height, 2 * width)
     image, r1 = (TensorSpec(name, "float32", AXES, lo, opt, hi) for name in (INPUT_NAME, OUTPUT_NAME))
-    return GraphSpec(GRAPH_NAME, variant, size_multiple, (image,), (r1,))
+    return GraphSpec(GRAPH_NAME, variant, size_multiple, (image,), (r1,), trt_plugins)
 
 
 def parse_tile(text: str) -> tuple[int, int]:

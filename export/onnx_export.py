@@ -5,8 +5,10 @@
           --fix_input_shapes (static only), fold_constants, [fp16: add_fp32_islands, fold_constants]-->
           --metadata, TensorRT op check, save, onnx.checker (full_check)--> NAME.onnx
 
-The fp16 graph is the same prepared module after `.half()`, traced again. docs/parts/export.md
-explains the choice of exporter (TorchScript over dynamo) and of the single end-to-end graph.
+The fp16 graph is the same prepared module after `.half()`, traced again. A spec with `trt_plugins`
+gets its own trace, with the FCA blocks' channel attention as TensorRT plugin nodes
+(export/plugin_nodes.py). docs/parts/export.md explains the choice of exporter (TorchScript over
+dynamo) and of the single end-to-end graph.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import tempfile
 import tomllib
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from guidesr.model import GuideSR
 from .fp16 import add_fp32_islands
 from .graphs import GraphSpec, guidesr_graph
 from .merge import merged_copy
+from .plugin_nodes import PLUGIN_OPS, fca_plugin_nodes, type_plugin_outputs
 from .rewrites import fix_input_shapes, fold_constants, fold_unshuffle_projections, freeze_time_embedding
 from .trt_supported_ops import tensorrt_problems
 
@@ -72,10 +76,12 @@ class ExportedGraph:
 
 
 def graph_filename(preset: str, spec: GraphSpec, precision: str) -> str:
-    """e.g. tiny-static-b1-512x512-fp16.onnx, sd-turbo-dynamic-512x512-fp32.onnx (tile = opt shape)."""
+    """e.g. tiny-static-b1-512x512-fp16.onnx, sd-turbo-dynamic-512x512-fp32.onnx (tile = opt shape),
+    tiny-static-b1-512x512-fp16-trtplugins.onnx for a graph with TensorRT plugin nodes."""
     height, width = spec.tile
     batch = f"-b{spec.inputs[0].opt[0]}" if spec.variant == "static" else ""
-    return f"{preset}-{spec.variant}{batch}-{height}x{width}-{precision}.onnx"
+    plugins = "-trtplugins" if spec.trt_plugins else ""
+    return f"{preset}-{spec.variant}{batch}-{height}x{width}-{precision}{plugins}.onnx"
 
 
 def export_graphs(model: GuideSR, out_dir: str | Path, specs: list[GraphSpec], precisions=PRECISIONS,
@@ -99,13 +105,16 @@ def export_graphs(model: GuideSR, out_dir: str | Path, specs: list[GraphSpec], p
     for precision in (p for p in PRECISIONS if p in precisions):
         if precision == "fp16":
             prepared.half()
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".trace-") as scratch:
-            traced = Path(scratch) / "traced.onnx"
-            trace(prepared, trace_spec, traced)
-            for spec in specs:
-                path = out_dir / graph_filename(model.config.preset, spec, precision)
-                finish_graph(ir.load(traced), spec, precision, graph_metadata(model, spec, precision, weights), path)
-                exported.append(ExportedGraph(path, spec, precision))
+        for trt_plugins in sorted({spec.trt_plugins for spec in specs}):
+            nodes = fca_plugin_nodes(prepared) if trt_plugins else nullcontext()
+            with tempfile.TemporaryDirectory(dir=out_dir, prefix=".trace-") as scratch, nodes:
+                traced = Path(scratch) / "traced.onnx"
+                trace(prepared, trace_spec, traced)
+                for spec in (s for s in specs if s.trt_plugins == trt_plugins):
+                    path = out_dir / graph_filename(model.config.preset, spec, precision)
+                    metadata = graph_metadata(model, spec, precision, weights)
+                    finish_graph(ir.load(traced), spec, precision, metadata, path)
+                    exported.append(ExportedGraph(path, spec, precision))
     return exported
 
 
@@ -129,14 +138,17 @@ def trace(module: ExportModule, spec: GraphSpec, path: Path) -> None:
 
 
 def finish_graph(model: ir.Model, spec: GraphSpec, precision: str, metadata: dict[str, str], path: Path) -> None:
-    """Shape-fix (static), fold, add fp32 islands (fp16), check against TensorRT, save and check."""
+    """Shape-fix (static), type the plugin nodes (trt_plugins), fold, add fp32 islands (fp16), check against
+    TensorRT, save and check."""
     if spec.variant == "static":
         fix_input_shapes(model, spec)
+    if spec.trt_plugins and not type_plugin_outputs(model):
+        raise RuntimeError(f"{path.name} was asked for TensorRT plugin nodes, but the trace has none")
     fold_constants(model)
     if precision == "fp16":
         add_fp32_islands(model)
         fold_constants(model)
-    problems = tensorrt_problems(model)
+    problems = tensorrt_problems(model, PLUGIN_OPS if spec.trt_plugins else frozenset())
     if problems:
         raise RuntimeError(f"{path.name} has {len(problems)} ops TensorRT cannot parse: " + "; ".join(problems[:10]))
     model.graph.name = spec.name

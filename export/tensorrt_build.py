@@ -7,6 +7,9 @@
     config.add_optimization_profile(profile)        # profile from the graph spec's min/opt/max
     builder.build_serialized_network(network, config) -> NAME.engine
 
+A graph exported with `trt_plugins` holds FCA plugin nodes; their plugins (export/tensorrt_plugins.py)
+are registered before parsing, so the parser imports those nodes as plugins.
+
 Strong typing: TensorRT 10 builds a strongly typed network when created with
 NetworkDefinitionCreationFlag.STRONGLY_TYPED; TensorRT 11 builds nothing else (and has no FP16
 builder flag any more). Either way no precision flag is set here: the fp16 graph's types, with
@@ -25,6 +28,7 @@ from guidesr.checkpoint import file_sha256
 from .engine_metadata import EngineMetadata, write
 from .graphs import GraphSpec
 from .onnx_export import read_metadata
+from .tensorrt_plugins import PluginRegistrationError, register_fca_plugins
 
 INSTALL_COMMAND = "pip install tensorrt-cu12   # CUDA 12 wheels from NVIDIA (or tensorrt-cu13 for CUDA 13)"
 MIN_TENSORRT_MAJOR = 10
@@ -84,6 +88,12 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, optimization_le
     graph_metadata = read_metadata(onnx_path)
     spec = GraphSpec.from_json(graph_metadata["graph_spec"])
     gpu_name, capability = current_gpu()
+    if spec.trt_plugins:
+        try:
+            register_fca_plugins(trt)
+        except PluginRegistrationError as err:
+            raise EngineBuildError(f"{onnx_path.name} holds FCA plugin nodes, and their TensorRT plugins cannot be "
+                                   f"registered: {err}") from err
 
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -15,6 +15,7 @@ Resize's modes and Reduce*'s constant `axes`.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import onnx_ir as ir
@@ -85,8 +86,12 @@ _RESIZE_ATTRIBUTES = {
 }
 
 
-def tensorrt_problems(model: ir.Model | str | Path) -> list[str]:
-    """Everything in the graph TensorRT's ONNX parser would reject; an empty list when it parses."""
+def tensorrt_problems(model: ir.Model | str | Path, plugin_ops: Collection[tuple[str, str]] = frozenset()) -> list[str]:
+    """Everything in the graph TensorRT's ONNX parser would reject; an empty list when it parses.
+
+    `plugin_ops` are the (domain, op_type) pairs the parser imports as registered plugins
+    (export/plugin_nodes.py); they are accepted as they are.
+    """
     if not isinstance(model, ir.Model):
         model = ir.load(model)
     problems = []
@@ -95,6 +100,8 @@ def tensorrt_problems(model: ir.Model | str | Path) -> list[str]:
         problems.append(f"default-domain opset {opset} is outside TensorRT's range {OPSET_RANGE}")
     for node in model.graph.all_nodes():
         where = f"{node.op_type} node {node.name!r}"
+        if (node.domain, node.op_type) in plugin_ops:
+            continue
         if node.domain not in ("", "ai.onnx"):
             problems.append(f"{where} is in domain {node.domain!r}; only standard ONNX ops are supported")
             continue

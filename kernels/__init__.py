@@ -2,6 +2,7 @@
 
 - `fca_attention`: the FCA block's channel attention, GELU -> pool -> 1x1 conv -> sigmoid -> scale.
 - `pixel_unshuffle_concat`: cat([h, PixelUnshuffle(f, s)], dim=1) written straight into one buffer.
+- `fca_attention_aot`: the FCA kernels compiled ahead of time to PTX for TensorRT plugins, with their launches.
 
 Each module holds the Triton kernels and their launcher, the PyTorch reference, a
 `torch.library.triton_op` custom op (``torch.ops.guidesr.*``) and the dispatcher the model calls,

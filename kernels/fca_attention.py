@@ -53,6 +53,9 @@ The Triton op makes two passes over y and never writes GELU's output (pass 3 rec
 3. ``_gated_gelu_kernel`` reads y again, recomputes GELU, multiplies by the gate and writes z:
    **2·N·e**.
 
+Each kernel takes its tensor inputs, then its scalars, then its output: the order a TensorRT AOT
+plugin launches a kernel with (kernels/fca_attention_aot.py, export/tensorrt_plugins.py).
+
 Total **3·N·e bytes** (40 % less traffic than eager), three launches instead of five. Where y
 fits in L2 (50 MB on an H100), pass 3's read of y may come from L2 rather than DRAM.
 Everything is accumulated in fp32 whatever the input dtype; only z is rounded to y's dtype.
@@ -197,8 +200,8 @@ if triton is not None:
 
     @triton.jit
     def _gelu_partial_sum_kernel(
-        y_ptr, y_bias_ptr, partial_ptr, C, HW, n_chunks, chunk,
-        stride_yb, stride_yc, stride_yhw,
+        y_ptr, y_bias_ptr, C, HW, n_chunks, chunk,
+        stride_yb, stride_yc, stride_yhw, partial_ptr,
         BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, HAS_Y_BIAS: tl.constexpr, FAST_GELU: tl.constexpr,
     ):
         """partial[b, c, k] = sum of GELU(y[b, c, hw] + y_bias[c]) over chunk k of H·W, in fp32."""
@@ -219,8 +222,8 @@ if triton is not None:
 
     @triton.jit
     def _channel_gate_kernel(
-        partial_ptr, w_ptr, bias_ptr, gate_ptr, C, n_chunks, HW,
-        stride_wo, stride_wi,
+        partial_ptr, w_ptr, bias_ptr, C, n_chunks, HW,
+        stride_wo, stride_wi, gate_ptr,
         BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """gate[b, co] = sigmoid(sum_ci W[co, ci] * mean[b, ci] + bias[co]), mean from the partial sums."""
@@ -250,8 +253,8 @@ if triton is not None:
 
     @triton.jit
     def _gated_gelu_kernel(
-        y_ptr, y_bias_ptr, gate_ptr, out_ptr, C, HW, n_hw_blocks,
-        stride_yb, stride_yc, stride_yhw, stride_ob, stride_oc, stride_ohw,
+        y_ptr, y_bias_ptr, gate_ptr, C, HW, n_hw_blocks,
+        stride_yb, stride_yc, stride_yhw, stride_ob, stride_oc, stride_ohw, out_ptr,
         BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, HAS_Y_BIAS: tl.constexpr, FAST_GELU: tl.constexpr,
     ):
         """out[b, c, hw] = GELU(y[b, c, hw] + y_bias[c]) * gate[b, c], computed in fp32, stored in out's dtype."""
@@ -322,18 +325,18 @@ if triton is not None:
         gate = torch.empty((batch, channels), device=y.device, dtype=torch.float32)
 
         wrap_triton(_gelu_partial_sum_kernel)[(batch * n_cblocks, n_chunks)](
-            y, y_bias, partial, channels, hw, n_chunks, chunk, *y_strides,
+            y, y_bias, channels, hw, n_chunks, chunk, *y_strides, partial,
             BLOCK_C=block_c, BLOCK_HW=block_hw, **flags,
         )
         block_co = min(triton.next_power_of_2(channels), 64)
         block_ci = min(triton.next_power_of_2(channels), 4096 // block_co)
         wrap_triton(_channel_gate_kernel)[(batch, triton.cdiv(channels, block_co))](
-            partial, weight, bias, gate, channels, n_chunks, hw, weight.stride(0), weight.stride(1),
+            partial, weight, bias, channels, n_chunks, hw, weight.stride(0), weight.stride(1), gate,
             BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_K=min(triton.next_power_of_2(n_chunks), _MAX_BLOCK_K),
         )
         n_hw_blocks = triton.cdiv(hw, block_hw)
         wrap_triton(_gated_gelu_kernel)[(n_hw_blocks * batch * n_cblocks,)](
-            y, y_bias, gate, out, channels, hw, n_hw_blocks, *y_strides, *out_strides,
+            y, y_bias, gate, channels, hw, n_hw_blocks, *y_strides, *out_strides, out,
             BLOCK_C=block_c, BLOCK_HW=block_hw, **flags,
         )
         return out

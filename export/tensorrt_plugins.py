@@ -1,0 +1,119 @@
+"""TensorRT plugins for the FCA plugin nodes (export/plugin_nodes.py), with ahead-of-time Triton kernels.
+
+One quickly deployable plugin (`tensorrt.plugin`) per node, "guidesr::FCAGeluPartialSum",
+"guidesr::FCAChannelGate" and "guidesr::FCAGatedGelu": `@trtp.register` describes the outputs,
+`@trtp.aot_impl` compiles the plugin's Triton kernel to PTX for the build GPU's compute capability
+and the input's type (kernels/fca_attention_aot.py) and returns its name, PTX, launch parameters
+and scalar arguments; TensorRT embeds the PTX in the engine, which then needs no Python to run.
+An AOT implementation returns one kernel, hence three plugins for the op's three kernels.
+
+Importing this module registers nothing: the engine builder calls `register_fca_plugins` for a
+graph with plugin nodes. It needs TensorRT >= 10.10 (`tensorrt.plugin.aot_impl`) and Triton with
+its NVIDIA backend in compiling mode (not TRITON_INTERPRET=1). Annotations are evaluated on purpose
+(no `from __future__ import annotations`): `trtp.register` tells tensor inputs from attributes by them.
+
+Not yet run in TensorRT: written against the TensorRT 10.x Python plugin documentation and
+NVIDIA's quickly_deployable_plugins sample; docs/design/export.md lists what is verified.
+"""
+
+from functools import lru_cache
+from types import ModuleType
+
+from .plugin_nodes import CHANNEL_GATE, GATED_GELU, GELU_PARTIAL_SUM, PLUGIN_NAMESPACE
+
+MIN_TENSORRT_VERSION = (10, 10)  # tensorrt.plugin.aot_impl
+PLUGIN_KERNELS = {GELU_PARTIAL_SUM: "gelu_partial_sum", CHANNEL_GATE: "channel_gate", GATED_GELU: "gated_gelu"}
+
+
+class PluginRegistrationError(RuntimeError):
+    """The FCA plugins cannot be registered (TensorRT too old, or Triton unable to compile)."""
+
+
+def check_plugin_kernels_compilable() -> ModuleType:
+    """kernels.fca_attention_aot, or PluginRegistrationError saying why its kernels cannot be compiled here."""
+    try:
+        from kernels import fca_attention, fca_attention_aot
+    except ImportError as err:
+        raise PluginRegistrationError(f"the plugins compile Triton kernels, and Triton's CUDA compiler is not "
+                                      f"importable ({err}); install triton") from err
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(fca_attention._gelu_partial_sum_kernel, JITFunction):
+        raise PluginRegistrationError("Triton runs in interpreter mode (TRITON_INTERPRET=1), where kernels cannot be "
+                                      "compiled ahead of time; build the engine without TRITON_INTERPRET")
+    return fca_attention_aot
+
+
+def register_fca_plugins(trt: ModuleType) -> None:
+    """Register the three FCA plugins with `trt` (the imported tensorrt module); registering again is a no-op."""
+    aot = check_plugin_kernels_compilable()
+    version = tuple(int(part) for part in trt.__version__.split(".")[:2])
+    if version < MIN_TENSORRT_VERSION:
+        raise PluginRegistrationError(f"TensorRT {trt.__version__} has no AOT plugin implementations (tensorrt.plugin."
+                                      f"aot_impl); they need TensorRT >= {'.'.join(map(str, MIN_TENSORRT_VERSION))}")
+    import tensorrt.plugin as trtp
+
+    _define_plugins(trt, trtp, aot)
+
+
+@lru_cache(maxsize=None)  # once per process: TensorRT's plugin registry refuses a second definition
+def _define_plugins(trt: ModuleType, trtp: ModuleType, aot: ModuleType) -> None:
+    @trtp.register(f"{PLUGIN_NAMESPACE}::{GELU_PARTIAL_SUM}")
+    def _partial_sum_outputs(y: trtp.TensorDesc, y_bias: trtp.TensorDesc) -> trtp.TensorDesc:
+        shape = y.shape_expr
+        chunks = aot.partial_sum_chunks(shape[2] * shape[3], trtp.cdiv)
+        return trtp.from_shape_expr((shape[0], shape[1], chunks), dtype=trt.float32)
+
+    @trtp.aot_impl(f"{PLUGIN_NAMESPACE}::{GELU_PARTIAL_SUM}")
+    def _partial_sum_kernel(y: trtp.TensorDesc, y_bias: trtp.TensorDesc, outputs):
+        return _kernel_launch(trt, trtp, aot, GELU_PARTIAL_SUM, y)
+
+    @trtp.register(f"{PLUGIN_NAMESPACE}::{CHANNEL_GATE}")
+    def _gate_outputs(partial: trtp.TensorDesc, weight: trtp.TensorDesc, bias: trtp.TensorDesc,
+                      y: trtp.TensorDesc) -> trtp.TensorDesc:
+        shape = partial.shape_expr
+        return trtp.from_shape_expr((shape[0], shape[1]), dtype=trt.float32)
+
+    @trtp.aot_impl(f"{PLUGIN_NAMESPACE}::{CHANNEL_GATE}")
+    def _gate_kernel(partial: trtp.TensorDesc, weight: trtp.TensorDesc, bias: trtp.TensorDesc, y: trtp.TensorDesc,
+                     outputs):
+        return _kernel_launch(trt, trtp, aot, CHANNEL_GATE, y)
+
+    @trtp.register(f"{PLUGIN_NAMESPACE}::{GATED_GELU}")
+    def _gated_gelu_outputs(y: trtp.TensorDesc, y_bias: trtp.TensorDesc, gate: trtp.TensorDesc) -> trtp.TensorDesc:
+        return y.like()
+
+    @trtp.aot_impl(f"{PLUGIN_NAMESPACE}::{GATED_GELU}")
+    def _gated_gelu_kernel(y: trtp.TensorDesc, y_bias: trtp.TensorDesc, gate: trtp.TensorDesc, outputs):
+        return _kernel_launch(trt, trtp, aot, GATED_GELU, y)
+
+
+def _kernel_launch(trt: ModuleType, trtp: ModuleType, aot: ModuleType, op_type: str, y):
+    """(kernel name, PTX, launch parameters, scalar arguments) of the op's kernel for y, the block's
+    [B, C, H, W] tensor (constant C), on the GPU PyTorch sees (the one TensorRT builds for)."""
+    import torch
+
+    shape = y.shape_expr
+    if not shape[1].is_constant:
+        raise PluginRegistrationError(f"{op_type} needs a constant channel count; the network's is dynamic")
+    channels = shape[1].constant_value()
+    triton_types = {trt.float32: "fp32", trt.float16: "fp16", trt.bfloat16: "bf16"}
+    if y.dtype not in triton_types:
+        raise PluginRegistrationError(f"{op_type} has kernels for float32, float16 and bfloat16, not {y.dtype}")
+    major, minor = torch.cuda.get_device_capability()
+    kernel_name = PLUGIN_KERNELS[op_type]
+    kernel = _compiled_kernels(triton_types[y.dtype], major * 10 + minor, channels, aot)[kernel_name]
+    launch = aot.plugin_launches(shape[0], channels, shape[2] * shape[3], trtp.cdiv)[kernel_name]
+    params = trtp.KernelLaunchParams()
+    params.grid_x = launch.grid[0]
+    if len(launch.grid) > 1:
+        params.grid_y = launch.grid[1]
+    params.block_x = kernel.num_warps * 32
+    params.shared_mem = kernel.shared_mem
+    scalars = trtp.SymIntExprs.from_tuple([trtp.SymInt32(value) for value in launch.scalars])
+    return kernel.name.encode(), kernel.ptx.encode(), params, scalars
+
+
+@lru_cache(maxsize=None)
+def _compiled_kernels(dtype: str, capability: int, channels: int, aot: ModuleType):
+    return aot.compile_plugin_kernels(dtype, capability, channels)

@@ -1,0 +1,158 @@
+"""The FCA channel attention's kernels compiled ahead of time, for TensorRT plugins (no TensorRT needed here).
+
+TensorRT's AOT plugins (`tensorrt.plugin.aot_impl`, export/tensorrt_plugins.py) embed one compiled
+kernel per plugin and launch it with the plugin's tensor inputs, then scalar arguments, then its
+outputs, in that order; the kernels of kernels/fca_attention.py take their arguments in that order.
+The op's three kernels therefore become three plugins, in the graph as three nodes per FCA block:
+
+    gelu_partial_sum   (y, y_bias)                -> partial [B, C, n_chunks] fp32
+    channel_gate       (partial, weight, bias, y) -> gate    [B, C] fp32
+    gated_gelu         (y, y_bias, gate)          -> z       [B, C, H, W], y's dtype
+
+A plugin's scalar arguments can only be computed from its inputs' shapes, and the gate divides by
+H·W, which the partial sums' shape does not tell: the gate plugin takes y as well, for its shape,
+and `_channel_gate_plugin_kernel` is the gate kernel with that (never read) pointer argument.
+
+A plugin kernel is compiled once per engine, before H and W are known (dynamic profiles), so its
+tiles depend on the channel count alone: NCHW (TensorRT's linear format), one channel per program
+(BLOCK_C = 1), PLUGIN_BLOCK_HW elements of H·W per step, and a fixed PLUGIN_CHUNK elements of H·W
+per partial sum. The reduction order still depends on the shape alone, so results stay
+deterministic. `plugin_launches` computes the grids and scalar arguments from (B, C, H·W) with
+plain arithmetic and a `cdiv`, so the same code serves Python ints (tests) and TensorRT's symbolic
+shape expressions (`tensorrt.plugin.ShapeExpr` with `tensorrt.plugin.cdiv`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels import fca_attention
+
+PLUGIN_KERNELS = ("gelu_partial_sum", "channel_gate", "gated_gelu")
+PLUGIN_DTYPES = ("fp32", "fp16", "bf16")  # Triton's names; fp16 and bf16 use the fast GELU, as the launcher does
+PLUGIN_BLOCK_HW = 2048
+PLUGIN_CHUNK = 8 * PLUGIN_BLOCK_HW
+PLUGIN_BLOCK_K = 64
+NUM_WARPS = 4
+
+
+@dataclass(frozen=True)
+class AheadOfTimeKernel:
+    name: str  # the kernel's entry in `ptx`
+    ptx: str
+    cubin: bytes
+    num_warps: int
+    shared_mem: int  # bytes of dynamic shared memory per program
+
+
+@dataclass(frozen=True)
+class PluginKernel:
+    fn: Any  # the @triton.jit kernel
+    signature: dict[str, str]  # Triton types of its runtime arguments, in order
+    constexprs: dict[str, Any]
+
+    def source(self) -> ASTSource:
+        return ASTSource(self.fn, self.signature | {k: "constexpr" for k in self.constexprs}, constexprs=self.constexprs)
+
+
+@dataclass(frozen=True)
+class PluginLaunch:
+    grid: tuple[Any, ...]  # (x,) or (x, y)
+    scalars: tuple[Any, ...]  # the kernel's scalar arguments, between its tensor inputs and its output
+
+
+@triton.jit
+def _channel_gate_plugin_kernel(
+    partial_ptr, w_ptr, bias_ptr, shape_only_ptr, C, n_chunks, HW, stride_wo, gate_ptr,
+    stride_wi: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """`_channel_gate_kernel` with the gate plugin's inputs; `shape_only_ptr` (y) is there for its shape."""
+    fca_attention._channel_gate_kernel(partial_ptr, w_ptr, bias_ptr, C, n_chunks, HW, stride_wo, stride_wi, gate_ptr,
+                                       BLOCK_CO, BLOCK_CI, BLOCK_K)
+
+
+def partial_sum_chunks(hw: Any, cdiv: Callable[[Any, Any], Any]) -> Any:
+    """n_chunks, the last dim of gelu_partial_sum's output, for H·W = `hw`."""
+    return cdiv(hw, PLUGIN_CHUNK)
+
+
+def gate_blocks(channels: int) -> tuple[int, int]:
+    """(BLOCK_CO, BLOCK_CI) of the gate kernel, as the launcher picks them."""
+    block_co = min(triton.next_power_of_2(channels), 64)
+    return block_co, min(triton.next_power_of_2(channels), 4096 // block_co)
+
+
+def plugin_launches(batch: Any, channels: int, hw: Any, cdiv: Callable[[Any, Any], Any]) -> dict[str, PluginLaunch]:
+    """Grid and scalar arguments of each plugin kernel for NCHW tensors of B = `batch`, C = `channels`, H·W = `hw`.
+
+    `batch` and `hw` may be symbolic (put first in every product); `channels` is the engine's constant C.
+    """
+    n_chunks = partial_sum_chunks(hw, cdiv)
+    n_hw_blocks = cdiv(hw, PLUGIN_BLOCK_HW)
+    block_co, _ = gate_blocks(channels)
+    image_stride = hw * channels
+    return {
+        "gelu_partial_sum": PluginLaunch(
+            (batch * channels, n_chunks), (channels, hw, n_chunks, PLUGIN_CHUNK, image_stride, hw)),
+        "channel_gate": PluginLaunch(
+            (batch, triton.cdiv(channels, block_co)), (channels, n_chunks, hw, channels)),
+        "gated_gelu": PluginLaunch(
+            (n_hw_blocks * batch * channels,),
+            (channels, hw, n_hw_blocks, image_stride, hw, image_stride, hw)),
+    }
+
+
+def plugin_kernels(dtype: str, channels: int) -> dict[str, PluginKernel]:
+    """Each plugin kernel with its argument types and constexprs, for tensors of Triton type `dtype` and C = `channels`."""
+    if dtype not in PLUGIN_DTYPES:
+        raise ValueError(f"dtype must be one of {PLUGIN_DTYPES}, not {dtype!r}")
+    y = f"*{dtype}"
+    tiles = {"BLOCK_C": 1, "BLOCK_HW": PLUGIN_BLOCK_HW, "HAS_Y_BIAS": True, "FAST_GELU": dtype != "fp32"}
+    block_co, block_ci = gate_blocks(channels)
+    return {
+        "gelu_partial_sum": PluginKernel(
+            fca_attention._gelu_partial_sum_kernel,
+            {"y_ptr": y, "y_bias_ptr": y, "C": "i32", "HW": "i32", "n_chunks": "i32", "chunk": "i32",
+             "stride_yb": "i32", "stride_yc": "i32", "partial_ptr": "*fp32"},
+            {"stride_yhw": 1} | tiles),
+        "channel_gate": PluginKernel(
+            _channel_gate_plugin_kernel,
+            {"partial_ptr": "*fp32", "w_ptr": y, "bias_ptr": y, "shape_only_ptr": y, "C": "i32", "n_chunks": "i32",
+             "HW": "i32", "stride_wo": "i32", "gate_ptr": "*fp32"},
+            {"stride_wi": 1, "BLOCK_CO": block_co, "BLOCK_CI": block_ci, "BLOCK_K": PLUGIN_BLOCK_K}),
+        "gated_gelu": PluginKernel(
+            fca_attention._gated_gelu_kernel,
+            {"y_ptr": y, "y_bias_ptr": y, "gate_ptr": "*fp32", "C": "i32", "HW": "i32", "n_hw_blocks": "i32",
+             "stride_yb": "i32", "stride_yc": "i32", "stride_ob": "i32", "stride_oc": "i32", "out_ptr": y},
+            {"stride_yhw": 1, "stride_ohw": 1} | tiles),
+    }
+
+
+def compile_plugin_kernels(dtype: str, capability: int, channels: int) -> dict[str, AheadOfTimeKernel]:
+    """PTX and cubin of the three plugin kernels for compute capability `capability` (e.g. 90 for sm_90).
+
+    Needs Triton's compiler, so not under TRITON_INTERPRET=1 (the kernels are then interpreter objects).
+    """
+    target = GPUTarget("cuda", capability, 32)
+    compiled = {}
+    for name, plugin_kernel in plugin_kernels(dtype, channels).items():
+        kernel = triton.compile(plugin_kernel.source(), target=target, options={"num_warps": NUM_WARPS})
+        _check_plugin_launchable(name, kernel.metadata)
+        compiled[name] = AheadOfTimeKernel(kernel.metadata.name, kernel.asm["ptx"], kernel.asm["cubin"],
+                                           kernel.metadata.num_warps, kernel.metadata.shared)
+    return compiled
+
+
+def _check_plugin_launchable(name: str, metadata) -> None:
+    """TensorRT launches the kernel with its own arguments only: Triton's trailing scratch pointers get null."""
+    scratch = {field: getattr(metadata, field) for field in ("global_scratch_size", "profile_scratch_size")
+               if getattr(metadata, field, 0)}
+    if scratch or metadata.num_ctas != 1:
+        raise RuntimeError(f"the {name} kernel needs {scratch or 'a CTA cluster'}; a TensorRT AOT plugin launch "
+                           "provides neither")

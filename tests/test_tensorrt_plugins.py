@@ -1,0 +1,245 @@
+"""Issue 5 (acceptance 4): the FCA kernels as TensorRT plugins, as far as a machine without TensorRT checks them.
+
+Checked here: the plugin-node ONNX graph of the tiny preset (structure, inputs, types, checker, the
+TensorRT op check), the kernels' ahead-of-time compilation to PTX for sm_80/sm_90 (in a subprocess
+without TRITON_INTERPRET, as tests/test_kernels_compile_sm90.py does), the plugin launch plan run
+through Triton's interpreter against the PyTorch reference, and the error paths. The TensorRT
+engine test needs a GPU and TensorRT >= 10.10 and is skipped without them.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from export.graphs import GraphSpec, guidesr_graph
+from export.onnx_export import export_graphs, read_metadata
+from export.plugin_nodes import CHANNEL_GATE, DOMAIN, GATED_GELU, GELU_PARTIAL_SUM, PLUGIN_NAMESPACE, PLUGIN_OPS
+from export.trt_supported_ops import tensorrt_problems
+from guidesr.guidance import FCABlock
+from helpers import randomized_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+TRT_MISSING = "TensorRT is not installed"
+STATIC_TILE = (64, 48)
+AOT_CASES = [("fp16", 90, 24), ("fp32", 80, 24), ("bf16", 90, 128)]  # (dtype, compute capability, channels)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomized_tiny(0)
+
+
+@pytest.fixture(scope="module")
+def graphs(model, tmp_path_factory):
+    """{(variant, precision, trt_plugins): path}: plugin graphs (static fp16, dynamic fp32) and a plain static fp16."""
+    out = tmp_path_factory.mktemp("plugins")
+    specs = [guidesr_graph(16, STATIC_TILE, "static", trt_plugins=True), guidesr_graph(16, STATIC_TILE, "static")]
+    exported = export_graphs(model, out, specs, precisions=["fp16"], weights="test")
+    exported += export_graphs(model, out, [guidesr_graph(16, (64, 64), "dynamic", trt_plugins=True)],
+                              precisions=["fp32"], weights="test")
+    return {(g.spec.variant, g.precision, g.spec.trt_plugins): g.path for g in exported}
+
+
+def fca_blocks(model) -> int:
+    return sum(isinstance(module, FCABlock) for module in model.modules())
+
+
+def op_counts(path: Path) -> Counter:
+    return Counter((node.domain, node.op_type) for node in onnx.load(str(path)).graph.node)
+
+
+def test_plugin_graphs_hold_three_plugin_nodes_per_fca_block_and_no_decomposition(graphs, model):
+    blocks = fca_blocks(model)
+    assert blocks == 4
+    plain = op_counts(graphs[("static", "fp16", False)])
+    for key in [("static", "fp16", True), ("dynamic", "fp32", True)]:
+        path = graphs[key]
+        onnx.checker.check_model(str(path), full_check=True)
+        counts = op_counts(path)
+        assert {op: counts[op] for op in PLUGIN_OPS} == {op: blocks for op in PLUGIN_OPS}
+        assert counts[("", "Gemm")] == counts[("", "ReduceMean")] == 0  # FCA's gates and pools, all of them
+        if key[1] == "fp16":
+            for op in ("Erf", "Sigmoid"):  # one GELU and one sigmoid per block left the graph
+                assert counts[("", op)] == plain[("", op)] - blocks
+        assert tensorrt_problems(path, PLUGIN_OPS) == []
+        problems = tensorrt_problems(path)
+        assert len(problems) == 3 * blocks and all(f"domain {DOMAIN!r}" in p for p in problems)
+    assert not any(domain == DOMAIN for domain, _ in plain)
+
+
+def test_plugin_nodes_read_the_blocks_tensors(graphs, model):
+    proto = onnx.load(str(graphs[("static", "fp16", True)]))
+    proto = onnx.shape_inference.infer_shapes(proto)
+    initializers = {t.name: t for t in proto.graph.initializer}
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    values = {v.name: v for v in (*proto.graph.value_info, *proto.graph.output)}
+    channels = model.guidance.frgnet[0].blocks[0].conv1.out_channels
+    nodes = [node for node in proto.graph.node if node.domain == DOMAIN]
+    gates = {node.output[0]: node for node in nodes if node.op_type == CHANNEL_GATE}
+    partial_sums = {node.output[0]: node for node in nodes if node.op_type == GELU_PARTIAL_SUM}
+    for gated in (node for node in nodes if node.op_type == GATED_GELU):
+        y, y_bias, gate_out = gated.input
+        gate = gates[gate_out]
+        partial_out, weight, bias, gate_y = gate.input
+        partial = partial_sums[partial_out]
+        assert list(partial.input) == [y, y_bias] and gate_y == y
+        conv1 = producers[y]
+        assert conv1.op_type == "Conv" and len(conv1.input) == 2  # conv1 without its bias: the plugins add it
+        assert list(initializers[y_bias].dims) == [channels]
+        assert list(initializers[weight].dims) == [channels, channels, 1, 1]
+        assert list(initializers[bias].dims) == [channels]
+        assert initializers[y_bias].data_type == onnx.TensorProto.FLOAT16
+        for node in (partial, gate, gated):
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert attributes == {"plugin_namespace": PLUGIN_NAMESPACE.encode(), "aot": 1}
+        z = values[gated.output[0]].type.tensor_type
+        assert z.elem_type == onnx.TensorProto.FLOAT16
+        assert [d.dim_value for d in z.shape.dim] == [1, channels, *STATIC_TILE]
+        assert values[gate.output[0]].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert len(nodes) == 3 * fca_blocks(model)
+
+
+def test_static_plugin_graph_folds_every_shape(graphs):
+    assert ("", "Shape") not in op_counts(graphs[("static", "fp16", True)])
+
+
+def test_plugin_option_shows_in_the_spec_and_the_file_name_only_when_set(graphs):
+    plugin, plain = graphs[("static", "fp16", True)], graphs[("static", "fp16", False)]
+    assert plugin.name == "tiny-static-b1-64x48-fp16-trtplugins.onnx"
+    assert plain.name == "tiny-static-b1-64x48-fp16.onnx"
+    assert "trt_plugins" not in json.loads(read_metadata(plain)["graph_spec"])
+    spec = GraphSpec.from_json(read_metadata(plugin)["graph_spec"])
+    assert spec.trt_plugins and spec == guidesr_graph(16, STATIC_TILE, "static", trt_plugins=True)
+    assert GraphSpec.from_json(guidesr_graph(16, STATIC_TILE, "dynamic").to_json()).trt_plugins is False
+
+
+def test_plugin_export_leaves_the_model_unchanged(graphs, model):
+    assert fca_blocks(model) == 4 and all(type(m).__name__ != "FCAPluginBlock" for m in model.modules())
+
+
+# ------------------------------------------------------------------------- kernels ahead of time, on the CPU
+
+def test_plugin_kernels_compile_to_ptx_for_sm80_and_sm90():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert result.stdout.count("plugin kernel ok") == len(AOT_CASES) * 3, result.stdout
+
+
+def compile_and_check(dtype: str, capability: int, channels: int) -> None:
+    import re
+
+    from kernels.fca_attention_aot import compile_plugin_kernels, plugin_kernels
+
+    sources = plugin_kernels(dtype, channels)
+    for name, kernel in compile_plugin_kernels(dtype, capability, channels).items():
+        entry = re.search(r"\.entry (\w+)\(([^)]*)\)", kernel.ptx)
+        assert f".target sm_{capability}" in kernel.ptx and kernel.cubin
+        assert entry.group(1) == kernel.name == sources[name].fn.__name__
+        # TensorRT passes the plugin's inputs, scalars and outputs; Triton's two scratch pointers come last
+        assert entry.group(2).count(".param") == len(sources[name].signature) + 2
+        assert kernel.num_warps == 4 and kernel.shared_mem >= 0
+        print(f"{name} {dtype} sm_{capability} C={channels}: plugin kernel ok", flush=True)
+
+
+@pytest.mark.parametrize("batch, channels, height, width", [(1, 5, 37, 53), (3, 24, 131, 127), (2, 1, 1, 16385)])
+def test_plugin_launches_cover_odd_shapes(batch, channels, height, width):
+    from kernels.fca_attention_aot import PLUGIN_BLOCK_HW, PLUGIN_CHUNK, gate_blocks, plugin_launches
+    from triton import cdiv
+
+    hw = height * width
+    launches = plugin_launches(batch, channels, hw, cdiv)
+    (programs, chunks), scalars = launches["gelu_partial_sum"].grid, launches["gelu_partial_sum"].scalars
+    assert programs == batch * channels and (chunks - 1) * PLUGIN_CHUNK < hw <= chunks * PLUGIN_CHUNK
+    assert scalars == (channels, hw, chunks, PLUGIN_CHUNK, channels * hw, hw)
+    block_co, _ = gate_blocks(channels)
+    assert launches["channel_gate"].grid == (batch, cdiv(channels, block_co))
+    assert launches["channel_gate"].scalars == (channels, chunks, hw, channels)
+    (gated_programs,) = launches["gated_gelu"].grid
+    assert gated_programs == cdiv(hw, PLUGIN_BLOCK_HW) * batch * channels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("batch, channels, height, width", [(2, 5, 7, 9), (1, 3, 131, 127)])
+def test_plugin_launch_plan_matches_the_reference_in_the_interpreter(dtype, batch, channels, height, width):
+    """The three kernels launched as the plugins launch them, on the CPU: the compiled signature's runtime arguments
+    (inputs, scalars, output: the order TensorRT passes them in), grids and constexprs."""
+    from kernels.fca_attention import fca_channel_attention_reference
+    from kernels.fca_attention_aot import partial_sum_chunks, plugin_kernels, plugin_launches
+    from triton import cdiv
+
+    generator = torch.Generator().manual_seed(3)
+    y, weight, bias, y_bias = (torch.randn(*shape, generator=generator).to(dtype) for shape in
+                               [(batch, channels, height, width), (channels, channels, 1, 1), (channels,), (channels,)])
+    hw = height * width
+    kernels = plugin_kernels("fp32" if dtype == torch.float32 else "fp16", channels)
+    launches = plugin_launches(batch, channels, hw, cdiv)
+    partial = torch.empty(batch, channels, partial_sum_chunks(hw, cdiv), dtype=torch.float32)
+    gate = torch.empty(batch, channels, dtype=torch.float32)
+    z = torch.empty_like(y)
+    for name, inputs, output in [("gelu_partial_sum", (y, y_bias), partial),
+                                 ("channel_gate", (partial, weight, bias, y), gate),
+                                 ("gated_gelu", (y, y_bias, gate), z)]:
+        kernel, launch = kernels[name], launches[name]
+        arguments = dict(zip(kernel.signature, (*inputs, *launch.scalars, output), strict=True))
+        kernel.fn[launch.grid](**arguments, **kernel.constexprs)
+    expected = fca_channel_attention_reference(y.double(), weight.double(), bias.double(), y_bias.double())
+    tolerance = 1e-5 if dtype == torch.float32 else 4e-3
+    torch.testing.assert_close(z.double(), expected, atol=tolerance, rtol=tolerance)
+
+
+# ------------------------------------------------------------------------------------------- error paths
+
+def test_registration_refuses_interpreted_kernels():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernels are compiled here (TRITON_INTERPRET is not set)")
+    from export.tensorrt_plugins import PluginRegistrationError, check_plugin_kernels_compilable
+
+    with pytest.raises(PluginRegistrationError, match="interpreter mode"):
+        check_plugin_kernels_compilable()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
+                    reason="TensorRT is installed here; this checks the build without it")
+def test_engine_build_of_a_plugin_graph_without_tensorrt_fails_clearly(graphs, tmp_path):
+    from export.tensorrt_build import TensorRTUnavailableError, build_engine
+
+    with pytest.raises(TensorRTUnavailableError, match="pip install tensorrt-cu12"):
+        build_engine(graphs[("static", "fp16", True)], tmp_path / "plugins.engine")
+    assert not (tmp_path / "plugins.engine").exists()
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@pytest.mark.parametrize("key", [("static", "fp16", True), ("dynamic", "fp32", True)])
+def test_plugin_engine_matches_pytorch(graphs, model, key, tmp_path):
+    pytest.importorskip("tensorrt", reason=TRT_MISSING)
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    from export.tensorrt_build import build_engine
+
+    image = torch.rand(1, 3, *STATIC_TILE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    engine = tmp_path / graphs[key].with_suffix(".engine").name
+    build_engine(graphs[key], engine)
+    with torch.no_grad():
+        expected = model(image).r1
+    with TrtRunner(EngineFromBytes(BytesFromPath(str(engine)))) as runner:
+        got = torch.from_numpy(runner.infer({"image": image.numpy()})["r1"])
+    tolerance = 2e-2 if key[1] == "fp16" else 1e-3
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
+
+
+if __name__ == "__main__":
+    for case in AOT_CASES:
+        compile_and_check(*case)

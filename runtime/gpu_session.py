@@ -92,16 +92,18 @@ class Settings:
     repeats: int
     tiled_repeats: int
     warmup: int
+    warmup_s: float
     caps: dict[str, float]
 
 
 GPU = Settings(preset="sd-turbo", device="cuda", precision="fp16", backends=("torch", "compiled"),
                tiled_backends=("compiled",), sizes=(512, 1024), frame=(2160, 3840), tile=512, overlap=64,
-               repeats=20, tiled_repeats=3, warmup=3,
+               repeats=20, tiled_repeats=3, warmup=3, warmup_s=1.0,
                caps={"wheels": 60, "pytest-gpu": 150, "kernels-benchmark": 60, "report": 400, "stage-timing": 150})
 # The same steps on the CPU with the tiny preset: the compiled backend and the kernel benchmark need CUDA.
 CPU_SMOKE = Settings(preset="tiny", device="cpu", precision="fp32", backends=("torch",), tiled_backends=("torch",),
                      sizes=(64,), frame=(128, 128), tile=64, overlap=16, repeats=2, tiled_repeats=1, warmup=1,
+                     warmup_s=0.0,
                      caps={"wheels": 60, "report": 240, "pytest-gpu": 240, "kernels-benchmark": 60,
                            "stage-timing": 120})
 FAST, BASELINE, TARGET_SIZE = "compiled", "torch", 512  # the targets compare these rows
@@ -198,7 +200,8 @@ def report_command(settings: Settings, out: Path, engine: Path | None, autotune:
             "--precisions", settings.precision, "--sizes", *map(str, settings.sizes),
             "--tiled", f"{settings.frame[0]}x{settings.frame[1]}", "--tile", str(settings.tile),
             "--overlap", str(settings.overlap), "--repeats", str(settings.repeats),
-            "--tiled-repeats", str(settings.tiled_repeats), "--warmup", str(settings.warmup), "--cudnn-benchmark",
+            "--tiled-repeats", str(settings.tiled_repeats), "--warmup", str(settings.warmup),
+            "--warmup-s", str(settings.warmup_s), "--cudnn-benchmark",
             "--triton-kernels", triton_kernels, *([] if autotune == "none" else ["--autotune"]),
             "--out", str(out), *artifacts]
 
@@ -319,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, wheels)],
                      settings.caps["wheels"]).status == "ok":
         session.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), str(REPO), os.environ.get("PYTHONPATH")]))
-    session.run("pytest-gpu", [sys.executable, "-m", "pytest", "-v", "--durations=15", "-m", "gpu", "-p", "no:cacheprovider",
-                               "-rs"],
+    session.run("pytest-gpu", [sys.executable, "-m", "pytest", "-v", "--durations=15", "-m", "gpu",
+                               "-p", "no:cacheprovider", "-rs"],
                 settings.caps["pytest-gpu"])
     if settings.device != "cuda":
         session.skip("kernels-benchmark", "it needs CUDA")

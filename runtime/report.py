@@ -9,8 +9,9 @@ Sizes are output pixels, H or HxW (a 4K UHD frame is 2160x3840). For every backe
 size it measures, on one input photo (scikit-image's astronaut, resized to the LR size and
 upsampled bicubically per tile, as the runtime does):
 
-- latency, median and p90 after --warmup untimed calls, with CUDA events on the GPU and
-  time.perf_counter on the CPU. Whole sizes (--sizes): --repeats calls of the `Backend` on a
+- latency, median and p90 after at least --warmup untimed calls, continued until they add up to
+  --warmup-s seconds (after 3 calls, the first H200 host-path samples were still 3-5 ms slow), with
+  CUDA events on the GPU and time.perf_counter on the CPU. Whole sizes (--sizes): --repeats calls of the `Backend` on a
   prepared input (CPU tensor in, CPU tensor out, so the host<->device copies are included);
   on CUDA, backends with `device_io` (torch, compiled) are also timed with the input already on
   the GPU and the output left there ("device I/O": the model without the host round trip).
@@ -168,6 +169,14 @@ class PeakMemory:
         raise RuntimeError(f"/proc/self/status has no {field} line")
 
 
+def warm_up(fn: Callable[[], object], device: torch.device, calls: int, seconds: float) -> list[float]:
+    """Untimed calls: at least `calls`, continued until they add up to `seconds`; returns their milliseconds."""
+    times: list[float] = []
+    while len(times) < calls or sum(times) < seconds * 1e3:
+        times.append(time_ms(fn, device))
+    return times
+
+
 def latency_stats(samples: list[float]) -> dict:
     return {"median": float(np.median(samples)), "p90": float(np.percentile(samples, 90)),
             "min": float(min(samples)), "samples": [round(s, 4) for s in samples]}
@@ -268,6 +277,7 @@ class Report:
             "settings": {
                 "device": str(device), "sizes": [list(s) for s in args.sizes], "tiled": [list(s) for s in args.tiled],
                 "tile": args.tile, "overlap": args.overlap, "tile_batch": args.tile_batch, "warmup": args.warmup,
+                "warmup_s": args.warmup_s,
                 "repeats": args.repeats, "tiled_repeats": args.tiled_repeats, "cudnn_benchmark": args.cudnn_benchmark,
                 "compile_mode": "max-autotune-no-cudagraphs" if args.autotune else "default",
                 "triton_kernels": args.triton_kernels,
@@ -322,7 +332,7 @@ class Report:
             batch = min(args.tile_batch, plan.num_tiles)
             warm_input = source(0, 0, plan.tile_h, plan.tile_w)[None].expand(batch, -1, -1, -1).contiguous()
             repeats = args.tiled_repeats
-        warmup_ms = [time_ms(lambda: function(warm_input), device) for _ in range(args.warmup)]
+        warmup_ms = warm_up(lambda: function(warm_input), device, args.warmup, args.warmup_s)
         last = {}
 
         def one_pass() -> None:
@@ -358,8 +368,7 @@ class Report:
         if self.device.type != "cuda" or not backend.device_io:
             return None
         on_device = image.to(self.device)
-        for _ in range(self.args.warmup):
-            function(on_device)
+        warm_up(lambda: function(on_device), self.device, self.args.warmup, self.args.warmup_s)
         samples = [time_ms(lambda: function(on_device), self.device) for _ in range(self.args.repeats)]
         return latency_stats(samples)
 
@@ -485,7 +494,8 @@ def format_markdown(data: dict) -> str:
         f"- input: {data['settings']['input']}",
         f"- latency: {data['latency_measure']}; median and p90 of {data['settings']['repeats']} calls on a "
         f"prepared input (tiled: of {data['settings']['tiled_repeats']} whole run_tiled passes, per-tile upsampling "
-        f"and blending included) after {data['settings']['warmup']} warm-up calls",
+        f"and blending included) after at least {data['settings']['warmup']} warm-up calls and "
+        f"{data['settings'].get('warmup_s', 0)} s of them",
         f"- memory: {data['memory_measure']}; (+calls): the part above what was in use when the timed calls began",
         f"- accuracy: against the {data['reference']}; R1 in [0, 1]; the reference is clamped at 0 or 1 in "
         f"{_clamped_percent(data)} of its values (where it is clamped, differences can hide)",
@@ -649,7 +659,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tile", type=int, default=512, help="tile size for --tiled, output pixels (default 512)")
     run.add_argument("--overlap", type=int, default=64, help="tile overlap, output pixels (default 64)")
     run.add_argument("--tile-batch", type=int, default=1, help="tiles per backend call (default 1)")
-    run.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default 3)")
+    run.add_argument("--warmup", type=int, default=3, help="untimed calls before timing, at least (default 3)")
+    run.add_argument("--warmup-s", type=float, default=1.0,
+                     help="... and more until the untimed calls add up to this many seconds (default 1.0)")
     run.add_argument("--repeats", type=int, default=20, help="timed calls per whole size (default 20)")
     run.add_argument("--tiled-repeats", type=int, default=3, help="timed passes per tiled size (default 3)")
     run.add_argument("--onnx", type=Path,
@@ -682,8 +694,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     for option in ("repeats", "tiled_repeats", "tile", "tile_batch"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be >= 1")
-    if args.warmup < 0 or not 0 <= args.overlap < args.tile:
-        parser.error("--warmup must be >= 0 and --overlap in [0, --tile)")
+    if args.warmup < 0 or args.warmup_s < 0 or not 0 <= args.overlap < args.tile:
+        parser.error("--warmup and --warmup-s must be >= 0 and --overlap in [0, --tile)")
     if not args.sizes and not args.tiled:
         parser.error("nothing to measure: give --sizes and/or --tiled")
 

@@ -15,14 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from runtime.gpu_session import GUIDANCE_CASE, check_targets, format_checks, kernels_choice
-from runtime.report import main, parse_size
+from runtime.report import main, parse_size, warm_up
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CI_ARGS = ["--preset", "tiny", "--random-weights", "--device", "cpu", "--sizes", "64", "96", "--tiled", "128",
-           "--tile", "64", "--overlap", "16", "--repeats", "2", "--tiled-repeats", "1", "--warmup", "1"]
+           "--tile", "64", "--overlap", "16", "--repeats", "2", "--tiled-repeats", "1", "--warmup", "1",
+           "--warmup-s", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +184,12 @@ def test_gpu_session_cpu_smoke(tmp_path):
     assert summary["report_complete"] is True and len(summary["checks"]) == 5
     assert (tmp_path / "report" / "report.md").is_file() and (tmp_path / "session.log").stat().st_size > 0
     assert "issue 7 targets" in result.stdout
+
+
+def test_warm_up_makes_at_least_the_calls_and_continues_until_the_time_is_spent():
+    cpu = torch.device("cpu")
+    calls = []
+    assert len(warm_up(lambda: calls.append(1), cpu, calls=3, seconds=0.0)) == 3 and len(calls) == 3
+    assert warm_up(lambda: calls.append(1), cpu, calls=0, seconds=0.0) == []
+    times = warm_up(lambda: time.sleep(0.01), cpu, calls=1, seconds=0.05)
+    assert sum(times) >= 50.0 and sum(times[:-1]) < 50.0  # ~10 ms calls, stopped once 50 ms are spent

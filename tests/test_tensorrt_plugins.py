@@ -21,7 +21,15 @@ import torch
 
 from export.graphs import GraphSpec, guidesr_graph
 from export.onnx_export import export_graphs, read_metadata
-from export.plugin_nodes import CHANNEL_GATE, DOMAIN, GATED_GELU, GELU_PARTIAL_SUM, PLUGIN_NAMESPACE, PLUGIN_OPS
+from export.plugin_nodes import (
+    CHANNEL_GATE,
+    DOMAIN,
+    GATED_GELU,
+    GELU_PARTIAL_SUM,
+    PLUGIN_NAMESPACE,
+    PLUGIN_OPS,
+    FCAPluginBlock,
+)
 from export.trt_supported_ops import tensorrt_problems
 from guidesr.guidance import FCABlock
 from helpers import randomized_tiny
@@ -119,6 +127,15 @@ def test_plugin_option_shows_in_the_spec_and_the_file_name_only_when_set(graphs)
     spec = GraphSpec.from_json(read_metadata(plugin)["graph_spec"])
     assert spec.trt_plugins and spec == guidesr_graph(16, STATIC_TILE, "static", trt_plugins=True)
     assert GraphSpec.from_json(guidesr_graph(16, STATIC_TILE, "dynamic").to_json()).trt_plugins is False
+
+
+def test_plugin_block_computes_what_the_fca_block_computes():
+    """The block traced into plugin nodes repeats FCABlock's structure (conv1 without bias, attention, conv2,
+    residual): it must compute the same, or the plugin graph would silently differ from the model."""
+    torch.manual_seed(0)
+    block = FCABlock(12, use_kernel=False).double()
+    x = torch.randn(2, 12, 9, 14, dtype=torch.float64)
+    torch.testing.assert_close(FCAPluginBlock(block)(x), block(x), rtol=1e-12, atol=1e-12)
 
 
 def test_plugin_export_leaves_the_model_unchanged(graphs, model):

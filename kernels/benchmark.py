@@ -186,7 +186,8 @@ def fca_block_case(batch: int, channels: int, size: int, channels_last: bool = F
 
 
 def guidance_branch_case(batch: int, size: int) -> dict:
-    """The sd-turbo preset's guidance branch, NCHW and channels_last, kernels on/off, eager/compiled."""
+    """The sd-turbo preset's guidance branch, NCHW and channels_last, kernels on/off, eager/compiled; also each
+    compiled variant's first call (compilation included), to see what the kernels' call sites cost the build."""
     from guidesr.config import sd_turbo_config
     from guidesr.guidance import GuidanceBranch
 
@@ -201,7 +202,7 @@ def guidance_branch_case(batch: int, size: int) -> dict:
             if hasattr(module, "use_kernel"):
                 module.use_kernel = on
 
-    times, graph_times = {}, {}
+    times, graph_times, first_call_s = {}, {}, {}
     for name, on in (("triton", True), ("eager", False)):
         set_kernels(on)
         times[name] = median_ms(lambda: branch(image))
@@ -209,10 +210,15 @@ def guidance_branch_case(batch: int, size: int) -> dict:
     for name, on in (("compile_triton", True), ("compile", False)):
         set_kernels(on)
         compiled = torch.compile(branch.forward, dynamic=False)  # dynamo guards on the kernels switch
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        compiled(image)
+        torch.cuda.synchronize()
+        first_call_s[name] = time.perf_counter() - start
         times[name] = median_ms(lambda: compiled(image))
         graph_times[name] = graph_median_ms(lambda: compiled(image))
     return {"section": "guidance_branch", "shape": [batch, 3, size, size], "layout": "channels_last",
-            "channels": settings.channels, "ms": times, "graph_ms": graph_times}
+            "channels": settings.channels, "ms": times, "graph_ms": graph_times, "first_call_s": first_call_s}
 
 
 def group_norm_case(shape: tuple[int, int, int, int]) -> dict:
@@ -378,10 +384,10 @@ def print_table(results: list[dict], copy_gbs: float) -> None:
     if branches:
         print("\nguidance branch (sd-turbo preset, channels_last; ms): eager / eager+triton / compile / compile+triton")
         for r in branches:
-            t = r["ms"]
-            g = r["graph_ms"]
+            t, g, first = r["ms"], r["graph_ms"], r["first_call_s"]
             print(f"  {r['shape']}: {t['eager']:.3f} / {t['triton']:.3f} / {t['compile']:.3f} / {t['compile_triton']:.3f}"
-                  f"   CUDA graph: {g['eager']:.3f} / {g['triton']:.3f} / {g['compile']:.3f} / {g['compile_triton']:.3f}")
+                  f"   CUDA graph: {g['eager']:.3f} / {g['triton']:.3f} / {g['compile']:.3f} / {g['compile_triton']:.3f}"
+                  f"   first compiled call: {first['compile']:.1f} s / {first['compile_triton']:.1f} s")
     for r in results:
         if "erf_gelu" in r:
             erf_ms = r["erf_gelu"]["graph_ms"]["triton"]

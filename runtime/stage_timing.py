@@ -143,7 +143,8 @@ def profile_compiled(model, device: torch.device, precision: str, height: int, w
     return {"backend": backend.describe(), "replays": replays, "gpu_ms_per_forward": sum(r["ms"] for r in rows),
             "call_ms": backend_call_ms(backend, tiles),
             "categories_ms": dict(sorted(categories.items(), key=lambda item: -item[1])), "kernels": rows,
-            "ops": op_device_ms(lambda: backend.compiled_forward(), replays)}
+            "ops": op_device_ms(lambda: backend.compiled_forward(), replays),
+            "memset_launchers": memset_launchers(lambda: backend.compiled_forward(), replays)}
 
 
 def backend_call_ms(backend, tiles: torch.Tensor, calls: int = 50) -> dict[str, float]:
@@ -180,6 +181,25 @@ def op_device_ms(call: Callable[[], object], calls: int, top: int = 60) -> list[
              "calls": e.count / calls} for e in events[:top]]
 
 
+def memset_launchers(call: Callable[[], object], calls: int) -> dict[str, float]:
+    """{op: memset kernels it launches per call of `call`}, most first: which ops the forward's memsets come from
+    (run without a CUDA graph; an op is the innermost PyTorch op whose launch the memset correlates with)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    counts: dict[str, int] = {}
+    for event in prof.events():
+        memsets = sum("memset" in kernel.name.lower() for kernel in event.kernels)
+        if memsets:
+            counts[event.name] = counts.get(event.name, 0) + memsets
+    return {name: count / calls for name, count in sorted(counts.items(), key=lambda item: -item[1])}
+
+
 def format_profile(profile: dict, top: int = 40) -> str:
     lines = [f"\n{profile['backend']}: {profile['gpu_ms_per_forward']:.3f} GPU-ms per forward "
              f"(torch.profiler, {profile['replays']} replays)",
@@ -190,6 +210,9 @@ def format_profile(profile: dict, top: int = 40) -> str:
               for k in profile["kernels"][:top]]
     lines += ["", "| op (outside the graph) | input shapes | GPU ms per forward | calls per forward |", "|---|---|---|---|"]
     lines += [f"| {op['op']} | {op['shapes'][:120]} | {op['ms']:.3f} | {op['calls']:g} |" for op in profile["ops"][:top]]
+    memsets = profile["memset_launchers"]
+    lines += ["", f"memsets per forward outside the graph: {sum(memsets.values()):g}"
+              + "".join(f"; {op} {n:g}" for op, n in memsets.items())]
     lines += ["", "whole calls, median ms: " + ", ".join(f"{name} {ms:.3f}" for name, ms in profile["call_ms"].items())]
     return "\n".join(lines)
 

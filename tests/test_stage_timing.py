@@ -71,6 +71,7 @@ def test_profile_compiled_accounts_for_the_forward():
     assert profile["gpu_ms_per_forward"] > 0 and profile["categories_ms"]["convolution"] > 0
     assert sum(profile["categories_ms"].values()) == pytest.approx(profile["gpu_ms_per_forward"])
     assert any(op["op"] == "aten::convolution" or "conv" in op["op"] for op in profile["ops"]), profile["ops"][:5]
+    assert all(isinstance(op, str) and count > 0 for op, count in profile["memset_launchers"].items())
     calls = profile["call_ms"]
     assert set(calls) == {"graph replay", "device tensors", "CPU tensors"} and all(ms > 0 for ms in calls.values())
     assert calls["CPU tensors"] > calls["graph replay"]

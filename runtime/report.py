@@ -11,9 +11,9 @@ upsampled bicubically per tile, as the runtime does):
 
 - latency, median and p90 after at least --warmup untimed calls, continued until they add up to
   --warmup-s seconds (after 3 calls, the first H200 host-path samples were still 3-5 ms slow), with
-  CUDA events on the GPU and time.perf_counter on the CPU. Whole sizes (--sizes): --repeats calls of the `Backend` on a
-  prepared input (CPU tensor in, CPU tensor out, so the host<->device copies are included);
-  on CUDA, backends with `device_io` (torch, compiled) are also timed with the input already on
+  CUDA events on the GPU and time.perf_counter on the CPU. Whole sizes (--sizes): --repeats calls
+  of the `Backend` on a prepared input (CPU tensor in, CPU tensor out, so the host<->device copies
+  are included); on CUDA, backends with `device_io` (torch, compiled) are also timed with the input already on
   the GPU and the output left there ("device I/O": the model without the host round trip).
   Tiled sizes (--tiled): --tiled-repeats whole `run_tiled` passes as the runtime makes them
   (each tile upsampled from the LR image, tiles of --tile with --overlap, blending included);
@@ -495,7 +495,7 @@ def format_markdown(data: dict) -> str:
         f"- latency: {data['latency_measure']}; median and p90 of {data['settings']['repeats']} calls on a "
         f"prepared input (tiled: of {data['settings']['tiled_repeats']} whole run_tiled passes, per-tile upsampling "
         f"and blending included) after at least {data['settings']['warmup']} warm-up calls and "
-        f"{data['settings'].get('warmup_s', 0)} s of them",
+        f"{data['settings']['warmup_s']} s of them",
         f"- memory: {data['memory_measure']}; (+calls): the part above what was in use when the timed calls began",
         f"- accuracy: against the {data['reference']}; R1 in [0, 1]; the reference is clamped at 0 or 1 in "
         f"{_clamped_percent(data)} of its values (where it is clamped, differences can hide)",

@@ -49,7 +49,7 @@ def train_vae(vae: AutoencoderKL, images: list[torch.Tensor], steps: int, crop: 
     return losses
 
 
-def make_tiny_base(out: Path, steps: int, seed: int, crop: int = 64, batch: int = 8, lr: float = 1e-3) -> None:
+def make_tiny_base(out: Path, steps: int, seed: int, *, crop: int, batch: int, lr: float) -> None:
     config = tiny_config()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)

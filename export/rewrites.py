@@ -23,7 +23,7 @@ import onnxscript.optimizer
 import torch
 from torch import nn
 
-from guidesr.diffusion import unet_time_embedding
+from guidesr.diffusion import fixed_time_embedding
 from guidesr.injection import GuidanceInjection
 from guidesr.model import GuideSR
 
@@ -100,12 +100,7 @@ class FrozenTimeEmbedding(nn.Module):
 
 def freeze_time_embedding(model: GuideSR) -> None:
     """Compute the time embedding at `model.config.timestep` once (in the model's dtype) and freeze it."""
-    unet = model.unet
-    weight = next(unet.parameters())
-    probe = torch.zeros(1, unet.config.in_channels, 1, 1, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        embedding = unet_time_embedding(unet, probe, model.config.timestep)  # [1, D]
-    unet.time_embedding = FrozenTimeEmbedding(embedding)
+    model.unet.time_embedding = FrozenTimeEmbedding(fixed_time_embedding(model.unet, model.config.timestep))
 
 
 def fix_input_shapes(model: ir.Model, spec: GraphSpec) -> None:

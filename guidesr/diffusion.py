@@ -64,6 +64,14 @@ def unet_time_embedding(unet: UNet2DConditionModel, sample: torch.Tensor, timest
     return unet.time_embedding(unet.get_time_embed(sample=sample, timestep=t).to(sample.dtype), None)
 
 
+def fixed_time_embedding(unet: UNet2DConditionModel, timestep: int) -> torch.Tensor:
+    """The time embedding at the one timestep a one-step model runs, [1, D], in the UNet's dtype and on its device."""
+    weight = next(unet.parameters())
+    probe = torch.zeros(1, unet.config.in_channels, 1, 1, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        return unet_time_embedding(unet, probe, timestep)
+
+
 def unet_forward(unet: UNet2DConditionModel, latent: torch.Tensor, timestep: int, text: torch.Tensor,
                  guidance: torch.Tensor, injections: nn.ModuleList) -> torch.Tensor:
     """UNet(F_l, t_f, F_p, {F'_r}) for a plain SD-style UNet (no class/addition embeddings)."""

@@ -168,6 +168,13 @@ def _hw_stride(t: torch.Tensor) -> int | None:
     return None
 
 
+def gate_block_sizes(channels: int) -> tuple[int, int]:
+    """(BLOCK_CO, BLOCK_CI) of the gate kernel for C = `channels` (the launcher's and the TensorRT plugin's)."""
+    channels_pow2 = 1 << (channels - 1).bit_length()
+    block_co = min(channels_pow2, 64)
+    return block_co, min(channels_pow2, 4096 // block_co)
+
+
 def _empty_output(y: torch.Tensor) -> torch.Tensor:
     """z's buffer: channels_last if y is, else contiguous (both flatten H·W, whatever y's strides)."""
     channels_last = not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
@@ -328,8 +335,7 @@ if triton is not None:
             y, y_bias, channels, hw, n_chunks, chunk, *y_strides, partial,
             BLOCK_C=block_c, BLOCK_HW=block_hw, **flags,
         )
-        block_co = min(triton.next_power_of_2(channels), 64)
-        block_ci = min(triton.next_power_of_2(channels), 4096 // block_co)
+        block_co, block_ci = gate_block_sizes(channels)
         wrap_triton(_channel_gate_kernel)[(batch, triton.cdiv(channels, block_co))](
             partial, weight, bias, channels, n_chunks, hw, weight.stride(0), weight.stride(1), gate,
             BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_K=min(triton.next_power_of_2(n_chunks), _MAX_BLOCK_K),

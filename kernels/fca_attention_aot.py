@@ -82,12 +82,6 @@ def partial_sum_chunks(hw: Any, cdiv: Callable[[Any, Any], Any]) -> Any:
     return cdiv(hw, PLUGIN_CHUNK)
 
 
-def gate_blocks(channels: int) -> tuple[int, int]:
-    """(BLOCK_CO, BLOCK_CI) of the gate kernel, as the launcher picks them."""
-    block_co = min(triton.next_power_of_2(channels), 64)
-    return block_co, min(triton.next_power_of_2(channels), 4096 // block_co)
-
-
 def plugin_launches(batch: Any, channels: int, hw: Any, cdiv: Callable[[Any, Any], Any]) -> dict[str, PluginLaunch]:
     """Grid and scalar arguments of each plugin kernel for NCHW tensors of B = `batch`, C = `channels`, H·W = `hw`.
 
@@ -95,7 +89,7 @@ def plugin_launches(batch: Any, channels: int, hw: Any, cdiv: Callable[[Any, Any
     """
     n_chunks = partial_sum_chunks(hw, cdiv)
     n_hw_blocks = cdiv(hw, PLUGIN_BLOCK_HW)
-    block_co, _ = gate_blocks(channels)
+    block_co, _ = fca_attention.gate_block_sizes(channels)
     image_stride = hw * channels
     return {
         "gelu_partial_sum": PluginLaunch(
@@ -114,7 +108,7 @@ def plugin_kernels(dtype: str, channels: int) -> dict[str, PluginKernel]:
         raise ValueError(f"dtype must be one of {PLUGIN_DTYPES}, not {dtype!r}")
     y = f"*{dtype}"
     tiles = {"BLOCK_C": 1, "BLOCK_HW": PLUGIN_BLOCK_HW, "HAS_Y_BIAS": True, "FAST_GELU": dtype != "fp32"}
-    block_co, block_ci = gate_blocks(channels)
+    block_co, block_ci = fca_attention.gate_block_sizes(channels)
     return {
         "gelu_partial_sum": PluginKernel(
             fca_attention._gelu_partial_sum_kernel,

@@ -143,8 +143,7 @@ def profile_compiled(model, device: torch.device, precision: str, height: int, w
     return {"backend": backend.describe(), "replays": replays, "gpu_ms_per_forward": sum(r["ms"] for r in rows),
             "call_ms": backend_call_ms(backend, tiles),
             "categories_ms": dict(sorted(categories.items(), key=lambda item: -item[1])), "kernels": rows,
-            "ops": op_device_ms(lambda: backend.compiled_forward(), replays),
-            "memset_launchers": memset_launchers(lambda: backend.compiled_forward(), replays)}
+            **op_device_ms(lambda: backend.compiled_forward(), replays)}
 
 
 def backend_call_ms(backend, tiles: torch.Tensor, calls: int = 50) -> dict[str, float]:
@@ -162,10 +161,14 @@ def backend_call_ms(backend, tiles: torch.Tensor, calls: int = 50) -> dict[str, 
     return result
 
 
-def op_device_ms(call: Callable[[], object], calls: int, top: int = 60) -> list[dict]:
-    """The costliest PyTorch ops of `call` (run without a CUDA graph, so the ops are seen) by the GPU time of
-    the kernels each launches itself, with their input shapes: which convolution or matmul shape is slow.
-    Inductor's own Triton kernels are launched from its generated code, not from an op: they are not here."""
+def op_device_ms(call: Callable[[], object], calls: int, top: int = 60) -> dict:
+    """From one profile of `call` (run without a CUDA graph, so the ops are seen):
+
+    - "ops": the costliest PyTorch ops by the GPU time of the kernels each launches itself, with their input
+      shapes (which convolution or matmul shape is slow). Inductor's own Triton kernels are launched from its
+      generated code, not from an op: they are not here;
+    - "memset_launchers": {op: memset kernels it launches per call}, most first, an op being the innermost
+      PyTorch op whose launch the memset correlates with (where the forward's memsets come from)."""
     from torch.profiler import ProfilerActivity, profile
 
     call()
@@ -177,27 +180,14 @@ def op_device_ms(call: Callable[[], object], calls: int, top: int = 60) -> list[
     events = [e for e in prof.key_averages(group_by_input_shape=True)
               if e.device_type == torch.autograd.DeviceType.CPU and e.self_device_time_total > 0]
     events.sort(key=lambda e: -e.self_device_time_total)
-    return [{"op": e.key, "shapes": str(e.input_shapes), "ms": e.self_device_time_total / 1e3 / calls,
-             "calls": e.count / calls} for e in events[:top]]
-
-
-def memset_launchers(call: Callable[[], object], calls: int) -> dict[str, float]:
-    """{op: memset kernels it launches per call of `call`}, most first: which ops the forward's memsets come from
-    (run without a CUDA graph; an op is the innermost PyTorch op whose launch the memset correlates with)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            call()
-        torch.cuda.synchronize()
-    counts: dict[str, int] = {}
+    memsets: dict[str, int] = {}
     for event in prof.events():
-        memsets = sum("memset" in kernel.name.lower() for kernel in event.kernels)
-        if memsets:
-            counts[event.name] = counts.get(event.name, 0) + memsets
-    return {name: count / calls for name, count in sorted(counts.items(), key=lambda item: -item[1])}
+        count = sum("memset" in kernel.name.lower() for kernel in event.kernels)
+        if count:
+            memsets[event.name] = memsets.get(event.name, 0) + count
+    return {"ops": [{"op": e.key, "shapes": str(e.input_shapes), "ms": e.self_device_time_total / 1e3 / calls,
+                     "calls": e.count / calls} for e in events[:top]],
+            "memset_launchers": {name: count / calls for name, count in sorted(memsets.items(), key=lambda i: -i[1])}}
 
 
 def format_profile(profile: dict, top: int = 40) -> str:

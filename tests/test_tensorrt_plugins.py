@@ -171,7 +171,8 @@ def compile_and_check(dtype: str, capability: int, channels: int) -> None:
 
 @pytest.mark.parametrize("batch, channels, height, width", [(1, 5, 37, 53), (3, 24, 131, 127), (2, 1, 1, 16385)])
 def test_plugin_launches_cover_odd_shapes(batch, channels, height, width):
-    from kernels.fca_attention_aot import PLUGIN_BLOCK_HW, PLUGIN_CHUNK, gate_blocks, plugin_launches
+    from kernels.fca_attention import gate_block_sizes
+    from kernels.fca_attention_aot import PLUGIN_BLOCK_HW, PLUGIN_CHUNK, plugin_launches
     from triton import cdiv
 
     hw = height * width
@@ -179,7 +180,7 @@ def test_plugin_launches_cover_odd_shapes(batch, channels, height, width):
     (programs, chunks), scalars = launches["gelu_partial_sum"].grid, launches["gelu_partial_sum"].scalars
     assert programs == batch * channels and (chunks - 1) * PLUGIN_CHUNK < hw <= chunks * PLUGIN_CHUNK
     assert scalars == (channels, hw, chunks, PLUGIN_CHUNK, channels * hw, hw)
-    block_co, _ = gate_blocks(channels)
+    block_co, _ = gate_block_sizes(channels)
     assert launches["channel_gate"].grid == (batch, cdiv(channels, block_co))
     assert launches["channel_gate"].scalars == (channels, chunks, hw, channels)
     (gated_programs,) = launches["gated_gelu"].grid

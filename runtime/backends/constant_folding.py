@@ -31,7 +31,7 @@ from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from guidesr.diffusion import unet_time_embedding
+from guidesr.diffusion import fixed_time_embedding
 from guidesr.prompt import CLIPPromptEncoder, StoredPromptEmbedding
 
 if TYPE_CHECKING:
@@ -73,14 +73,14 @@ def fold_constant_inputs(prepared: GuideSR) -> FoldedConstants:
     resnets = time_embedding_consumers(unet)
     cross_attentions = [m for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention]
     check_foldable(prepared, resnets, cross_attentions)
-    parameter = next(unet.parameters())
+    embedding = fixed_time_embedding(unet, prepared.config.timestep)  # [1, D]
     with torch.no_grad():
-        probe = torch.zeros(1, 3, 1, 1, device=parameter.device, dtype=parameter.dtype)
-        embedding = unet_time_embedding(unet, probe, prepared.config.timestep)  # [1, D]
         for resnet in resnets:
             fold_time_projection(resnet, embedding)
         unet.time_embedding = FoldedTimeEmbedding()
-        text = prepared.prompt(probe)  # [1, L, D_text]
+        parameter = next(unet.parameters())
+        probe = torch.zeros(1, 3, 1, 1, device=parameter.device, dtype=parameter.dtype)
+        text = prepared.prompt(probe)  # [1, L, D_text], the same for every image
         for attention in cross_attentions:
             attention.to_kv = StoredKeyValue(attention.to_kv(text))
             del attention.to_k, attention.to_v

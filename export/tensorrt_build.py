@@ -108,8 +108,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, optimization_le
     config.builder_optimization_level = optimization_level
     if workspace_gib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    if graph_metadata["precision"] == "fp32":
-        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: no TF32 tensor-core rounding
+    if graph_metadata["precision"] == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        # fp32 means fp32: no TF32 tensor-core rounding. TensorRT 11's list of removed builder flags does
+        # not name TF32, but its enum could not be checked here, hence the guard
+        config.clear_flag(trt.BuilderFlag.TF32)
     profiles = []
     if any(-1 in tuple(network.get_input(i).shape) for i in range(network.num_inputs)):
         profile = builder.create_optimization_profile()

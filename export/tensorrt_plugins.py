@@ -21,7 +21,10 @@ from types import ModuleType
 
 from .plugin_nodes import CHANNEL_GATE, GATED_GELU, GELU_PARTIAL_SUM, PLUGIN_NAMESPACE
 
-MIN_TENSORRT_VERSION = (10, 10)  # tensorrt.plugin.aot_impl
+# AOT Python plugins (tensorrt.plugin.aot_impl) arrived in 10.9 (its release notes); 10.10's ONNX parser also
+# takes a plugin node's namespace from its domain (CHANGELOG 10.10), a second route beside the
+# plugin_namespace attribute the export writes
+MIN_TENSORRT_VERSION = (10, 10)
 PLUGIN_KERNELS = {GELU_PARTIAL_SUM: "gelu_partial_sum", CHANNEL_GATE: "channel_gate", GATED_GELU: "gated_gelu"}
 
 
@@ -53,11 +56,18 @@ def register_fca_plugins(trt: ModuleType) -> None:
                                       f"aot_impl); they need TensorRT >= {'.'.join(map(str, MIN_TENSORRT_VERSION))}")
     import tensorrt.plugin as trtp
 
-    _define_plugins(trt, trtp, aot)
+    try:
+        _define_plugins(trt, trtp, aot)
+    except ValueError as err:  # tensorrt.plugin's checks of the decorated functions, or a second definition
+        raise PluginRegistrationError(f"tensorrt.plugin refused the FCA plugin definitions: {err}") from err
 
 
 @lru_cache(maxsize=None)  # once per process: TensorRT's plugin registry refuses a second definition
 def _define_plugins(trt: ModuleType, trtp: ModuleType, aot: ModuleType) -> None:
+    # tensorrt.plugin checks an aot_impl's signature when it is decorated: exactly (inputs..., outputs,
+    # tactic) and this return annotation (tensorrt/plugin/_validate.py, `_validate_aot_impl`)
+    AotLaunch = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]
+
     @trtp.register(f"{PLUGIN_NAMESPACE}::{GELU_PARTIAL_SUM}")
     def _partial_sum_outputs(y: trtp.TensorDesc, y_bias: trtp.TensorDesc) -> trtp.TensorDesc:
         shape = y.shape_expr
@@ -65,7 +75,7 @@ def _define_plugins(trt: ModuleType, trtp: ModuleType, aot: ModuleType) -> None:
         return trtp.from_shape_expr((shape[0], shape[1], chunks), dtype=trt.float32)
 
     @trtp.aot_impl(f"{PLUGIN_NAMESPACE}::{GELU_PARTIAL_SUM}")
-    def _partial_sum_kernel(y: trtp.TensorDesc, y_bias: trtp.TensorDesc, outputs):
+    def _partial_sum_kernel(y: trtp.TensorDesc, y_bias: trtp.TensorDesc, outputs, tactic: int) -> AotLaunch:
         return _kernel_launch(trt, trtp, aot, GELU_PARTIAL_SUM, y)
 
     @trtp.register(f"{PLUGIN_NAMESPACE}::{CHANNEL_GATE}")
@@ -76,7 +86,7 @@ def _define_plugins(trt: ModuleType, trtp: ModuleType, aot: ModuleType) -> None:
 
     @trtp.aot_impl(f"{PLUGIN_NAMESPACE}::{CHANNEL_GATE}")
     def _gate_kernel(partial: trtp.TensorDesc, weight: trtp.TensorDesc, bias: trtp.TensorDesc, y: trtp.TensorDesc,
-                     outputs):
+                     outputs, tactic: int) -> AotLaunch:
         return _kernel_launch(trt, trtp, aot, CHANNEL_GATE, y)
 
     @trtp.register(f"{PLUGIN_NAMESPACE}::{GATED_GELU}")
@@ -84,7 +94,8 @@ def _define_plugins(trt: ModuleType, trtp: ModuleType, aot: ModuleType) -> None:
         return y.like()
 
     @trtp.aot_impl(f"{PLUGIN_NAMESPACE}::{GATED_GELU}")
-    def _gated_gelu_kernel(y: trtp.TensorDesc, y_bias: trtp.TensorDesc, gate: trtp.TensorDesc, outputs):
+    def _gated_gelu_kernel(y: trtp.TensorDesc, y_bias: trtp.TensorDesc, gate: trtp.TensorDesc, outputs,
+                           tactic: int) -> AotLaunch:
         return _kernel_launch(trt, trtp, aot, GATED_GELU, y)
 
 

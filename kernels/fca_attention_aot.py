@@ -24,6 +24,7 @@ shape expressions (`tensorrt.plugin.ShapeExpr` with `tensorrt.plugin.cdiv`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,6 +32,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
 
 from kernels import fca_attention
 
@@ -131,16 +133,49 @@ def plugin_kernels(dtype: str, channels: int) -> dict[str, PluginKernel]:
 def compile_plugin_kernels(dtype: str, capability: int, channels: int) -> dict[str, AheadOfTimeKernel]:
     """PTX and cubin of the three plugin kernels for compute capability `capability` (e.g. 90 for sm_90).
 
-    Needs Triton's compiler, so not under TRITON_INTERPRET=1 (the kernels are then interpreter objects).
+    The PTX declares the kernel's own arguments only (`trim_entry_params`); the cubin is ptxas's
+    assembly of that PTX, so it is known to assemble. Needs Triton's compiler, so not under
+    TRITON_INTERPRET=1 (the kernels are then interpreter objects).
     """
     target = GPUTarget("cuda", capability, 32)
     compiled = {}
     for name, plugin_kernel in plugin_kernels(dtype, channels).items():
         kernel = triton.compile(plugin_kernel.source(), target=target, options={"num_warps": NUM_WARPS})
         _check_plugin_launchable(name, kernel.metadata)
-        compiled[name] = AheadOfTimeKernel(kernel.metadata.name, kernel.asm["ptx"], kernel.asm["cubin"],
+        ptx = trim_entry_params(kernel.asm["ptx"], kernel.metadata.name, len(plugin_kernel.signature))
+        compiled[name] = AheadOfTimeKernel(kernel.metadata.name, ptx, assemble_ptx(ptx, capability),
                                            kernel.metadata.num_warps, kernel.metadata.shared)
     return compiled
+
+
+def trim_entry_params(ptx: str, entry: str, keep: int) -> str:
+    """`ptx` with the `entry` kernel declaring only its first `keep` parameters.
+
+    Triton appends parameters of its own to every kernel (global and profile scratch pointers, two in
+    Triton 3.6-3.9); TensorRT launches a plugin kernel with the plugin's inputs, scalars and outputs
+    only, so a kernel that declares more would read parameter memory the launch never wrote.
+    Dropping them is sound only while the body never reads them, which is checked: a trailing
+    parameter that is referenced raises ValueError.
+    """
+    match = re.search(rf"\.entry {re.escape(entry)}\(([^)]*)\)", ptx)
+    if match is None:
+        raise ValueError(f"no .entry {entry}( ... ) in the PTX")
+    params = [param.strip() for param in match.group(1).split(",")]
+    names = [param.split()[-1] for param in params]
+    if len(params) < keep:
+        raise ValueError(f"{entry} declares {len(params)} parameters, fewer than its {keep} arguments")
+    body = ptx[match.end():]
+    used = [name for name in names[keep:] if re.search(rf"\b{re.escape(name)}\b", body)]
+    if used:
+        raise ValueError(f"{entry} reads Triton's extra parameters {used}; a TensorRT plugin launch does not pass them")
+    declaration = ",\n\t".join(params[:keep])
+    return ptx[:match.start(1)] + "\n\t" + declaration + "\n" + ptx[match.end(1):]
+
+
+def assemble_ptx(ptx: str, capability: int) -> bytes:
+    """The cubin of `ptx` for sm_`capability`, assembled as Triton assembles its own PTX (its ptxas and flags)."""
+    backend = make_backend(GPUTarget("cuda", capability, 32))
+    return backend.make_cubin(ptx, {}, backend.parse_options({"num_warps": NUM_WARPS}), capability)
 
 
 def _check_plugin_launchable(name: str, metadata) -> None:

@@ -163,10 +163,46 @@ def compile_and_check(dtype: str, capability: int, channels: int) -> None:
         entry = re.search(r"\.entry (\w+)\(([^)]*)\)", kernel.ptx)
         assert f".target sm_{capability}" in kernel.ptx and kernel.cubin
         assert entry.group(1) == kernel.name == sources[name].fn.__name__
-        # TensorRT passes the plugin's inputs, scalars and outputs; Triton's two scratch pointers come last
-        assert entry.group(2).count(".param") == len(sources[name].signature) + 2
+        # TensorRT passes the plugin's inputs, scalars and outputs, nothing else (Triton's scratch pointers trimmed)
+        assert entry.group(2).count(".param") == len(sources[name].signature)
         assert kernel.num_warps == 4 and kernel.shared_mem >= 0
         print(f"{name} {dtype} sm_{capability} C={channels}: plugin kernel ok", flush=True)
+
+
+PTX_WITH_SCRATCH = """.version 8.7
+.target sm_90a
+.address_size 64
+.visible .entry k(
+\t.param .u64 .ptr .global .align 1 k_param_0,
+\t.param .u32 k_param_1,
+\t.param .u64 .ptr .global .align 1 k_param_2,
+\t.param .u64 .ptr .global .align 1 k_param_3
+)
+{
+\tld.param.u64 \t%rd1, [k_param_0];
+\tld.param.u32 \t%r1, [k_param_1];
+\tBODY
+\tret;
+}
+"""
+
+
+def test_trimming_drops_unread_trailing_params_and_refuses_read_ones():
+    from kernels.fca_attention_aot import trim_entry_params
+
+    ptx = PTX_WITH_SCRATCH.replace("BODY", "")
+    trimmed = trim_entry_params(ptx, "k", 2)
+    declared = trimmed[trimmed.index("(") + 1 : trimmed.index(")")]
+    assert [line.split()[-1].rstrip(",") for line in declared.splitlines() if line.strip()] == ["k_param_0", "k_param_1"]
+    assert trimmed[trimmed.index(")") :] == ptx[ptx.index(")") :]  # the body is untouched
+    assert trim_entry_params(ptx, "k", 4) == ptx  # nothing to drop: the text comes back as it was
+    reads_scratch = PTX_WITH_SCRATCH.replace("BODY", "ld.param.u64 \t%rd3, [k_param_3];")
+    with pytest.raises(ValueError, match=r"extra parameters \['k_param_3'\]"):
+        trim_entry_params(reads_scratch, "k", 2)
+    with pytest.raises(ValueError, match="fewer than its 5 arguments"):
+        trim_entry_params(ptx, "k", 5)
+    with pytest.raises(ValueError, match="no .entry other"):
+        trim_entry_params(ptx, "other", 2)
 
 
 @pytest.mark.parametrize("batch, channels, height, width", [(1, 5, 37, 53), (3, 24, 131, 127), (2, 1, 1, 16385)])

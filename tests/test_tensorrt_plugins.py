@@ -3,8 +3,9 @@
 Checked here: the plugin-node ONNX graph of the tiny preset (structure, inputs, types, checker, the
 TensorRT op check), the kernels' ahead-of-time compilation to PTX for sm_80/sm_90 (in a subprocess
 without TRITON_INTERPRET, as tests/test_kernels_compile_sm90.py does), the plugin launch plan run
-through Triton's interpreter against the PyTorch reference, and the error paths. The TensorRT
-engine test needs a GPU and TensorRT >= 10.10 and is skipped without them.
+through Triton's interpreter against the PyTorch reference, and the error paths. On a GPU, without
+TensorRT: the trimmed PTX loaded by the CUDA driver and launched with exactly the plugins' arguments.
+The TensorRT engine test needs a GPU and TensorRT >= 10.10 and is skipped without them.
 """
 
 import importlib.util
@@ -250,6 +251,97 @@ def test_plugin_launch_plan_matches_the_reference_in_the_interpreter(dtype, batc
     expected = fca_channel_attention_reference(y.double(), weight.double(), bias.double(), y_bias.double())
     tolerance = 1e-5 if dtype == torch.float32 else 4e-3
     torch.testing.assert_close(z.double(), expected, atol=tolerance, rtol=tolerance)
+
+
+# ------------------------------------------------------ kernels ahead of time, on the GPU without TensorRT
+
+class DriverKernel:
+    """One AOT kernel loaded from its PTX by the CUDA driver (libcuda via ctypes), launched as TensorRT launches an
+    AOT plugin's kernel: the plugin's tensor inputs, its scalars, its outputs, and nothing else."""
+
+    LIB = None
+    MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+
+    def __init__(self, kernel):
+        import ctypes
+
+        self.ctypes, self.kernel = ctypes, kernel
+        if DriverKernel.LIB is None:
+            lib = ctypes.CDLL("libcuda.so.1")
+            lib.cuModuleLoadData.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p]
+            lib.cuModuleGetFunction.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_char_p]
+            lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+            lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
+                ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p)]
+            lib.cuModuleUnload.argtypes = [ctypes.c_void_p]
+            lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+            DriverKernel.LIB = lib
+        self.module, self.function = ctypes.c_void_p(), ctypes.c_void_p()
+        torch.cuda.init()  # PyTorch's primary context is current on this thread from here on
+        self.check("cuModuleLoadData", self.LIB.cuModuleLoadData(ctypes.byref(self.module), kernel.ptx.encode()))
+        self.check("cuModuleGetFunction",
+                   self.LIB.cuModuleGetFunction(ctypes.byref(self.function), self.module, kernel.name.encode()))
+        if kernel.shared_mem > 48 * 1024:
+            self.check("cuFuncSetAttribute", self.LIB.cuFuncSetAttribute(
+                self.function, self.MAX_DYNAMIC_SHARED_SIZE_BYTES, kernel.shared_mem))
+
+    def check(self, call: str, result: int) -> None:
+        if result != 0:
+            name = self.ctypes.c_char_p()
+            self.LIB.cuGetErrorName(result, self.ctypes.byref(name))
+            raise RuntimeError(f"{call} failed for {self.kernel.name}: {name.value.decode() if name.value else result}")
+
+    def launch(self, grid: tuple[int, ...], arguments: list) -> None:
+        ctypes = self.ctypes
+        values = [ctypes.c_uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int32(a)
+                  for a in arguments]
+        params = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values))
+        gx, gy, gz = (tuple(grid) + (1, 1))[:3]
+        stream = torch.cuda.current_stream().cuda_stream
+        self.check("cuLaunchKernel", self.LIB.cuLaunchKernel(
+            self.function, gx, gy, gz, self.kernel.num_warps * 32, 1, 1, self.kernel.shared_mem,
+            ctypes.c_void_p(stream), params, None))
+
+    def unload(self) -> None:
+        self.check("cuModuleUnload", self.LIB.cuModuleUnload(self.module))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, batch, channels, height, width", [
+    (torch.float32, 2, 5, 37, 53), (torch.float16, 1, 64, 131, 127), (torch.bfloat16, 3, 24, 131, 127)])
+def test_plugin_ptx_loaded_by_the_driver_and_launched_as_tensorrt_does(dtype, batch, channels, height, width):
+    """What TensorRT does with the plugins' AOT kernels, without TensorRT: the driver JIT-compiles the trimmed PTX
+    for this GPU, and each kernel runs with the plugin's grid, block, shared memory and arguments only.
+    131 x 127 spans two partial-sum chunks; three kernels compiled per case (~1.7 s each on the CPU machine)."""
+    from triton import cdiv
+
+    from kernels.fca_attention import fca_channel_attention_reference
+    from kernels.fca_attention_aot import compile_plugin_kernels, partial_sum_chunks, plugin_launches
+
+    major, minor = torch.cuda.get_device_capability()
+    triton_type = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    kernels = compile_plugin_kernels(triton_type, major * 10 + minor, channels)
+    generator = torch.Generator().manual_seed(5)
+    y, weight, bias, y_bias = (torch.randn(*shape, generator=generator).to("cuda", dtype) for shape in
+                               [(batch, channels, height, width), (channels, channels, 1, 1), (channels,), (channels,)])
+    hw = height * width
+    launches = plugin_launches(batch, channels, hw, cdiv)
+    partial = torch.full((batch, channels, partial_sum_chunks(hw, cdiv)), float("nan"), device="cuda")
+    gate = torch.full((batch, channels), float("nan"), device="cuda")
+    z = torch.full_like(y, float("nan"))
+    for name, inputs, output in [("gelu_partial_sum", (y, y_bias), partial),
+                                 ("channel_gate", (partial, weight, bias, y), gate),
+                                 ("gated_gelu", (y, y_bias, gate), z)]:
+        kernel = DriverKernel(kernels[name])
+        try:
+            kernel.launch(launches[name].grid, [*inputs, *launches[name].scalars, output])
+            torch.cuda.synchronize()
+        finally:
+            kernel.unload()
+    expected = fca_channel_attention_reference(*(t.double() for t in (y, weight, bias, y_bias)))
+    own_error = (fca_channel_attention_reference(y, weight, bias, y_bias).double() - expected).abs().max().item()
+    assert torch.isfinite(z).all()
+    torch.testing.assert_close(z.double(), expected, atol=2 * own_error + 1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------- error paths

@@ -94,10 +94,13 @@ def load_model(checkpoint: str | Path | None = None, preset: str | None = None,
     base_model overrides the base folder the checkpoint names (resolved next to the checkpoint).
     preset, when given, must match the checkpoint's.
     """
+    default = checkpoint is None
     checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
     config = checkpoint_config(checkpoint)
     if preset is not None and preset != config.preset:
-        raise CheckpointError(f"checkpoint {checkpoint} is for preset {config.preset!r}, not {preset!r}")
+        hint = (f" (the embedded demo model, used when no checkpoint is given); pass a {preset} checkpoint "
+                f"(--checkpoint NAME.json)" if default else "")
+        raise CheckpointError(f"checkpoint {checkpoint} is for preset {config.preset!r}, not {preset!r}{hint}")
     if base_model is None:
         record, _ = read_checkpoint_record(checkpoint)
         if record.get("base_model") is None:

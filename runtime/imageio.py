@@ -336,8 +336,8 @@ def write_image(path: str | os.PathLike, array: np.ndarray, *, bit_depth: int = 
                 quality: int = 95, icc_profile: bytes | None = None) -> Path:
     """Write a float [H, W, C] array in [0, 1] (C = 1, 2, 3, 4) atomically; returns the path.
 
-    16 bits are kept for PNG and TIFF (else 8); alpha is kept for PNG, WebP, TIFF and BMP and
-    dropped for JPEG and BMP. `quality` is the JPEG / WebP quality.
+    16 bits are kept for PNG and TIFF (else 8); alpha is kept for PNG, WebP and TIFF and dropped
+    for JPEG and BMP. `quality` is the JPEG / WebP quality.
     """
     path = Path(path)
     fmt = output_format(path)

@@ -22,8 +22,8 @@ Batch rules: an output that exists is skipped unless --overwrite (so rerunning a
 sharded job finishes only what is missing); an unreadable input, a failed write, a model output
 with NaN/Inf or (with --validate) an output further from the PyTorch fp32 reference than
 --min-psnr allows is reported with the file's name, nothing is written for it, and the rest go
-on. Exit status: 0 when every image was written or skipped, 2 when any failed, 1 when nothing
-could start (bad options, no model, no backend).
+on. Exit status: 0 when every image was written or skipped, 1 when any failed, 2 when the command
+could not run (bad options, no input images, no model, no backend).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import os
 import sys
 import time
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -231,6 +231,11 @@ class Job:
 class JobList:
     jobs: list[Job]
     failures: list[str]  # inputs that cannot become a job, already described
+    ignored: list[Path] = field(default_factory=list)  # files in input folders without an image extension
+
+
+EXIT_FAILED_IMAGES = 1
+EXIT_CANNOT_RUN = 2  # argparse's status for usage errors too
 
 
 def _is_inside(path: Path, folder: Path) -> bool:
@@ -241,18 +246,19 @@ def _is_inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def _scan_folder(folder: Path, recursive: bool, exclude: Path | None) -> list[Path]:
+def _scan_folder(folder: Path, recursive: bool, exclude: Path | None) -> tuple[list[Path], list[Path]]:
+    """(images, other files) in `folder`."""
     candidates = folder.rglob("*") if recursive else folder.iterdir()
-    found = []
+    found, ignored = [], []
     for path in candidates:
         relative = path.relative_to(folder)
         if any(part.startswith(".") for part in relative.parts):
             continue  # hidden files and folders, including our own *.partial temporaries
         if exclude is not None and _is_inside(path, exclude):
             continue  # never pick up our own outputs when OUT is inside IN
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-            found.append(path)
-    return sorted(found)
+        if path.is_file():
+            (found if path.suffix.lower() in IMAGE_EXTENSIONS else ignored).append(path)
+    return sorted(found), sorted(ignored)
 
 
 def collect_jobs(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, recursive: bool = False,
@@ -268,18 +274,26 @@ def collect_jobs(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
         if len(input_paths) != 1 or input_paths[0].is_dir():
             raise ValueError(f"-o {output} is a file name, but the input is not a single file; "
                              f"give a folder to -o for several images")
+        if output.resolve() == input_paths[0].resolve():
+            raise ValueError(f"-o {output} is the input itself; the input is never replaced, even with --overwrite")
         return JobList([Job(input_paths[0], output)], [])
     if output.exists() and not output.is_dir():
         raise ValueError(f"-o {output} exists and is not a folder")
+    if output.suffix and not output.exists():
+        raise ValueError(f"-o {output}: {output.suffix} is not an output format ({', '.join(sorted(WRITE_FORMATS))}); "
+                         f"for an output folder, give a name without an extension or create the folder first")
     fmt = (fmt or "png").lower()
     if fmt not in FORMAT_EXTENSION:
         raise ValueError(f"--format {fmt!r}: choose one of {sorted(set(FORMAT_EXTENSION))}")
     extension = FORMAT_EXTENSION[fmt]
     jobs: list[Job] = []
     failures: list[str] = []
+    ignored: list[Path] = []
     for path in input_paths:
         if path.is_dir():
-            for found in _scan_folder(path, recursive, output):
+            images, others = _scan_folder(path, recursive, output)
+            ignored.extend(others)
+            for found in images:
                 jobs.append(Job(found, output / found.relative_to(path).with_suffix(extension)))
         elif path.exists():
             jobs.append(Job(path, output / (path.stem + extension)))
@@ -294,7 +308,7 @@ def collect_jobs(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
         for other in group[1:]:
             failures.append(f"{other.source}: its output {destination} is also the output of {group[0].source}; "
                             f"rename one of them")
-    return JobList(sorted(unique, key=lambda j: str(j.source)), failures)
+    return JobList(sorted(unique, key=lambda j: str(j.source)), failures, ignored)
 
 
 # -------------------------------------------------------------------------------------------- CLI
@@ -312,8 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m runtime.upscale",
         description="Upscale images with GuideSR (one-step diffusion super-resolution).",
-        epilog="Exit status: 0 all written or skipped, 2 some images failed (or failed --validate), "
-               "1 nothing could start.",
+        epilog="Exit status: 0 all written or skipped, 1 some images failed (or failed --validate), "
+               "2 the command could not run (bad options, no input images, no model or backend).",
     )
     parser.add_argument("inputs", nargs="+", metavar="IN", help="image files and/or folders")
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
@@ -344,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default auto: fp16 on CUDA when the model supports it, else fp32")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
-    parser.add_argument("--checkpoint", default=None, help="GuideSR checkpoint (NAME.json)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="GuideSR checkpoint (NAME.json; default: the embedded demo model, tiny preset)")
     parser.add_argument("--preset", default=None, help="model preset (tiny, sd-turbo)")
     parser.add_argument("--base-model", default=None, help="diffusers-format base model folder")
     parser.add_argument("--jpeg-quality", type=int, default=95, help="JPEG and WebP quality, 1-100 (default 95)")
@@ -377,6 +392,9 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error("--max-megapixels must be >= 0")
     if args.min_psnr is not None and not args.validate:
         parser.error("--min-psnr is the --validate threshold; add --validate")
+    if args.tile and (args.tile / (args.tile - args.overlap)) ** 2 > 16:
+        parser.error(f"--overlap {args.overlap} with --tile {args.tile} computes every output pixel about "
+                     f"{(args.tile / (args.tile - args.overlap)) ** 2:.0f} times; keep the overlap under 3/4 of the tile")
 
 
 def _remove_stale_partials(output: Path) -> None:
@@ -394,8 +412,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         job_list = collect_jobs(args.inputs, args.output, args.recursive, args.format)
     except (ValueError, ShardingError) as err:
         _say(f"error: {err}", error=True)
-        return 1
+        return EXIT_CANNOT_RUN
+    if not job_list.jobs and not job_list.failures:
+        _say(f"error: no images in {', '.join(args.inputs)} (image files: {', '.join(sorted(IMAGE_EXTENSIONS))}"
+             f"{'; subfolders need --recursive' if not args.recursive else ''}; files inside -o are never inputs)",
+             error=True)
+        return EXIT_CANNOT_RUN
     prefix = shard.label
+    if job_list.ignored and shard.rank == 0:
+        examples = ", ".join(path.name for path in job_list.ignored[:3])
+        more = f" and {len(job_list.ignored) - 3} more" if len(job_list.ignored) > 3 else ""
+        _say(f"note: {len(job_list.ignored)} file(s) without an image extension left alone: {examples}{more}")
     # Failures and jobs are split the same way, so each problem is reported by exactly one rank.
     failures = shard_items(job_list.failures, shard)
     for failure in failures:
@@ -418,11 +445,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             backend, validator = _make_backend(args, shard)
         except (BackendError, ShardingError, ValueError, OSError) as err:
             _say(f"{prefix}error: {err}", error=True)
-            return 1
+            return EXIT_CANNOT_RUN
         written, failed = _run_jobs(todo, backend, validator, args, shard)
         failures.extend(failed)
     _say(f"{prefix}{written} written, {skipped} skipped (already there), {len(failures)} failed")
-    return 2 if failures else 0
+    return EXIT_FAILED_IMAGES if failures else 0
 
 
 def _make_backend(args: argparse.Namespace, shard: Shard) -> tuple[Backend, Validator | None]:
@@ -481,6 +508,10 @@ def _run_jobs(jobs: list[Job], backend: Backend, validator: Validator | None, ar
                 except torch.OutOfMemoryError as err:
                     failures.append(f"{job.source}: out of memory")
                     _say(f"{prefix}error: {job.source}: out of memory ({err}); try a smaller --tile or --tile-batch", error=True)
+                except MemoryError:
+                    failures.append(f"{job.source}: out of host memory")
+                    _say(f"{prefix}error: {job.source}: out of host memory; the output alone needs ~12 bytes per "
+                         f"output pixel (lower --max-megapixels to refuse such inputs up front)", error=True)
                 except OSError as err:  # e.g. the disk is full or the folder is not writable
                     failures.append(f"{job.source}: {err}")
                     _say(f"{prefix}error: {job.source}: cannot write {job.output}: {err}", error=True)

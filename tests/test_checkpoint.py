@@ -111,6 +111,15 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(GuideSR(tiny_config()), tmp_path / "missing")
 
 
+def test_a_preset_the_default_model_is_not_says_to_pass_a_checkpoint(tmp_path, base_dir):
+    with pytest.raises(CheckpointError, match=r"is for preset 'tiny', not 'sd-turbo' \(the embedded demo model.*"
+                                              r"pass a sd-turbo checkpoint \(--checkpoint NAME.json\)"):
+        load_model(preset="sd-turbo")
+    save_checkpoint(build_model(tiny_config(), base_dir), tmp_path / "own", base_model=str(base_dir))
+    with pytest.raises(CheckpointError, match=r"own.json is for preset 'tiny', not 'sd-turbo'$"):
+        load_model(tmp_path / "own.json", preset="sd-turbo")
+
+
 def test_checkpoint_paths():
     assert checkpoint_paths("a/b.safetensors") == checkpoint_paths("a/b") == checkpoint_paths("a/b.json")
 

@@ -21,6 +21,7 @@ from runtime import imageio
 from runtime.backends import TorchBackend
 from runtime.imageio import read_image, write_image
 from runtime.tiling import NonFiniteOutputError
+import runtime.upscale as upscale_module
 from runtime.upscale import collect_jobs, main, upscale_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +96,8 @@ def test_folder_batch_with_mixed_and_broken_inputs(tmp_path, checkpoint, capsys)
 
     code = main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--checkpoint", str(checkpoint)])
     captured = capsys.readouterr()
-    assert code == 2, captured
+    assert code == 1, captured
+    assert "1 file(s) without an image extension left alone: readme.txt" in captured.out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f"{name}.png" for name in expected)
     for name, (mode, bits, (h, w)) in expected.items():
         array, info = read_image(tmp_path / "out" / f"{name}.png")
@@ -146,7 +148,7 @@ def test_a_failed_write_leaves_no_partial_file_and_the_batch_goes_on(tmp_path, c
     monkeypatch.setattr(imageio, "_encode", disk_full_for_grey)
     code = main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--checkpoint", str(checkpoint)])
     captured = capsys.readouterr()
-    assert code == 2
+    assert code == 1
     assert "grey.png" in captured.err and "No space left" in captured.err
     names = sorted(p.name for p in (tmp_path / "out").iterdir())  # hidden temporaries would show here too
     assert names == ["deep.png", "deep_grey.png", "photo.png", "rgb.png", "rgba.png"]
@@ -166,7 +168,7 @@ def test_single_file_output_format_from_the_extension_and_format_for_folders(tmp
     assert read_image(tmp_path / "webp" / "rgba.webp")[1].mode == "RGBA"
 
     capsys.readouterr()
-    assert main([str(source), str(source), "-o", str(tmp_path / "two.png"), "--checkpoint", str(checkpoint)]) == 1
+    assert main([str(source), str(source), "-o", str(tmp_path / "two.png"), "--checkpoint", str(checkpoint)]) == 2
     assert "not a single file" in capsys.readouterr().err
 
 
@@ -199,7 +201,7 @@ def test_model_output_with_nan_is_an_error_naming_the_file(tmp_path, diverged_ch
     code = main([str(tmp_path / "in" / "rgb.png"), "-o", str(tmp_path / "out"),
                  "--checkpoint", str(diverged_checkpoint)])
     captured = capsys.readouterr()
-    assert code == 2
+    assert code == 1
     assert "rgb.png" in captured.err and "NaN/Inf" in captured.err
     assert list((tmp_path / "out").iterdir()) == []
 
@@ -248,6 +250,48 @@ def test_bad_options_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["x.png", "-o", "y.png", "--backend", "no-such-backend"])
     assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as caught:
+        main(["x.png", "-o", "y.png", "--tile", "16", "--overlap", "15"])
+    assert caught.value.code == 2 and "every output pixel about 256 times" in capsys.readouterr().err
+
+
+def test_host_out_of_memory_fails_that_image_only(tmp_path, checkpoint, capsys, monkeypatch):
+    expected = make_inputs(tmp_path / "in")
+    real_read = upscale_module.read_image
+
+    def read_or_run_out(path, *args, **kwargs):
+        if Path(path).name == "photo.jpg":
+            raise MemoryError
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(upscale_module, "read_image", read_or_run_out)
+    code = main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--checkpoint", str(checkpoint)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "photo.jpg: out of host memory" in captured.err
+    assert f"{len(expected) - 1} written, 0 skipped (already there), 1 failed" in captured.out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f"{name}.png" for name in expected
+                                                                         if name != "photo")
+
+
+def test_commands_that_cannot_run_exit_2_and_say_why(tmp_path, checkpoint, capsys):
+    make_inputs(tmp_path / "in")
+    source = tmp_path / "in" / "rgb.png"
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([str(source), "-o", str(tmp_path / "out.gif")], ".gif is not an output format"),
+        ([str(tmp_path / "in"), "-o", str(tmp_path / "result.txt")], ".txt is not an output format"),
+        ([str(tmp_path / "empty"), "-o", str(tmp_path / "out")], "no images in"),
+        ([str(tmp_path / "in"), "-o", str(tmp_path / "in")], "files inside -o are never inputs"),
+        ([str(source), "-o", str(source), "--overwrite"], "is the input itself"),
+        ([str(source), "-o", str(tmp_path / "x.png"), "--device", "foo"], "--device 'foo' is not a device"),
+    ]
+    before = source.read_bytes()
+    for argv, message in cases:
+        assert main(argv + ["--checkpoint", str(checkpoint)]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not (tmp_path / "out.gif").exists() and not (tmp_path / "result.txt").exists()
+    assert not (tmp_path / "x.png").exists() and source.read_bytes() == before
 
 
 _RSS_CHILD = """

@@ -28,7 +28,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """'auto' / None: CUDA when there is one, else the CPU."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise BackendError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from err
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(f"--device {device}: CUDA is not available on this machine")
     return resolved

@@ -29,6 +29,7 @@ import ctypes
 import errno
 import io
 import os
+import re
 import secrets
 import shutil
 import struct
@@ -148,7 +149,9 @@ def read_image(path: str | os.PathLike, max_megapixels: float | None = DEFAULT_M
         # Pillow's own guard fires in Image.open, before our check, for images over twice its limit
         # (which we raise to ours when ours is higher, so this image is over our limit too).
         limit = "no limit" if max_pixels is None else f"the limit of {max_pixels / 1e6:g} megapixels"
-        raise ImageTooLargeError(path, f"{exc} It is over {limit} (raise it with --max-megapixels / max_megapixels=)") from exc
+        size = re.search(r"Image size \((\d+) pixels\)", str(exc))  # Pillow's wording, which names its own limit
+        what = f"{int(size.group(1)) / 1e6:g} megapixels" if size else f"too large for Pillow ({exc})"
+        raise ImageTooLargeError(path, f"{what}, over {limit} (raise it with --max-megapixels / max_megapixels=)") from exc
     except UnidentifiedImageError as exc:
         raise ImageReadError(path, "not a recognised image file (unknown format or corrupt header)") from exc
     except PermissionError as exc:

@@ -131,8 +131,9 @@ def test_artifacts_go_to_their_backend(model, tmp_path):
         create_backend("fast", model, "cpu")
     with pytest.raises(BackendError, match="backend 'compiled' cannot run on cpu: torch.compile with CUDA graphs"):
         create_backend("compiled", model, "cpu", tile=64)
-    with pytest.raises(BackendError, match="backend 'tensorrt' cannot run on cpu: TensorRT runs on CUDA GPUs only"):
+    with pytest.raises(BackendError, match="backend 'tensorrt' cannot run on cpu: TensorRT runs on CUDA GPUs only") as err:
         create_backend("tensorrt", model, "cpu", engine=tmp_path / "x.engine")
+    assert ("TensorRT is not installed" in str(err.value)) == (importlib.util.find_spec("tensorrt") is None)
     with pytest.raises(BackendError, match="exports a static graph for one tile shape: give a tile size"):
         create_backend("onnxruntime", model, "cpu", tile=0)
 

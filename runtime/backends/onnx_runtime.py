@@ -182,7 +182,7 @@ def _stale_reason(path: Path, checkpoint: str, spec: GraphSpec, precision: str) 
     from export.onnx_export import guidesr_version, read_metadata
 
     if not path.is_file():
-        return "not cached yet"
+        return "the first use of this graph"
     try:
         metadata = read_metadata(path)
     except (DecodeError, OSError, ValueError):

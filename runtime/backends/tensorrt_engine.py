@@ -139,11 +139,12 @@ class TensorRTBackend(Backend):
 
 
 def tensorrt_unavailable_reason(device: torch.device) -> str | None:
+    reasons = []
     if device.type != "cuda":
-        return f"TensorRT runs on CUDA GPUs only (device is {device})"
+        reasons.append(f"TensorRT runs on CUDA GPUs only (device is {device})")
     if importlib.util.find_spec("tensorrt") is None:
-        return "TensorRT is not installed (pip install tensorrt-cu12, or tensorrt-cu13 for CUDA 13)"
-    return None
+        reasons.append("TensorRT is not installed (pip install tensorrt-cu12, or tensorrt-cu13 for CUDA 13)")
+    return "; ".join(reasons) or None
 
 
 def _auto_skip_reason(request: BackendRequest) -> str | None:

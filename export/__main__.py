@@ -7,7 +7,7 @@
 [model] is the embedded demo checkpoint by default, or --checkpoint NAME.json [--base-model DIR],
 or --random-weights --preset tiny|sd-turbo (an untrained model: random base weights unless
 --base-model is given). Files go to --out-dir (artifacts/export). `engine` writes its ONNX graph
-first, then needs TensorRT: without it, it exits with status 3 and the install command.
+first, then needs TensorRT: without it, it exits with status 3, the install command and the command to rerun.
 `verify` also checks every engine found next to a graph (NAME.engine for NAME.onnx) when TensorRT
 is installed, and exits with status 1 if a comparison fails.
 """
@@ -15,6 +15,8 @@ is installed, and exits with status 1 if a comparison fails.
 from __future__ import annotations
 
 import argparse
+import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from guidesr.config import PRESETS, preset_config
 from guidesr.loading import DEFAULT_CHECKPOINT, BaseModelError, build_model, load_model
 from guidesr.model import GuideSR
 
+from . import engine_metadata
 from .engine_metadata import EngineMetadataError, EngineMismatchError
 from .graphs import VARIANTS, GraphSpec, guidesr_graph, parse_tile
 from .onnx_export import PRECISIONS, export_graphs, graph_filename
@@ -36,10 +39,10 @@ EXIT_NO_TENSORRT = 3
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args.tile = parse_tile(args.tile)
         if args.command == "verify":
-            args.sizes = [parse_tile(size) for size in args.sizes] if args.sizes else None
+            check_verify_inputs(args)
         model, weights = load_from_args(args)
         return args.run(args, model, weights)
     except (CheckpointError, BaseModelError, ValueError) as err:
@@ -55,26 +58,34 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     onnx = _command(commands, "onnx", _run_onnx, "export the ONNX graphs")
-    onnx.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
-    onnx.add_argument("--variant", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    onnx.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
+                      help=f"precisions to export, one graph each (default: {' '.join(PRECISIONS)})")
+    onnx.add_argument("--variant", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                      help=f"static (one tile shape) and/or dynamic (batch, height and width vary) graphs "
+                           f"(default: {' '.join(VARIANTS)})")
     _shape_options(onnx)
 
     engine = _command(commands, "engine", _run_engine, "export one ONNX graph and build its TensorRT engine")
-    engine.add_argument("--precision", choices=PRECISIONS, default="fp16")
-    engine.add_argument("--variant", choices=VARIANTS, default="static")
+    engine.add_argument("--precision", choices=PRECISIONS, default="fp16",
+                        help="precision of the graph and engine (default fp16)")
+    engine.add_argument("--variant", choices=VARIANTS, default="static",
+                        help="static (one tile shape) or dynamic (batch, height and width vary) (default static)")
     _shape_options(engine)
     engine.add_argument("--optimization-level", type=int, default=3, choices=range(6),
                         help="TensorRT builder optimisation level 0-5 (default 3)")
-    engine.add_argument("--workspace-gib", type=float, help="TensorRT workspace limit (default: TensorRT's)")
+    engine.add_argument("--workspace-gib", type=_positive_float,
+                        help="TensorRT workspace limit in GiB (default: TensorRT's)")
     engine.add_argument("--timing-cache", type=Path,
                         help="timing cache file, loaded and saved (default OUT_DIR/tensorrt-timing.cache)")
-    engine.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
+    engine.add_argument("--verbose", action="store_true", help="TensorRT's verbose log (default: warnings only)")
 
     verify = _command(commands, "verify", _run_verify, "compare graphs (and an engine) with PyTorch via Polygraphy")
     verify.add_argument("--onnx", type=Path, nargs="+",
                         help="graphs to check (default: every graph of this preset and tile in --out-dir)")
-    verify.add_argument("--engine", type=Path, help="engine to check as well, against PyTorch and its ONNX graph")
-    verify.add_argument("--sizes", nargs="+",
+    verify.add_argument("--engine", type=Path,
+                        help="engine to check as well, against PyTorch and its ONNX graph NAME.onnx next to it "
+                             "(default: only the NAME.engine files found next to the graphs)")
+    verify.add_argument("--sizes", nargs="+", type=_size_option("size"),
                         help="HxW sizes for dynamic graphs (default: the tile and half its height)")
     return parser
 
@@ -86,21 +97,71 @@ def _command(commands, name: str, run, help_text: str) -> argparse.ArgumentParse
     model.add_argument("--checkpoint", type=Path,
                        help=f"checkpoint JSON (default: the embedded {DEFAULT_CHECKPOINT.name})")
     model.add_argument("--preset", choices=sorted(PRESETS),
-                       help="must match the checkpoint's; required with --random-weights")
+                       help="must match the checkpoint's; required with --random-weights (default: the checkpoint's)")
     model.add_argument("--base-model", type=Path,
-                       help="diffusers folder with unet/ and vae/ (overrides the checkpoint's)")
-    model.add_argument("--random-weights", action="store_true", help="use an untrained model of --preset")
+                       help="diffusers folder with unet/ and vae/ (default: the checkpoint's; "
+                            "random base weights with --random-weights)")
+    model.add_argument("--random-weights", action="store_true",
+                       help="use an untrained model of --preset (default: off)")
     model.add_argument("--seed", type=int, default=0, help="seed of the untrained model's weights (default 0)")
-    command.add_argument("--tile", default="512", help="tile the graphs are built for: 512 or HxW (default 512)")
-    command.add_argument("--out-dir", type=Path, default=Path("artifacts/export"), help="default artifacts/export")
+    command.add_argument("--tile", type=_size_option("tile"), default="512",
+                         help="tile the graphs are built for: 512 or HxW (default 512)")
+    command.add_argument("--out-dir", type=Path, default=Path("artifacts/export"),
+                         help="folder of the graphs and engines, written by onnx and engine, read by verify "
+                              "(default artifacts/export)")
     return command
 
 
 def _shape_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--batch", type=int, default=1, help="batch size of static graphs (default 1)")
-    command.add_argument("--max-batch", type=int, default=4, help="largest batch of dynamic graphs (default 4)")
+    command.add_argument("--batch", type=_positive_int, default=1, help="batch size of static graphs (default 1)")
+    command.add_argument("--max-batch", type=_positive_int, default=4,
+                         help="largest batch of dynamic graphs (default 4)")
     command.add_argument("--trt-plugins", action="store_true",
-                         help="FCA channel attention as TensorRT plugin nodes (fused Triton kernels; TensorRT only)")
+                         help="FCA channel attention as TensorRT plugin nodes (fused Triton kernels; TensorRT only) "
+                              "(default: off)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _size_option(what: str):
+    def parse(text: str) -> tuple[int, int]:
+        try:
+            return parse_tile(text, what)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
+def check_verify_inputs(args) -> None:
+    """Raise ValueError unless every file named on verify's command line exists and the engine's metadata reads."""
+    missing = [path for path in args.onnx or [] if not path.is_file()]
+    if args.engine is not None:
+        missing += [path for path in (args.engine, args.engine.with_suffix(".onnx"),
+                                      engine_metadata.metadata_path(args.engine)) if not path.is_file()]
+    if missing:
+        raise ValueError(f"no such file: {', '.join(str(path) for path in missing)} (given with --onnx or --engine; "
+                         f"an engine needs its graph NAME.onnx and its metadata NAME.engine.json next to it)")
+    if args.engine is not None:
+        engine_metadata.read(args.engine)
 
 
 def load_from_args(args) -> tuple[GuideSR, str]:
@@ -139,7 +200,9 @@ def _run_engine(args, model: GuideSR, weights: str) -> int:
     try:
         import_tensorrt()
     except TensorRTUnavailableError as err:
-        print(f"error: cannot build the engine: {err}", file=sys.stderr)
+        print(f"error: cannot build the engine: {err}\n{graph.path} is written; once TensorRT is installed, rerun "
+              f"this command, which exports the graph again and builds the engine:\n"
+              f"    python -m export {shlex.join(args.argv)}", file=sys.stderr)
         return EXIT_NO_TENSORRT
     engine_path = graph.path.with_suffix(".engine")
     metadata = build_engine(graph.path, engine_path, optimization_level=args.optimization_level,

@@ -122,6 +122,8 @@ def guidesr_graph(size_multiple: int, tile: tuple[int, int], variant: str, batch
             f"tile {height}x{width} must be positive multiples of the model's size multiple {size_multiple}"
         )
     if variant == "static":
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
         shape = (batch, 3, height, width)
         lo, opt, hi = shape, shape, shape
     else:
@@ -132,13 +134,15 @@ def guidesr_graph(size_multiple: int, tile: tuple[int, int], variant: str, batch
     return GraphSpec(GRAPH_NAME, variant, size_multiple, (image,), (r1,), trt_plugins)
 
 
-def parse_tile(text: str) -> tuple[int, int]:
-    """'512' -> (512, 512); '384x512' -> (384, 512) (height x width)."""
+def parse_tile(text: str, what: str = "tile") -> tuple[int, int]:
+    """'512' -> (512, 512); '384x512' -> (384, 512) (height x width); `what` names the value in errors."""
     parts = text.lower().split("x")
     try:
         values = [int(p) for p in parts]
     except ValueError:
         values = []
     if len(values) not in (1, 2):
-        raise ValueError(f"tile must look like 512 or 384x512 (height x width), not {text!r}")
+        raise ValueError(f"{what} must look like 512 or 384x512 (height x width), not {text!r}")
+    if min(values) < 1:
+        raise ValueError(f"{what} {text!r} must have a positive height and width")
     return (values[0], values[-1])

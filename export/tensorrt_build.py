@@ -48,8 +48,7 @@ def import_tensorrt() -> ModuleType:
         import tensorrt as trt
     except ImportError as err:
         raise TensorRTUnavailableError(
-            f"TensorRT's Python package is not installed ({err}). Install it with:\n    {INSTALL_COMMAND}\n"
-            "The ONNX graphs are written already; `make engine` builds from them once TensorRT is there."
+            f"TensorRT's Python package is not installed ({err}). Install it with:\n    {INSTALL_COMMAND}"
         ) from err
     version = getattr(trt, "__version__", "")
     if not hasattr(trt, "Builder") or int(version.split(".")[0] or 0) < MIN_TENSORRT_MAJOR:

@@ -80,15 +80,19 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m guidesr.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="checkpoint JSON (default: the embedded demo model)")
-    p.add_argument("--preset", default=None)
-    p.add_argument("--base-model", default=None)
-    p.add_argument("--data", default="sample", help="'sample' (held-out scikit-image photos) or a folder of HR images")
-    p.add_argument("--crop-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0, help="degradation seed")
+    p.add_argument("--preset", default=None, help="must match the checkpoint's preset (default: not checked)")
+    p.add_argument("--base-model", default=None,
+                   help="diffusers folder with unet/ and vae/ (default: the base model the checkpoint names)")
+    p.add_argument("--data", default="sample",
+                   help="'sample' (held-out scikit-image photos) or a folder of HR images (default sample)")
+    p.add_argument("--crop-size", type=int, default=256,
+                   help="side of the centre crop of each HR image, in HR pixels (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="degradation seed (default 0)")
     p.add_argument("--draws", type=int, default=4, help="degradations per image (default 4), each its own seed")
-    p.add_argument("--json", type=Path, default=None, help="write the full results here")
+    p.add_argument("--json", type=Path, default=None, help="write the full results here (default: not written)")
     args = p.parse_args(argv)
     model = load_model(args.checkpoint, args.preset, args.base_model)
     if args.draws < 1:

@@ -46,6 +46,8 @@ def test_spec_rejects_tiles_off_the_size_multiple():
         guidesr_graph(64, (512, 500), "static")
     with pytest.raises(ValueError, match="variant"):
         guidesr_graph(16, (64, 64), "ragged")
+    with pytest.raises(ValueError, match="batch must be >= 1, got 0"):
+        guidesr_graph(16, (64, 64), "static", batch=0)
 
 
 def test_parse_tile():
@@ -54,6 +56,9 @@ def test_parse_tile():
     for bad in ("", "ax3", "1x2x3"):
         with pytest.raises(ValueError, match="tile must look like"):
             parse_tile(bad)
+    for bad in ("0", "-16", "32x0"):
+        with pytest.raises(ValueError, match=f"size '{bad}' must have a positive height and width"):
+            parse_tile(bad, "size")
 
 
 # ------------------------------------------------------------------------------------ engine metadata

@@ -5,7 +5,9 @@ injections and zero-convs are exercised) writes fp32 and fp16 graphs: a static g
 three tile sizes and one dynamic graph.
 """
 
+import argparse
 import importlib.util
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ import onnxruntime
 import pytest
 import torch
 
-from export.__main__ import EXIT_NO_TENSORRT, build_parser, load_from_args, main
+from export.__main__ import EXIT_NO_TENSORRT, EXIT_USAGE, build_parser, load_from_args, main
 from export.fp16 import FP32_ISLANDS
 from export.graphs import GraphSpec, guidesr_graph
 from export.onnx_export import OPSET, export_graphs, read_metadata
@@ -196,6 +198,10 @@ def test_engine_command_without_tensorrt_writes_onnx_then_fails_clearly(tmp_path
     assert f"wrote {written}" in result.stdout
     assert "TensorRT's Python package is not installed" in result.stderr
     assert "pip install tensorrt-cu12" in result.stderr
+    assert "make engine" not in result.stderr
+    rerun = shlex.join(command[3:])
+    assert f"{written} is written; once TensorRT is installed, rerun this command" in result.stderr
+    assert f"\n    python -m export {rerun}" in result.stderr
     onnx.checker.check_model(str(written), full_check=True)
     assert read_metadata(written)["precision"] == "fp16"
 
@@ -206,6 +212,56 @@ def test_cli_refuses_a_missing_checkpoint(tmp_path, capsys):
     assert f"checkpoint description {missing} does not exist" in capsys.readouterr().err
     assert main(["onnx", "--random-weights", "--out-dir", str(tmp_path)]) == 2
     assert "--random-weights needs --preset" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(args):
+        raise AssertionError("the model was loaded before the command line was checked")
+
+    monkeypatch.setattr("export.__main__.load_from_args", refuse)
+
+
+def test_verify_checks_the_files_it_is_given_before_loading_the_model(tmp_path, capsys, no_model_loading):
+    model = ["--random-weights", "--preset", "tiny", "--tile", "32", "--out-dir", str(tmp_path)]
+    engine = tmp_path / "x.engine"
+    assert main(["verify", *model, "--engine", str(engine)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"no such file: {engine}, {tmp_path / 'x.onnx'}, {tmp_path / 'x.engine.json'}" in err
+    assert main(["verify", *model, "--onnx", str(tmp_path / "a.onnx")]) == EXIT_USAGE
+    assert f"no such file: {tmp_path / 'a.onnx'} (given with --onnx or --engine" in capsys.readouterr().err
+    engine.write_bytes(b"")
+    (tmp_path / "x.onnx").write_bytes(b"")
+    (tmp_path / "x.engine.json").write_text("{")
+    assert main(["verify", *model, "--engine", str(engine)]) == EXIT_USAGE
+    assert "x.engine.json is not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["onnx", "--batch", "0", "--variant", "static", "--precision", "fp32"], "argument --batch: must be >= 1, got 0"),
+    (["engine", "--batch", "0"], "argument --batch: must be >= 1, got 0"),
+    (["engine", "--batch", "two"], "argument --batch: 'two' is not an integer"),
+    (["onnx", "--max-batch", "-1"], "argument --max-batch: must be >= 1, got -1"),
+    (["onnx", "--tile", "0"], "argument --tile: tile '0' must have a positive height and width"),
+    (["engine", "--tile", "32x-16"], "argument --tile: tile '32x-16' must have a positive height and width"),
+    (["verify", "--sizes", "32", "0x32"], "argument --sizes: size '0x32' must have a positive height and width"),
+    (["engine", "--workspace-gib", "0"], "argument --workspace-gib: must be a positive number, got '0'"),
+    (["engine", "--workspace-gib", "nan"], "argument --workspace-gib: must be a positive number, got 'nan'"),
+])
+def test_cli_refuses_sizes_below_one_as_usage_errors(argv, message, capsys, no_model_loading):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--random-weights", "--preset", "tiny"])
+    assert exit_info.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m export") and f"error: {message}\n" in err
+
+
+def test_every_option_has_help_that_states_its_default():
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help and "default" in action.help, f"{name} {action.option_strings}: {action.help!r}"
 
 
 def test_cli_loads_the_embedded_checkpoint_by_default():

@@ -151,8 +151,8 @@ def compile_plugin_kernels(dtype: str, capability: int, channels: int) -> dict[s
 def trim_entry_params(ptx: str, entry: str, keep: int) -> str:
     """`ptx` with the `entry` kernel declaring only its first `keep` parameters.
 
-    Triton appends parameters of its own to every kernel (global and profile scratch pointers, two in
-    Triton 3.6-3.9); TensorRT launches a plugin kernel with the plugin's inputs, scalars and outputs
+    Triton appends parameters of its own to every kernel (global and profile scratch pointers: two in
+    Triton 3.9, seen in its PTX); TensorRT launches a plugin kernel with the plugin's inputs, scalars and outputs
     only, so a kernel that declares more would read parameter memory the launch never wrote.
     Dropping them is sound only while the body never reads them, which is checked: a trailing
     parameter that is referenced raises ValueError.

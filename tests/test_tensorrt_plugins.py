@@ -8,6 +8,8 @@ TensorRT: the trimmed PTX loaded by the CUDA driver and launched with exactly th
 The TensorRT engine test needs a GPU and TensorRT >= 10.10 and is skipped without them.
 """
 
+import ctypes
+import functools
 import importlib.util
 import json
 import os
@@ -255,55 +257,55 @@ def test_plugin_launch_plan_matches_the_reference_in_the_interpreter(dtype, batc
 
 # ------------------------------------------------------ kernels ahead of time, on the GPU without TensorRT
 
+@functools.cache
+def cuda_driver() -> ctypes.CDLL:
+    """libcuda with the argument types of the calls below."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuModuleLoadData.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p]
+    lib.cuModuleGetFunction.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_char_p]
+    lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
+        ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p)]
+    lib.cuModuleUnload.argtypes = [ctypes.c_void_p]
+    lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    return lib
+
+
 class DriverKernel:
     """One AOT kernel loaded from its PTX by the CUDA driver (libcuda via ctypes), launched as TensorRT launches an
     AOT plugin's kernel: the plugin's tensor inputs, its scalars, its outputs, and nothing else."""
 
-    LIB = None
     MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 
     def __init__(self, kernel):
-        import ctypes
-
-        self.ctypes, self.kernel = ctypes, kernel
-        if DriverKernel.LIB is None:
-            lib = ctypes.CDLL("libcuda.so.1")
-            lib.cuModuleLoadData.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p]
-            lib.cuModuleGetFunction.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_char_p]
-            lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-            lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
-                ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p)]
-            lib.cuModuleUnload.argtypes = [ctypes.c_void_p]
-            lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
-            DriverKernel.LIB = lib
+        self.kernel, self.driver = kernel, cuda_driver()
         self.module, self.function = ctypes.c_void_p(), ctypes.c_void_p()
         torch.cuda.init()  # PyTorch's primary context is current on this thread from here on
-        self.check("cuModuleLoadData", self.LIB.cuModuleLoadData(ctypes.byref(self.module), kernel.ptx.encode()))
+        self.check("cuModuleLoadData", self.driver.cuModuleLoadData(ctypes.byref(self.module), kernel.ptx.encode()))
         self.check("cuModuleGetFunction",
-                   self.LIB.cuModuleGetFunction(ctypes.byref(self.function), self.module, kernel.name.encode()))
+                   self.driver.cuModuleGetFunction(ctypes.byref(self.function), self.module, kernel.name.encode()))
         if kernel.shared_mem > 48 * 1024:
-            self.check("cuFuncSetAttribute", self.LIB.cuFuncSetAttribute(
+            self.check("cuFuncSetAttribute", self.driver.cuFuncSetAttribute(
                 self.function, self.MAX_DYNAMIC_SHARED_SIZE_BYTES, kernel.shared_mem))
 
     def check(self, call: str, result: int) -> None:
         if result != 0:
-            name = self.ctypes.c_char_p()
-            self.LIB.cuGetErrorName(result, self.ctypes.byref(name))
+            name = ctypes.c_char_p()
+            self.driver.cuGetErrorName(result, ctypes.byref(name))
             raise RuntimeError(f"{call} failed for {self.kernel.name}: {name.value.decode() if name.value else result}")
 
     def launch(self, grid: tuple[int, ...], arguments: list) -> None:
-        ctypes = self.ctypes
         values = [ctypes.c_uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int32(a)
                   for a in arguments]
         params = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values))
         gx, gy, gz = (tuple(grid) + (1, 1))[:3]
         stream = torch.cuda.current_stream().cuda_stream
-        self.check("cuLaunchKernel", self.LIB.cuLaunchKernel(
+        self.check("cuLaunchKernel", self.driver.cuLaunchKernel(
             self.function, gx, gy, gz, self.kernel.num_warps * 32, 1, 1, self.kernel.shared_mem,
             ctypes.c_void_p(stream), params, None))
 
     def unload(self) -> None:
-        self.check("cuModuleUnload", self.LIB.cuModuleUnload(self.module))
+        self.check("cuModuleUnload", self.driver.cuModuleUnload(self.module))
 
 
 @pytest.mark.gpu

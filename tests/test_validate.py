@@ -132,7 +132,7 @@ def test_validate_fails_for_a_perturbed_graph_and_writes_nothing(photo, checkpoi
     output = tmp_path / "out.png"
     code = run_cli(photo, output, checkpoint, "--backend", "onnxruntime", "--onnx", str(perturbed))
     captured = capsys.readouterr()
-    assert code == 2
+    assert code == 1
     psnr = float(captured.err.split("astronaut.png: validation PSNR ")[1].split(" dB")[0])
     assert 25 < psnr < 40 and "FAILED: PSNR below 60 dB" in captured.err
     assert "nothing written" in captured.err and "0 written, 0 skipped (already there), 1 failed" in captured.out

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,31 +119,75 @@ def read_image(path: str | os.PathLike, max_megapixels: float | None = DEFAULT_M
     `max_megapixels` (None: no limit) is checked from the header, before anything is decoded.
     """
     path = Path(path)
-    max_pixels = None if max_megapixels is None else int(max_megapixels * 1_000_000)
-    if not path.exists():
-        raise ImageReadError(path, "no such file")
-    if path.is_dir():
-        raise ImageReadError(path, "is a folder, not a file")
-    _allow_pillow_pixels(max_pixels)
-    try:
+    max_pixels = _max_pixels(path, max_megapixels)
+    with _read_errors(path, max_pixels):
         if _is_16bit_multisample_tiff(path):
             # Pillow has no 16-bit RGB / grey + alpha modes; tifffile reads these exactly.
             array, mode, orientation, icc = _read_tiff_16bit(path, max_pixels)
             depth, fmt = 16, "tiff"
         else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit replaces Pillow's warning
-                with Image.open(path) as image:
-                    _check_format_and_size(path, image.format, image.size, max_pixels)
-                    fmt = READ_FORMATS[image.format]
-                    # Decide before getexif(), which loads a PNG (and so empties its tile list).
-                    png_rawmode = image.tile[0].args if image.format == "PNG" and image.tile else None
-                    if png_rawmode in _PNG16_RAWMODES:
-                        array, mode, depth = _read_png_16bit_color(path, png_rawmode)
-                    else:
-                        array, mode, depth = _pillow_to_array(image)
-                    orientation = _orientation(image)
-                    icc = image.info.get("icc_profile")
+            with _open_with_pillow(path) as image:
+                _check_format_and_size(path, image.format, image.size, max_pixels)
+                fmt = READ_FORMATS[image.format]
+                # Decide before getexif(), which loads a PNG (and so empties its tile list).
+                png_rawmode = image.tile[0].args if image.format == "PNG" and image.tile else None
+                if png_rawmode in _PNG16_RAWMODES:
+                    array, mode, depth = _read_png_16bit_color(path, png_rawmode)
+                else:
+                    array, mode, depth = _pillow_to_array(image)
+                orientation = _orientation(image)
+                icc = image.info.get("icc_profile")
+    array = _apply_orientation(array, orientation)
+    scale = 65535.0 if depth == 16 else 255.0
+    out = array.astype(np.float32)
+    out /= scale
+    height, width = out.shape[:2]
+    info = ImageInfo(path=str(path), format=fmt, mode=mode, bit_depth=depth,
+                     width=width, height=height, icc_profile=icc)
+    return out, info
+
+
+def check_image_header(path: str | os.PathLike, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> None:
+    """Raise what `read_image` would for a missing, unrecognised, unsupported or too large file, from
+    its header alone (nothing is decoded, so corrupt pixel data is found only by `read_image`)."""
+    path = Path(path)
+    max_pixels = _max_pixels(path, max_megapixels)
+    with _read_errors(path, max_pixels):
+        if _is_16bit_multisample_tiff(path):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages.first
+                _check_format_and_size(path, "TIFF", (page.imagewidth, page.imagelength), max_pixels)
+        else:
+            with _open_with_pillow(path) as image:
+                _check_format_and_size(path, image.format, image.size, max_pixels)
+
+
+def _max_pixels(path: Path, max_megapixels: float | None) -> int | None:
+    """The pixel limit; also refuses a path that is missing or a folder, and lets Pillow open up to the limit."""
+    if not path.exists():
+        raise ImageReadError(path, "no such file")
+    if path.is_dir():
+        raise ImageReadError(path, "is a folder, not a file")
+    max_pixels = None if max_megapixels is None else int(max_megapixels * 1_000_000)
+    _allow_pillow_pixels(max_pixels)
+    return max_pixels
+
+
+@contextlib.contextmanager
+def _open_with_pillow(path: Path) -> Iterator[Image.Image]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit replaces Pillow's warning
+        with Image.open(path) as image:
+            yield image
+
+
+@contextlib.contextmanager
+def _read_errors(path: Path, max_pixels: int | None) -> Iterator[None]:
+    """Every failure to read `path` as an ImageReadError that names the file and the reason."""
+    try:
+        yield
     except ImageReadError:
         raise
     except Image.DecompressionBombError as exc:
@@ -160,14 +205,6 @@ def read_image(path: str | os.PathLike, max_megapixels: float | None = DEFAULT_M
         # Pillow reports truncated/corrupt data as OSError ("image file is truncated",
         # "broken data stream"), SyntaxError (bad PNG chunk) or ValueError; tifffile as ValueError.
         raise ImageReadError(path, f"corrupt or truncated image data ({type(exc).__name__}: {exc})") from exc
-    array = _apply_orientation(array, orientation)
-    scale = 65535.0 if depth == 16 else 255.0
-    out = array.astype(np.float32)
-    out /= scale
-    height, width = out.shape[:2]
-    info = ImageInfo(path=str(path), format=fmt, mode=mode, bit_depth=depth,
-                     width=width, height=height, icc_profile=icc)
-    return out, info
 
 
 def _allow_pillow_pixels(max_pixels: int | None) -> None:

@@ -51,6 +51,7 @@ from .imageio import (
     WRITE_FORMATS,
     ImageReadError,
     ImageWriteError,
+    check_image_header,
     read_image,
     stale_partial_files,
     write_image,
@@ -436,6 +437,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if job.output.exists() and not args.overwrite:
             _say(f"{prefix}skip: {job.output} exists (use --overwrite to replace it)")
             skipped += 1
+            continue
+        try:  # before the model loads (minutes for sd-turbo), so a bad file is reported at once
+            check_image_header(job.source, args.max_megapixels or None)
+        except ImageReadError as err:
+            failures.append(str(err))
+            _say(f"{prefix}error: {err}", error=True)
         else:
             todo.append(job)
 

@@ -111,6 +111,24 @@ def test_folder_batch_with_mixed_and_broken_inputs(tmp_path, checkpoint, capsys)
     assert "6 written, 0 skipped (already there), 2 failed" in captured.out
 
 
+def test_unreadable_headers_are_reported_before_the_model_loads(tmp_path, checkpoint, capsys, monkeypatch):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.png").write_text("not an image\n")
+    Image.new("RGB", (3000, 3000)).save(tmp_path / "in" / "big.png")
+
+    def no_model(*args):
+        raise AssertionError("the model was loaded although no input can be read")
+
+    monkeypatch.setattr(upscale_module, "_make_backend", no_model)
+    code = main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--checkpoint", str(checkpoint),
+                 "--max-megapixels", "1"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "notes.png: not a recognised image" in captured.err
+    assert "big.png: 3000x3000 = 9.0 megapixels is over the limit of 1 megapixels" in captured.err
+    assert "0 written, 0 skipped (already there), 2 failed" in captured.out
+
+
 def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, checkpoint, capsys):
     make_inputs(tmp_path / "in")
     for name in ("photo.jpg", "grey.png", "rgba.png", "deep.png", "deep_grey.tif"):

@@ -119,7 +119,7 @@ def _kernel_launch(trt: ModuleType, trtp: ModuleType, aot: ModuleType, op_type: 
     params.grid_x = launch.grid[0]
     if len(launch.grid) > 1:
         params.grid_y = launch.grid[1]
-    params.block_x = kernel.num_warps * 32
+    params.block_x = kernel.threads_per_block
     params.shared_mem = kernel.shared_mem
     scalars = trtp.SymIntExprs.from_tuple([trtp.SymInt32(value) for value in launch.scalars])
     return kernel.name.encode(), kernel.ptx.encode(), params, scalars

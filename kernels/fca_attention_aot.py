@@ -52,6 +52,10 @@ class AheadOfTimeKernel:
     num_warps: int
     shared_mem: int  # bytes of dynamic shared memory per program
 
+    @property
+    def threads_per_block(self) -> int:
+        return self.num_warps * 32
+
 
 @dataclass(frozen=True)
 class PluginKernel:

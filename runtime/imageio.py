@@ -119,7 +119,7 @@ def read_image(path: str | os.PathLike, max_megapixels: float | None = DEFAULT_M
     `max_megapixels` (None: no limit) is checked from the header, before anything is decoded.
     """
     path = Path(path)
-    max_pixels = _max_pixels(path, max_megapixels)
+    max_pixels = _prepare_read(path, max_megapixels)
     with _read_errors(path, max_pixels):
         if _is_16bit_multisample_tiff(path):
             # Pillow has no 16-bit RGB / grey + alpha modes; tifffile reads these exactly.
@@ -151,7 +151,7 @@ def check_image_header(path: str | os.PathLike, max_megapixels: float | None = D
     """Raise what `read_image` would for a missing, unrecognised, unsupported or too large file, from
     its header alone (nothing is decoded, so corrupt pixel data is found only by `read_image`)."""
     path = Path(path)
-    max_pixels = _max_pixels(path, max_megapixels)
+    max_pixels = _prepare_read(path, max_megapixels)
     with _read_errors(path, max_pixels):
         if _is_16bit_multisample_tiff(path):
             import tifffile
@@ -164,8 +164,8 @@ def check_image_header(path: str | os.PathLike, max_megapixels: float | None = D
                 _check_format_and_size(path, image.format, image.size, max_pixels)
 
 
-def _max_pixels(path: Path, max_megapixels: float | None) -> int | None:
-    """The pixel limit; also refuses a path that is missing or a folder, and lets Pillow open up to the limit."""
+def _prepare_read(path: Path, max_megapixels: float | None) -> int | None:
+    """Refuse a path that is missing or a folder, let Pillow open images up to the limit; returns the limit in pixels."""
     if not path.exists():
         raise ImageReadError(path, "no such file")
     if path.is_dir():

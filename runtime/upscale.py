@@ -393,9 +393,10 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error("--max-megapixels must be >= 0")
     if args.min_psnr is not None and not args.validate:
         parser.error("--min-psnr is the --validate threshold; add --validate")
-    if args.tile and (args.tile / (args.tile - args.overlap)) ** 2 > 16:
+    recomputed = (args.tile / (args.tile - args.overlap)) ** 2 if args.tile else 1.0
+    if recomputed > 16:
         parser.error(f"--overlap {args.overlap} with --tile {args.tile} computes every output pixel about "
-                     f"{(args.tile / (args.tile - args.overlap)) ** 2:.0f} times; keep the overlap under 3/4 of the tile")
+                     f"{recomputed:.0f} times; keep the overlap under 3/4 of the tile")
 
 
 def _remove_stale_partials(output: Path) -> None:

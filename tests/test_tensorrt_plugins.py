@@ -226,30 +226,44 @@ def test_plugin_launches_cover_odd_shapes(batch, channels, height, width):
     assert gated_programs == cdiv(hw, PLUGIN_BLOCK_HW) * batch * channels
 
 
+def run_plugin_chain(y, weight, bias, y_bias, launch) -> torch.Tensor:
+    """The three plugin kernels in graph order on NaN-filled outputs; `launch(name, arguments)` runs one kernel
+    with its runtime arguments in TensorRT's order (tensor inputs, scalars, output). Returns z."""
+    from triton import cdiv
+
+    from kernels.fca_attention_aot import partial_sum_chunks, plugin_launches
+
+    batch, channels, height, width = y.shape
+    hw = height * width
+    launches = plugin_launches(batch, channels, hw, cdiv)
+    partial = torch.full((batch, channels, partial_sum_chunks(hw, cdiv)), float("nan"), device=y.device)
+    gate = torch.full((batch, channels), float("nan"), device=y.device)
+    z = torch.full_like(y, float("nan"))
+    for name, inputs, output in [("gelu_partial_sum", (y, y_bias), partial),
+                                 ("channel_gate", (partial, weight, bias, y), gate),
+                                 ("gated_gelu", (y, y_bias, gate), z)]:
+        launch(name, launches[name].grid, [*inputs, *launches[name].scalars, output])
+    return z
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("batch, channels, height, width", [(2, 5, 7, 9), (1, 3, 131, 127)])
 def test_plugin_launch_plan_matches_the_reference_in_the_interpreter(dtype, batch, channels, height, width):
     """The three kernels launched as the plugins launch them, on the CPU: the compiled signature's runtime arguments
     (inputs, scalars, output: the order TensorRT passes them in), grids and constexprs."""
     from kernels.fca_attention import fca_channel_attention_reference
-    from kernels.fca_attention_aot import partial_sum_chunks, plugin_kernels, plugin_launches
-    from triton import cdiv
+    from kernels.fca_attention_aot import plugin_kernels
 
     generator = torch.Generator().manual_seed(3)
     y, weight, bias, y_bias = (torch.randn(*shape, generator=generator).to(dtype) for shape in
                                [(batch, channels, height, width), (channels, channels, 1, 1), (channels,), (channels,)])
-    hw = height * width
     kernels = plugin_kernels("fp32" if dtype == torch.float32 else "fp16", channels)
-    launches = plugin_launches(batch, channels, hw, cdiv)
-    partial = torch.empty(batch, channels, partial_sum_chunks(hw, cdiv), dtype=torch.float32)
-    gate = torch.empty(batch, channels, dtype=torch.float32)
-    z = torch.empty_like(y)
-    for name, inputs, output in [("gelu_partial_sum", (y, y_bias), partial),
-                                 ("channel_gate", (partial, weight, bias, y), gate),
-                                 ("gated_gelu", (y, y_bias, gate), z)]:
-        kernel, launch = kernels[name], launches[name]
-        arguments = dict(zip(kernel.signature, (*inputs, *launch.scalars, output), strict=True))
-        kernel.fn[launch.grid](**arguments, **kernel.constexprs)
+
+    def launch(name, grid, arguments):
+        kernel = kernels[name]
+        kernel.fn[grid](**dict(zip(kernel.signature, arguments, strict=True)), **kernel.constexprs)
+
+    z = run_plugin_chain(y, weight, bias, y_bias, launch)
     expected = fca_channel_attention_reference(y.double(), weight.double(), bias.double(), y_bias.double())
     tolerance = 1e-5 if dtype == torch.float32 else 4e-3
     torch.testing.assert_close(z.double(), expected, atol=tolerance, rtol=tolerance)
@@ -301,7 +315,7 @@ class DriverKernel:
         gx, gy, gz = (tuple(grid) + (1, 1))[:3]
         stream = torch.cuda.current_stream().cuda_stream
         self.check("cuLaunchKernel", self.driver.cuLaunchKernel(
-            self.function, gx, gy, gz, self.kernel.num_warps * 32, 1, 1, self.kernel.shared_mem,
+            self.function, gx, gy, gz, self.kernel.threads_per_block, 1, 1, self.kernel.shared_mem,
             ctypes.c_void_p(stream), params, None))
 
     def unload(self) -> None:
@@ -315,10 +329,8 @@ def test_plugin_ptx_loaded_by_the_driver_and_launched_as_tensorrt_does(dtype, ba
     """What TensorRT does with the plugins' AOT kernels, without TensorRT: the driver JIT-compiles the trimmed PTX
     for this GPU, and each kernel runs with the plugin's grid, block, shared memory and arguments only.
     131 x 127 spans two partial-sum chunks; three kernels compiled per case (~1.7 s each on the CPU machine)."""
-    from triton import cdiv
-
     from kernels.fca_attention import fca_channel_attention_reference
-    from kernels.fca_attention_aot import compile_plugin_kernels, partial_sum_chunks, plugin_launches
+    from kernels.fca_attention_aot import compile_plugin_kernels
 
     major, minor = torch.cuda.get_device_capability()
     triton_type = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
@@ -326,20 +338,16 @@ def test_plugin_ptx_loaded_by_the_driver_and_launched_as_tensorrt_does(dtype, ba
     generator = torch.Generator().manual_seed(5)
     y, weight, bias, y_bias = (torch.randn(*shape, generator=generator).to("cuda", dtype) for shape in
                                [(batch, channels, height, width), (channels, channels, 1, 1), (channels,), (channels,)])
-    hw = height * width
-    launches = plugin_launches(batch, channels, hw, cdiv)
-    partial = torch.full((batch, channels, partial_sum_chunks(hw, cdiv)), float("nan"), device="cuda")
-    gate = torch.full((batch, channels), float("nan"), device="cuda")
-    z = torch.full_like(y, float("nan"))
-    for name, inputs, output in [("gelu_partial_sum", (y, y_bias), partial),
-                                 ("channel_gate", (partial, weight, bias, y), gate),
-                                 ("gated_gelu", (y, y_bias, gate), z)]:
+
+    def launch(name, grid, arguments):
         kernel = DriverKernel(kernels[name])
         try:
-            kernel.launch(launches[name].grid, [*inputs, *launches[name].scalars, output])
+            kernel.launch(grid, arguments)
             torch.cuda.synchronize()
         finally:
             kernel.unload()
+
+    z = run_plugin_chain(y, weight, bias, y_bias, launch)
     expected = fca_channel_attention_reference(*(t.double() for t in (y, weight, bias, y_bias)))
     own_error = (fca_channel_attention_reference(y, weight, bias, y_bias).double() - expected).abs().max().item()
     assert torch.isfinite(z).all()

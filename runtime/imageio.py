@@ -82,6 +82,10 @@ class ImageWriteError(Exception):
         super().__init__(f"cannot write image {self.path}: {reason}")
 
 
+class OutputFormatWarning(UserWarning):
+    """The output format cannot hold all of the image: its alpha channel or its 16 bits are dropped."""
+
+
 class OutputExistsError(ImageWriteError, FileExistsError):
     """The destination exists and overwrite was not asked for."""
 
@@ -377,7 +381,7 @@ def write_image(path: str | os.PathLike, array: np.ndarray, *, bit_depth: int = 
     """Write a float [H, W, C] array in [0, 1] (C = 1, 2, 3, 4) atomically; returns the path.
 
     16 bits are kept for PNG and TIFF (else 8); alpha is kept for PNG, WebP and TIFF and dropped
-    for JPEG and BMP. `quality` is the JPEG / WebP quality.
+    for JPEG and BMP, each loss with an OutputFormatWarning. `quality` is the JPEG / WebP quality.
     """
     path = Path(path)
     fmt = output_format(path)
@@ -386,8 +390,13 @@ def write_image(path: str | os.PathLike, array: np.ndarray, *, bit_depth: int = 
     if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
         raise ValueError(f"expected an [H, W, C] array with C in 1..4, got shape {array.shape}")
     if fmt not in ALPHA_FORMATS and array.shape[2] in (2, 4):
+        warnings.warn(f"{path}: {fmt.upper()} has no alpha channel; the alpha channel is dropped "
+                      f"(PNG, WebP and TIFF keep it)", OutputFormatWarning, stacklevel=2)
         array = array[..., : array.shape[2] - 1]
     depth = bit_depth if fmt in SIXTEEN_BIT_FORMATS else 8
+    if depth < bit_depth:
+        warnings.warn(f"{path}: {fmt.upper()} holds 8 bits a channel; the {bit_depth}-bit image is written with 8 "
+                      f"(PNG and TIFF keep 16)", OutputFormatWarning, stacklevel=2)
     if not overwrite and path.exists():
         raise OutputExistsError(path)
     if not path.parent.is_dir():

@@ -33,6 +33,7 @@ import os
 import sys
 import time
 import types
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -51,6 +52,7 @@ from .imageio import (
     WRITE_FORMATS,
     ImageReadError,
     ImageWriteError,
+    OutputFormatWarning,
     check_image_header,
     read_image,
     stale_partial_files,
@@ -495,7 +497,9 @@ def _run_jobs(jobs: list[Job], backend: Backend, validator: Validator | None, ar
     with tqdm(total=len(jobs), unit="image", desc=f"{prefix}images", disable=None, position=0) as images_bar:
         for job in jobs:
             started = time.perf_counter()
-            with tqdm(unit="tile", desc=job.source.name, leave=False, disable=None, position=1) as tiles_bar:
+            with tqdm(unit="tile", desc=job.source.name, leave=False, disable=None, position=1) as tiles_bar, \
+                    warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", OutputFormatWarning)
                 try:
                     job.output.parent.mkdir(parents=True, exist_ok=True)
                     upscale_file(
@@ -527,6 +531,12 @@ def _run_jobs(jobs: list[Job], backend: Backend, validator: Validator | None, ar
                     written += 1
                     checked = f"; validation {validator.reports[-1].describe()}" if validator is not None else ""
                     _say(f"{prefix}wrote {job.output} ({time.perf_counter() - started:.1f} s){checked}")
+                    for warning in caught:
+                        if issubclass(warning.category, OutputFormatWarning):
+                            _say(f"{prefix}note: {warning.message}")
+            for warning in caught:  # the others as Python would have shown them
+                if not issubclass(warning.category, OutputFormatWarning):
+                    warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
             images_bar.update(1)
     return written, failures
 

@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import tifffile
 from PIL import Image, ImageOps
 
 from runtime import imageio
-from runtime.imageio import ImageReadError, ImageTooLargeError, OutputExistsError, read_image, write_image
+from runtime.imageio import (ImageReadError, ImageTooLargeError, OutputExistsError, OutputFormatWarning, read_image,
+                             write_image)
 
 REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(1234)
@@ -59,7 +61,9 @@ def test_sixteen_bit_png_is_readable_by_pillow_as_a_valid_png(tmp_path):
 def test_sixteen_bit_input_to_eight_bit_formats(tmp_path):
     pixels = random_pixels(8, 8, 3, 16)
     for name in ("out.jpg", "out.webp", "out.bmp"):
-        path = write_image(tmp_path / name, pixels / 65535, bit_depth=16)
+        with pytest.warns(OutputFormatWarning, match="the 16-bit image is written with 8") as caught:
+            path = write_image(tmp_path / name, pixels / 65535, bit_depth=16)
+        assert len(caught) == 1 and name in str(caught[0].message)
         array, info = read_image(path)
         assert info.bit_depth == 8 and info.mode == "RGB" and array.shape == (8, 8, 3)
 
@@ -69,8 +73,15 @@ def test_alpha_kept_where_the_format_allows(tmp_path):
     pixels[..., 3] = np.linspace(0, 255, 16, dtype=np.uint8)[None, :]
     for name, expected_mode in (("a.png", "RGBA"), ("a.webp", "RGBA"), ("a.tif", "RGBA"), ("a.jpg", "RGB"),
                                 ("a.bmp", "RGB")):
-        array, info = read_image(write_image(tmp_path / name, pixels / 255))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            array, info = read_image(write_image(tmp_path / name, pixels / 255))
         assert info.mode == expected_mode, name
+        dropped = [w for w in caught if issubclass(w.category, OutputFormatWarning)]
+        if expected_mode == "RGBA":
+            assert dropped == [], name
+        else:
+            assert len(dropped) == 1 and "the alpha channel is dropped" in str(dropped[0].message), name
         if expected_mode == "RGBA":
             np.testing.assert_allclose(array[..., 3], pixels[..., 3] / 255, atol=2 / 255, err_msg=name)
 

@@ -111,6 +111,19 @@ def test_folder_batch_with_mixed_and_broken_inputs(tmp_path, checkpoint, capsys)
     assert "6 written, 0 skipped (already there), 2 failed" in captured.out
 
 
+def test_what_the_output_format_drops_is_noted(tmp_path, checkpoint, capsys):
+    make_inputs(tmp_path / "in")
+    code = main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--format", "jpg", "--checkpoint", str(checkpoint)])
+    captured = capsys.readouterr()
+    assert code == 0, captured
+    notes = [line for line in captured.out.splitlines() if "note:" in line]
+    assert len(notes) == 3, notes  # rgba: alpha; deep, deep_grey: 16 bits
+    assert any("rgba.jpg: JPEG has no alpha channel; the alpha channel is dropped" in line for line in notes)
+    for name in ("deep.jpg", "deep_grey.jpg"):
+        assert any(f"{name}: JPEG holds 8 bits a channel" in line for line in notes), name
+    assert "6 written" in captured.out
+
+
 def test_unreadable_headers_are_reported_before_the_model_loads(tmp_path, checkpoint, capsys, monkeypatch):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "notes.png").write_text("not an image\n")

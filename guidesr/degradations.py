@@ -79,7 +79,9 @@ class DegradationConfig:
     poisson_scale_range: tuple[float, float] = (0.05, 3.0)
     gray_noise_prob: float = 0.4
     jpeg_range: tuple[float, float] = (30.0, 95.0)
-    # Second stage.
+    # Second stage, applied to a whole batch with probability second_order_prob: always in Real-ESRGAN
+    # x4plus, 0.5 in ResShift's configs (the paper's training setup, §4).
+    second_order_prob: float = 1.0
     second_blur_prob: float = 0.8
     kernel_prob2: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
     sinc_prob2: float = 0.1
@@ -105,6 +107,8 @@ class DegradationConfig:
         for name in ("kernel_prob", "kernel_prob2"):
             if len(getattr(self, name)) != len(self.kernel_types):
                 raise ValueError(f"{name} needs one probability per kernel type {self.kernel_types}")
+        if not 0.0 <= self.second_order_prob <= 1.0:
+            raise ValueError(f"second_order_prob must be in [0, 1], got {self.second_order_prob}")
 
 
 # --------------------------------------------------------------------------------------
@@ -475,16 +479,18 @@ def degrade(hr: torch.Tensor, config: DegradationConfig, generator: torch.Genera
     out = random_noise(out, config.gaussian_noise_prob, config.noise_range, config.poisson_scale_range, config.gray_noise_prob, generator)
     out = random_jpeg(out, config.jpeg_range, generator)
 
-    # Second stage.
-    kernels = random_blur_kernels(
-        b, config.kernel_sizes, config.kernel_types, config.kernel_prob2, config.sinc_prob2,
-        config.blur_sigma2, config.betag_range2, config.betap_range2, generator,
-    )
-    blur = _bernoulli(b, config.second_blur_prob, generator).view(b, 1, 1)
-    out = filter2d(out, torch.where(blur, kernels, pulse_kernels(b, hr.device)))
-    s = _random_scale(config.resize_prob2, config.resize_range2, generator)
-    out = resize(out, (max(1, int(lr_h * s)), max(1, int(lr_w * s))), _random_mode(generator))
-    out = random_noise(out, config.gaussian_noise_prob2, config.noise_range2, config.poisson_scale_range2, config.gray_noise_prob2, generator)
+    # Second stage (at probability 1 no draw decides it, so the random stream is Real-ESRGAN's).
+    if config.second_order_prob == 1.0 or bool(_bernoulli(1, config.second_order_prob, generator).item()):
+        kernels = random_blur_kernels(
+            b, config.kernel_sizes, config.kernel_types, config.kernel_prob2, config.sinc_prob2,
+            config.blur_sigma2, config.betag_range2, config.betap_range2, generator,
+        )
+        blur = _bernoulli(b, config.second_blur_prob, generator).view(b, 1, 1)
+        out = filter2d(out, torch.where(blur, kernels, pulse_kernels(b, hr.device)))
+        s = _random_scale(config.resize_prob2, config.resize_range2, generator)
+        out = resize(out, (max(1, int(lr_h * s)), max(1, int(lr_w * s))), _random_mode(generator))
+        out = random_noise(out, config.gaussian_noise_prob2, config.noise_range2, config.poisson_scale_range2,
+                           config.gray_noise_prob2, generator)
 
     # Final stage: resize to LR size + sinc, and JPEG, in random order.
     sizes = torch.tensor(config.kernel_sizes, device=hr.device)

@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from .checkpoint import CheckpointError, checkpoint_config, load_checkpoint, read_checkpoint_record
 from .config import GuideSRConfig, preset_config
 from .model import GuideSR
-from .prompt import CLIPPromptEncoder
+from .prompt import CLIPPromptEncoder, StoredPromptEmbedding
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "guidesr-tiny.json"
@@ -71,16 +71,29 @@ def load_base_modules(config: GuideSRConfig, base_dir: str | Path) -> tuple[UNet
     return modules["unet"], modules["vae"]
 
 
+def has_text_encoder(base_dir: str | Path) -> bool:
+    return all((Path(base_dir) / sub).is_dir() for sub in ("text_encoder", "tokenizer"))
+
+
 def build_model(config: GuideSRConfig, base_dir: str | Path | None = None, prompt_text: str | None = None,
-                seed: int = 0) -> GuideSR:
-    """A GuideSR with base weights from `base_dir` (or random ones when None) and fresh trainable parts."""
+                seed: int = 0, prompt_init: str | None = None) -> GuideSR:
+    """A GuideSR with base weights from `base_dir` (or random ones when None) and fresh trainable parts.
+
+    `prompt_text`: a fixed prompt, encoded once by the base folder's CLIP text encoder. `prompt_init`:
+    the learned prompt embedding starts from that encoding of this text instead of N(0, 0.02) noise.
+    """
+    if prompt_text is not None and prompt_init is not None:
+        raise ValueError("prompt_text (a fixed prompt) and prompt_init (a learned one's start) exclude each other")
     unet = vae = prompt = None
+    if (prompt_text is not None or prompt_init is not None) and base_dir is None:
+        raise BaseModelError("a text prompt needs a base model folder with text_encoder/ and tokenizer/")
     if base_dir is not None:
         unet, vae = load_base_modules(config, base_dir)
         if prompt_text is not None:
             prompt = CLIPPromptEncoder(base_dir, prompt_text, config.prompt_length, config.text_dim)
-    elif prompt_text is not None:
-        raise BaseModelError("a text prompt needs a base model folder with text_encoder/ and tokenizer/")
+        elif prompt_init is not None:
+            start = CLIPPromptEncoder(base_dir, prompt_init, config.prompt_length, config.text_dim).embedding
+            prompt = StoredPromptEmbedding(config.prompt_length, config.text_dim, init=start)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return GuideSR(config, unet=unet, vae=vae, prompt=prompt)

@@ -118,7 +118,7 @@ class GuideSR(nn.Module):
         # 3. prompt
         text = self.prompt(x)  # F_p [B, L, D]
         # 4. VAE encoder
-        latent, skips = vae_encode(self.vae, x)  # F_l [B, 4, Hp/8, Wp/8]
+        latent, skips = vae_encode(self.vae, x)  # F_l [B, latent_channels, Hp/8, Wp/8]
         # 5. UNet at t_f with guidance, long skip F_n = F_m + F_l
         residual = unet_forward(self.unet, latent, self.config.timestep, text, guidance, self.injections)
         latent = latent + residual

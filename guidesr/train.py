@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from .config import preset_config
 from .data import HRImageFolder, PairConfig, SampleImages, TrainingPairs
 from .degradations import DegradationConfig
 from .discriminators import DiscriminatorConfig, build_discriminator
-from .loading import build_model
+from .loading import build_model, has_text_encoder
 from .losses import GuideSRLoss, LossConfig, discriminator_loss
 from .model import GuideSR
 
@@ -49,6 +49,10 @@ class TrainConfig:
     preset: str = "sd-turbo"
     base_model: str | None = None  # diffusers folder (unet/, vae/); required unless random_base
     random_base: bool = False  # random base weights: for tests and smoke runs only
+    # The learned prompt embedding starts from the base text encoder's encoding of this text (the
+    # default, the empty prompt, is SD-Turbo's unconditional embedding); None, or "" with a base
+    # folder that has no text_encoder/ and tokenizer/: from N(0, 0.02) noise.
+    prompt_init: str | None = ""
     data: str = "sample"  # "sample" (scikit-image photos, training split) or a folder of HR images
     out: str = "runs/guidesr"
     name: str = "guidesr"  # the checkpoint is OUT/NAME.json + OUT/NAME.safetensors
@@ -189,7 +193,7 @@ class Trainer:
             raise ValueError("training needs --base-model DIR (a local diffusers folder with unet/ and vae/)")
         torch.manual_seed(config.seed)
         self.model = build_model(preset_config(config.preset), None if config.random_base else config.base_model,
-                                 seed=config.seed).to(self.device)
+                                 seed=config.seed, prompt_init=self.prompt_start(config)).to(self.device)
         self.model.train()
         self.criterion = GuideSRLoss(config.loss).to(self.device)  # fails here, at start, without LPIPS weights
         self.discriminator = build_discriminator(config.discriminator).to(self.device) if config.loss.w_gan > 0 else None
@@ -210,6 +214,13 @@ class Trainer:
         self.ddp_model = self._wrap(self.model)
         self.ddp_disc = self._wrap(self.discriminator) if self.discriminator is not None else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16" and self.device.type == "cuda")
+
+    @staticmethod
+    def prompt_start(config: TrainConfig) -> str | None:
+        """The text whose encoding starts the learned prompt, or None for a random start."""
+        if config.prompt_init == "" and (config.random_base or not has_text_encoder(config.base_model)):
+            return None
+        return config.prompt_init
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         if self.env.world_size == 1:
@@ -321,11 +332,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
     p.add_argument("--w-gan", type=float, default=defaults.loss.w_gan)
     p.add_argument("--lpips-vgg", default=None, help="torchvision VGG16 weights file for LPIPS")
     p.add_argument("--lpips-linear", default=None, help="LPIPS v0.1 linear-layer weights (default: the lpips package's)")
-    p.add_argument("--discriminator", default=defaults.discriminator.kind, choices=["patch", "clip"])
+    p.add_argument("--second-order-prob", type=float, default=defaults.degradation.second_order_prob,
+                   help="probability of the degradation's second stage, per batch (default 1.0, Real-ESRGAN "
+                        "x4plus; ResShift's configs, which the paper follows, use 0.5)")
+    p.add_argument("--discriminator", default=defaults.discriminator.kind, choices=["patch", "clip"],
+                   help="clip: the paper's (a frozen CLIP ViT with trained heads; needs --clip-path); patch: a "
+                        "PatchGAN that needs no pretrained weights (default patch)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt-init", default=defaults.prompt_init, metavar="TEXT",
+                        help="start the learned prompt embedding from the base folder's CLIP text encoding of TEXT "
+                             "(default '': the empty prompt, or random when the base has no text_encoder/)")
+    prompt.add_argument("--prompt-init-random", action="store_true",
+                        help="start the learned prompt embedding from N(0, 0.02) noise")
     p.add_argument("--clip-path", default=None, help="local CLIP vision model folder for --discriminator clip")
     a = p.parse_args(argv)
     config = TrainConfig(
-        preset=a.preset, base_model=a.base_model, random_base=a.random_base, data=a.data, out=a.out, name=a.name,
+        preset=a.preset, base_model=a.base_model, random_base=a.random_base,
+        prompt_init=None if a.prompt_init_random else a.prompt_init, data=a.data, out=a.out, name=a.name,
         steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, crop_size=a.crop_size, lr=a.lr,
         warmup_steps=a.warmup_steps, min_lr_ratio=a.min_lr_ratio, weight_decay=a.weight_decay, disc_lr=a.disc_lr,
         precision=a.precision, seed=a.seed, checkpoint_every=a.checkpoint_every, log_every=a.log_every,
@@ -334,6 +357,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
         loss=LossConfig(w_mse=a.w_mse, w_lpips=a.w_lpips, w_gan=a.w_gan, lpips_vgg_path=a.lpips_vgg,
                         lpips_linear_path=a.lpips_linear),
         discriminator=DiscriminatorConfig(kind=a.discriminator, clip_path=a.clip_path),
+        degradation=replace(defaults.degradation, second_order_prob=a.second_order_prob),
     )
     return config, a.stop_at
 

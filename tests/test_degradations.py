@@ -65,9 +65,11 @@ def test_default_config_is_real_esrgan_x4plus():
     assert (c.blur_sigma, c.blur_sigma2) == ((0.2, 3.0), (0.2, 1.5))
     assert (c.resize_prob, c.resize_range, c.resize_range2) == ((0.2, 0.7, 0.1), (0.15, 1.5), (0.3, 1.2))
     assert (c.noise_range, c.noise_range2, c.poisson_scale_range, c.poisson_scale_range2) == ((1, 30), (1, 25), (0.05, 3), (0.05, 2.5))
-    assert (c.jpeg_range, c.jpeg_range2, c.scale) == ((30, 95), (30, 95), 4)
+    assert (c.jpeg_range, c.jpeg_range2, c.scale, c.second_order_prob) == ((30, 95), (30, 95), 4, 1.0)
     with pytest.raises(ValueError, match="odd"):
         DegradationConfig(kernel_sizes=(8,))
+    with pytest.raises(ValueError, match="second_order_prob"):
+        DegradationConfig(second_order_prob=1.5)
 
 
 def test_kernels_sum_to_one_and_respect_their_size():
@@ -187,6 +189,21 @@ def test_degrade_is_reproducible_from_the_seed():
     other = degrade(hr, DegradationConfig(), torch.Generator().manual_seed(1235))
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
+
+
+def test_second_stage_is_applied_to_whole_batches_at_its_probability():
+    # Below probability 1 one draw decides the stage, so a batch that skips it equals the
+    # probability-0 result and one that takes it equals the (almost) probability-1 result.
+    hr = hr_batch()
+    outcomes = []
+    for seed in range(24):
+        run = {p: degrade(hr, DegradationConfig(second_order_prob=p), torch.Generator().manual_seed(seed))
+               for p in (0.0, 0.5, 0.99999)}
+        skipped, applied = torch.equal(run[0.5], run[0.0]), torch.equal(run[0.5], run[0.99999])
+        assert skipped != applied, seed
+        assert not torch.equal(run[0.0], run[0.99999]), seed
+        outcomes.append(applied)
+    assert 6 <= sum(outcomes) <= 18, outcomes  # Binomial(24, 0.5): outside this range p < 0.03
 
 
 def test_every_stage_runs_on_tiny_images_without_failing():

@@ -59,3 +59,35 @@ def test_default_is_the_stored_embedding_and_prompt_needs_a_text_encoder(tmp_pat
     AutoencoderKL(**config.vae).save_pretrained(tmp_path / "vae")
     with pytest.raises(FileNotFoundError, match="text_encoder"):
         build_model(config, tmp_path, prompt_text="a cat")
+
+
+def test_learned_prompt_starts_from_the_text_encoding(base_with_text_encoder):
+    encoded = CLIPPromptEncoder(base_with_text_encoder, "", 77, tiny_config().text_dim).embedding
+    model = build_model(tiny_config(), base_with_text_encoder, prompt_init="")
+    assert isinstance(model.prompt, StoredPromptEmbedding)
+    torch.testing.assert_close(model.prompt.embedding.detach(), encoded, rtol=0, atol=0)
+    assert any(n.startswith("prompt.") for n, _ in model.trainable_parameters())  # learned from there
+    other = build_model(tiny_config(), base_with_text_encoder, prompt_init="a cat").prompt.embedding
+    assert not torch.equal(other, model.prompt.embedding)
+    with pytest.raises(ValueError, match="exclude each other"):
+        build_model(tiny_config(), base_with_text_encoder, prompt_text="a cat", prompt_init="")
+    with pytest.raises(BaseModelError, match="text_encoder"):
+        build_model(tiny_config(), None, prompt_init="a cat")
+
+
+def test_trainer_prompt_start_and_degradation_option(base_with_text_encoder, tmp_path):
+    from guidesr.train import Trainer, TrainConfig, parse_args
+
+    assert Trainer.prompt_start(TrainConfig(base_model=str(base_with_text_encoder))) == ""
+    assert Trainer.prompt_start(TrainConfig(base_model=str(base_with_text_encoder), prompt_init=None)) is None
+    assert Trainer.prompt_start(TrainConfig(random_base=True)) is None
+    config = tiny_config()
+    UNet2DConditionModel(**config.unet).save_pretrained(tmp_path / "unet")
+    AutoencoderKL(**config.vae).save_pretrained(tmp_path / "vae")
+    assert Trainer.prompt_start(TrainConfig(base_model=str(tmp_path))) is None  # no text encoder: random start
+    assert Trainer.prompt_start(TrainConfig(base_model=str(tmp_path), prompt_init="a cat")) == "a cat"  # build fails
+    assert parse_args(["--prompt-init", "a photo"])[0].prompt_init == "a photo"
+    assert parse_args(["--prompt-init-random"])[0].prompt_init is None
+    assert parse_args([])[0].prompt_init == ""
+    assert parse_args([])[0].degradation.second_order_prob == 1.0
+    assert parse_args(["--second-order-prob", "0.5"])[0].degradation.second_order_prob == 0.5

@@ -88,7 +88,8 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
-    from torch.library import wrap_triton
+
+    from .triton_launch import launchable
 except ImportError:  # triton is an optional dependency (the "triton" extra)
     triton = None
 
@@ -331,17 +332,17 @@ if triton is not None:
         partial = torch.empty((batch, channels, n_chunks), device=y.device, dtype=torch.float32)
         gate = torch.empty((batch, channels), device=y.device, dtype=torch.float32)
 
-        wrap_triton(_gelu_partial_sum_kernel)[(batch * n_cblocks, n_chunks)](
+        launchable(_gelu_partial_sum_kernel)[(batch * n_cblocks, n_chunks)](
             y, y_bias, channels, hw, n_chunks, chunk, *y_strides, partial,
             BLOCK_C=block_c, BLOCK_HW=block_hw, **flags,
         )
         block_co, block_ci = gate_block_sizes(channels)
-        wrap_triton(_channel_gate_kernel)[(batch, triton.cdiv(channels, block_co))](
+        launchable(_channel_gate_kernel)[(batch, triton.cdiv(channels, block_co))](
             partial, weight, bias, channels, n_chunks, hw, weight.stride(0), weight.stride(1), gate,
             BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_K=min(triton.next_power_of_2(n_chunks), _MAX_BLOCK_K),
         )
         n_hw_blocks = triton.cdiv(hw, block_hw)
-        wrap_triton(_gated_gelu_kernel)[(n_hw_blocks * batch * n_cblocks,)](
+        launchable(_gated_gelu_kernel)[(n_hw_blocks * batch * n_cblocks,)](
             y, y_bias, gate, channels, hw, n_hw_blocks, *y_strides, *out_strides, out,
             BLOCK_C=block_c, BLOCK_HW=block_hw, **flags,
         )

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
-    from torch.library import wrap_triton
+
+    from .triton_launch import launchable
 except ImportError:  # triton is an optional dependency (the "triton" extra)
     triton = None
 
@@ -180,7 +181,7 @@ if triton is not None:
         n_f_programs = triton.cdiv(n_rows_f, rows) * n_xblocks
         n_h_programs = triton.cdiv(n_rows_h, rows * s_pad) * n_xblocks
 
-        wrap_triton(_unshuffle_concat_kernel)[(n_f_programs + n_h_programs,)](
+        launchable(_unshuffle_concat_kernel)[(n_f_programs + n_h_programs,)](
             h, f, out, ch, cf, ho, wo, n_rows_h, n_rows_f, n_f_programs, n_xblocks,
             *(int(v) for v in (*h.stride(), *f.stride(), *out.stride())),
             S=s, S_PAD=s_pad, ROWS=rows, BLOCK_X=block_x,

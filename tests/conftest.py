@@ -10,6 +10,37 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config):
+    problem = _triton_interpreter_problem()
+    if problem is not None:
+        raise pytest.UsageError(problem)
+
+
+def _triton_interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the kernels' tests here (None: it can, or it is not in use).
+
+    Triton 3.6's interpreter turns a kernel's integer argument into a 1-element array and a loop
+    bound into `int(array)`, which NumPy 2.4 refuses; every kernel here loops to a runtime bound.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return None
+    from interpreter_probe import count_to
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        count_to[(1,)](out, 3)
+    except Exception as err:  # noqa: BLE001 (reported below, with the way out)
+        return (f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1, used without CUDA) cannot run a loop "
+                f"bounded by a kernel argument under NumPy {numpy.__version__} ({type(err).__name__}: {err}); "
+                f"install numpy<2.4 or triton>=3.9")
+    return None if out.item() == 3 else f"Triton {triton.__version__}'s interpreter counted to {out.item()}, not 3"
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip `gpu` tests without CUDA, with the reason in the report."""
     if torch.cuda.is_available():

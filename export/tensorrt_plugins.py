@@ -127,4 +127,6 @@ def _kernel_launch(trt: ModuleType, trtp: ModuleType, aot: ModuleType, op_type: 
 
 @lru_cache(maxsize=None)
 def _compiled_kernels(dtype: str, capability: int, channels: int, aot: ModuleType):
-    return aot.compile_plugin_kernels(dtype, capability, channels)
+    """The kernels as PTX this machine's driver loads (the engine is built, and usually run, here)."""
+    ptx_version = aot.plugin_ptx_version(capability, aot.driver_ptx_version())
+    return aot.compile_plugin_kernels(dtype, capability, channels, ptx_version)

@@ -20,10 +20,16 @@ per partial sum. The reduction order still depends on the shape alone, so result
 deterministic. `plugin_launches` computes the grids and scalar arguments from (B, C, H·W) with
 plain arithmetic and a `cdiv`, so the same code serves Python ints (tests) and TensorRT's symbolic
 shape expressions (`tensorrt.plugin.ShapeExpr` with `tensorrt.plugin.cdiv`).
+
+TensorRT embeds PTX (its only AOT form), which the CUDA driver compiles when the engine loads, and a
+driver refuses PTX of a newer ISA than it knows. Triton writes the ISA of the ptxas it ships (8.7 with
+Triton 3.6, 9.4 with Triton 3.9, which a CUDA 13.0 driver cannot load), so `plugin_ptx_version`
+lowers it to what the machine's driver loads; the kernels compile at ISA 8.0 and up.
 """
 
 from __future__ import annotations
 
+import ctypes
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -32,6 +38,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version
 from triton.compiler.compiler import make_backend
 
 from kernels import fca_attention
@@ -134,17 +141,37 @@ def plugin_kernels(dtype: str, channels: int) -> dict[str, PluginKernel]:
     }
 
 
-def compile_plugin_kernels(dtype: str, capability: int, channels: int) -> dict[str, AheadOfTimeKernel]:
+def driver_ptx_version() -> int | None:
+    """The newest PTX ISA (e.g. 90 for 9.0) the installed CUDA driver compiles; None without a driver."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int()
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return None
+    return ptx_get_version(f"{version.value // 1000}.{version.value % 1000 // 10}")  # 13000 -> "13.0" -> 90
+
+
+def plugin_ptx_version(capability: int, driver: int | None) -> int:
+    """The PTX ISA to compile plugin kernels at: Triton's own (its ptxas's), or the driver's where that is older."""
+    own = ptx_get_version(get_ptxas(capability).version)
+    return own if driver is None else min(own, driver)
+
+
+def compile_plugin_kernels(dtype: str, capability: int, channels: int,
+                           ptx_version: int | None = None) -> dict[str, AheadOfTimeKernel]:
     """PTX and cubin of the three plugin kernels for compute capability `capability` (e.g. 90 for sm_90).
 
-    The PTX declares the kernel's own arguments only (`trim_entry_params`); the cubin is ptxas's
-    assembly of that PTX, so it is known to assemble. Needs Triton's compiler, so not under
-    TRITON_INTERPRET=1 (the kernels are then interpreter objects).
+    The PTX declares the kernel's own arguments only (`trim_entry_params`) and is of ISA `ptx_version`
+    (None: Triton's default); the cubin is ptxas's assembly of that PTX, so it is known to assemble.
+    Needs Triton's compiler, so not under TRITON_INTERPRET=1 (the kernels are then interpreter objects).
     """
     target = GPUTarget("cuda", capability, 32)
+    options = {"num_warps": NUM_WARPS} | ({} if ptx_version is None else {"ptx_version": ptx_version})
     compiled = {}
     for name, plugin_kernel in plugin_kernels(dtype, channels).items():
-        kernel = triton.compile(plugin_kernel.source(), target=target, options={"num_warps": NUM_WARPS})
+        kernel = triton.compile(plugin_kernel.source(), target=target, options=options)
         _check_plugin_launchable(name, kernel.metadata)
         ptx = trim_entry_params(kernel.asm["ptx"], kernel.metadata.name, len(plugin_kernel.signature))
         compiled[name] = AheadOfTimeKernel(kernel.metadata.name, ptx, assemble_ptx(ptx, capability),

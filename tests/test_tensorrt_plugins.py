@@ -40,7 +40,8 @@ from helpers import randomized_tiny
 REPO = Path(__file__).resolve().parents[1]
 TRT_MISSING = "TensorRT is not installed"
 STATIC_TILE = (64, 48)
-AOT_CASES = [("fp16", 90, 24), ("fp32", 80, 24), ("bf16", 90, 128)]  # (dtype, compute capability, channels)
+# (dtype, compute capability, channels, PTX ISA: None for Triton's own, 80 for a CUDA 12.0 driver's)
+AOT_CASES = [("fp16", 90, 24, None), ("fp32", 80, 24, None), ("bf16", 90, 128, None), ("fp16", 90, 64, 80)]
 
 
 @pytest.fixture(scope="module")
@@ -156,20 +157,35 @@ def test_plugin_kernels_compile_to_ptx_for_sm80_and_sm90():
     assert result.stdout.count("plugin kernel ok") == len(AOT_CASES) * 3, result.stdout
 
 
-def compile_and_check(dtype: str, capability: int, channels: int) -> None:
+def compile_and_check(dtype: str, capability: int, channels: int, ptx_version: int | None) -> None:
     import re
 
-    from kernels.fca_attention_aot import compile_plugin_kernels, plugin_kernels
+    from kernels.fca_attention_aot import compile_plugin_kernels, plugin_kernels, plugin_ptx_version
 
     sources = plugin_kernels(dtype, channels)
-    for name, kernel in compile_plugin_kernels(dtype, capability, channels).items():
+    isa = plugin_ptx_version(capability, None) if ptx_version is None else ptx_version
+    for name, kernel in compile_plugin_kernels(dtype, capability, channels, ptx_version).items():
         entry = re.search(r"\.entry (\w+)\(([^)]*)\)", kernel.ptx)
         assert f".target sm_{capability}" in kernel.ptx and kernel.cubin
+        assert re.search(r"^\.version (\d+)\.(\d+)$", kernel.ptx, re.M).groups() == (str(isa // 10), str(isa % 10))
         assert entry.group(1) == kernel.name == sources[name].fn.__name__
         # TensorRT passes the plugin's inputs, scalars and outputs, nothing else (Triton's scratch pointers trimmed)
         assert entry.group(2).count(".param") == len(sources[name].signature)
         assert kernel.num_warps == 4 and kernel.shared_mem >= 0
-        print(f"{name} {dtype} sm_{capability} C={channels}: plugin kernel ok", flush=True)
+        print(f"{name} {dtype} sm_{capability} C={channels} PTX {isa}: plugin kernel ok", flush=True)
+
+
+def test_plugin_ptx_isa_is_lowered_to_the_drivers_never_raised():
+    pytest.importorskip("triton.backends.nvidia")
+    from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version
+
+    from kernels.fca_attention_aot import plugin_ptx_version
+
+    own = ptx_get_version(get_ptxas(90).version)  # the ISA of the ptxas Triton ships
+    assert plugin_ptx_version(90, None) == own
+    assert plugin_ptx_version(90, 80) == 80  # a CUDA 12.0 driver
+    assert plugin_ptx_version(90, own + 10) == own  # a driver newer than Triton's ptxas: ptxas's ISA
+    assert ptx_get_version("13.0") == 90 and ptx_get_version("12.8") == 87  # the table driver_ptx_version reads
 
 
 PTX_WITH_SCRATCH = """.version 8.7
@@ -330,11 +346,15 @@ def test_plugin_ptx_loaded_by_the_driver_and_launched_as_tensorrt_does(dtype, ba
     for this GPU, and each kernel runs with the plugin's grid, block, shared memory and arguments only.
     131 x 127 spans two partial-sum chunks; three kernels compiled per case (~1.7 s each on the CPU machine)."""
     from kernels.fca_attention import fca_channel_attention_reference
-    from kernels.fca_attention_aot import compile_plugin_kernels
+    from kernels.fca_attention_aot import compile_plugin_kernels, driver_ptx_version, plugin_ptx_version
 
     major, minor = torch.cuda.get_device_capability()
     triton_type = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-    kernels = compile_plugin_kernels(triton_type, major * 10 + minor, channels)
+    driver = driver_ptx_version()
+    assert driver is not None and driver >= 80
+    # the ISA the engine builder picks (export/tensorrt_plugins.py)
+    kernels = compile_plugin_kernels(triton_type, major * 10 + minor, channels,
+                                     plugin_ptx_version(major * 10 + minor, driver))
     generator = torch.Generator().manual_seed(5)
     y, weight, bias, y_bias = (torch.randn(*shape, generator=generator).to("cuda", dtype) for shape in
                                [(batch, channels, height, width), (channels, channels, 1, 1), (channels,), (channels,)])

@@ -11,8 +11,9 @@
   upsampling back to HR size. Batch i depends only on (seed, rank, i), so resumed runs are
   exact. `eval_pairs` gives the deterministic counterpart for validation.
 
-Images are read with PIL, EXIF orientation applied, converted to RGB. Tensors handed to
-the model are NCHW float32 in [-1, 1].
+Images are read with PIL, EXIF orientation applied, as RGB at their real range (16-bit grey
+kept at 16 bits, transparency composited onto white: see `load_image`). Tensors handed to the
+model are NCHW float32 in [-1, 1].
 """
 
 from __future__ import annotations
@@ -50,32 +51,119 @@ SAMPLE_EVAL: tuple[str, ...] = ("coffee", "chelsea")
 SAMPLE_TRAIN: tuple[str, ...] = tuple(name for name in SAMPLE_FILES if name not in SAMPLE_EVAL)
 
 
+# Pillow modes of 16-bit grey: PNG decodes to I;16 (older Pillow: I, 32-bit integer samples).
+_GREY_16BIT_MODES: frozenset[str] = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# What PIL raises for unreadable, corrupt or oversized files.
+_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _unsupported_mode(mode: str) -> str | None:
+    """Why images of Pillow mode `mode` are refused, or None."""
+    if mode == "F":
+        return "32-bit floating-point pixels (Pillow mode F) are not supported: their value range is undefined"
+    return None
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return any(band in ("A", "a") for band in image.getbands()) or "transparency" in image.info
+
+
 def load_image(path: str | Path) -> torch.Tensor:
     """Read an image file as a (3, H, W) float32 tensor in [0, 1], EXIF orientation applied.
+
+    * 16-bit grey (Pillow modes I;16, I;16B, ..., and I with samples in 0..65535) keeps its 16 bits:
+      value / 65535, repeated over the three channels.
+    * 16-bit colour PNGs come at their real range with 8-bit precision (Pillow decodes the high byte
+      of every sample; within 1/255 of value / 65535).
+    * Transparent images (RGBA, LA, PA, or P / L / RGB with a transparent colour) are composited onto
+      white, as transparent logos and cut-outs are usually shown; the colour stored under
+      transparent pixels is arbitrary (often black or leftovers of editing) and is not trained on.
+    * Floating-point images (mode F) are refused: nothing says which values are black and white.
 
     Raises `ValueError` naming the file if PIL cannot decode it, so that one broken file
     in a large folder is easy to find.
     """
     try:
         with Image.open(path) as image:
-            rgb = ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for unreadable / corrupt files
+            reason = _unsupported_mode(image.mode)
+            if reason is not None:
+                raise ValueError(reason)
+            image = ImageOps.exif_transpose(image)
+            if image.mode in _GREY_16BIT_MODES:
+                return _grey_16bit(image)
+            if _has_alpha(image):
+                return _composite_on_white(image)
+            rgb = image.convert("RGB")
+    except _READ_ERRORS as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
     array = np.asarray(rgb, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0
 
 
+def _grey_16bit(image: Image.Image) -> torch.Tensor:
+    samples = np.asarray(image)
+    if samples.min() < 0 or samples.max() > 65535:
+        raise ValueError(f"{image.mode} samples outside 0..65535 are not supported (range {samples.min()}..{samples.max()})")
+    grey = torch.from_numpy(samples.astype(np.float32)) / 65535.0
+    return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
+
+
+def _composite_on_white(image: Image.Image) -> torch.Tensor:
+    rgba = torch.from_numpy(np.asarray(image.convert("RGBA"), dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+    rgb, alpha = rgba[:3], rgba[3:]
+    return rgb * alpha + (1.0 - alpha)
+
+
+def check_crop_sizes(paths: Sequence[Path], crop_size: int) -> None:
+    """Raise one `ValueError` listing every file in `paths` that cannot be read or is too small
+    for `crop_size` x `crop_size` crops (the rule of `random_crop_flip` and `center_crop`).
+
+    Only headers are read (`Image.open` and the size; no pixel is decoded), so a file whose
+    header is sound but whose pixel data is corrupt is found only when it is loaded.
+    """
+    problems = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                reason = _unsupported_mode(image.mode)
+        except _READ_ERRORS as error:
+            problems.append(f"{path}: cannot read image: {error}")
+            continue
+        if reason is not None:
+            problems.append(f"{path}: {reason}")
+        elif not _fits_crop(height, width, crop_size):
+            problems.append(f"{path}: {width}x{height} (width x height) is too small")
+    if problems:
+        listing = "\n  ".join(problems)
+        raise ValueError(
+            f"{len(problems)} of {len(paths)} images cannot be used for {crop_size}x{crop_size} crops "
+            f"(each side needs at least {crop_size // 2 + 1} px):\n  {listing}"
+        )
+
+
 class HRImageFolder(Dataset):
     """Every image file (PNG / JPEG / WebP, any letter case) under `root`, recursively,
-    in sorted path order; item i is `load_image(paths[i])`."""
+    in sorted path order; item i is `load_image(paths[i])`.
 
-    def __init__(self, root: str | Path) -> None:
+    With `crop_size`, every file's header is read here and one `ValueError` lists every file
+    that is unreadable or too small for `crop_size` crops (`check_crop_sizes`), so that a bad
+    file stops a run before it starts rather than when a random batch first picks it.
+    """
+
+    def __init__(self, root: str | Path, crop_size: int | None = None) -> None:
         self.root = Path(root)
-        if not self.root.is_dir():
+        if not self.root.exists():
             raise FileNotFoundError(f"HR image folder {self.root} does not exist")
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"HR image folder {self.root} is not a folder")
         self.paths = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
             raise ValueError(f"no {'/'.join(sorted(IMAGE_SUFFIXES))} images under {self.root}")
+        if crop_size is not None:
+            if crop_size < 1:
+                raise ValueError(f"crop_size must be >= 1, got {crop_size}")
+            check_crop_sizes(self.paths, crop_size)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -111,14 +199,21 @@ class SampleImages(Dataset):
         return load_image(self.paths[index])
 
 
+def _fits_crop(h: int, w: int, size: int) -> bool:
+    """Whether an h x w image gives `size` x `size` crops: reflect padding adds at most
+    side - 1 pixels, so each side must be over half the crop."""
+    return 2 * min(h, w) > size
+
+
 def _pad_to(image: torch.Tensor, size: int) -> torch.Tensor:
     """Reflect-pad an image smaller than `size` on a side up to `size` (Real-ESRGAN does
-    the same); images under half the crop cannot be reflected that far and are refused."""
+    the same); images with a side of half the crop or less cannot be reflected that far and
+    are refused."""
     _, h, w = image.shape
     pad_h, pad_w = max(0, size - h), max(0, size - w)
     if pad_h == 0 and pad_w == 0:
         return image
-    if pad_h >= h or pad_w >= w:
+    if not _fits_crop(h, w, size):
         raise ValueError(f"image of {h}x{w} is too small for {size}x{size} crops (needs at least {size // 2 + 1} px a side)")
     return F.pad(image.unsqueeze(0), (0, pad_w, 0, pad_h), mode="reflect").squeeze(0)
 
@@ -170,16 +265,22 @@ class StepCrops(Dataset):
             try:
                 crops.append(random_crop_flip(self.images[pick], self.crop_size, generator))
             except ValueError as error:
-                paths = getattr(self.images, "paths", None)
-                source = paths[pick] if paths is not None else f"image {pick}"
-                raise ValueError(f"{source}: {error}") from error
+                raise ValueError(f"{_source(self.images, pick)}: {error}") from error
         return torch.stack(crops)
+
+
+def _source(images: Dataset | Sequence[torch.Tensor], index: int) -> str:
+    """The file of item `index` where `images` has `paths`, else "image {index}"."""
+    paths = getattr(images, "paths", None)
+    return str(paths[index]) if paths is not None else f"image {index}"
 
 
 @dataclass(frozen=True)
 class PairConfig:
     """How training pairs are made. `crop_size` must be a multiple of the degradation
-    scale (and of 8 for the VAE); 256 is the paper's."""
+    scale (`TrainingPairs` checks it); no other multiple is needed, as the model pads its input
+    to its own size multiple. Every image side must be over half of `crop_size` (smaller
+    sides are reflect-padded up to it). 256 is the paper's."""
 
     batch_size: int = 8
     crop_size: int = 256
@@ -254,7 +355,13 @@ def eval_pairs(
     image's input depend on which other images are evaluated with it."""
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
-    hr = torch.stack([center_crop(images[i], crop_size) for i in range(len(images))]).to(device)
+    crops = []
+    for i in range(len(images)):
+        try:
+            crops.append(center_crop(images[i], crop_size))
+        except ValueError as error:
+            raise ValueError(f"{_source(images, i)}: {error}") from error
+    hr = torch.stack(crops).to(device)
     pairs = []
     for i in range(len(hr)):
         for d in range(draws):

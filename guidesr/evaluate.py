@@ -18,20 +18,47 @@ from pathlib import Path
 
 import torch
 
-from .data import SAMPLE_EVAL, HRImageFolder, SampleImages, eval_pairs
+from .data import SAMPLE_EVAL, HRImageFolder, SampleImages, check_crop_sizes, eval_pairs
 from .degradations import DegradationConfig
 from .loading import load_model
 from .metrics import psnr, ssim
 from .model import GuideSR
 
+SSIM_WINDOW = 11  # guidesr.metrics.ssim's Gaussian window, in pixels
+
+
+def smallest_crop_size(border: int) -> int:
+    """The smallest multiple of the degradation scale that leaves SSIM's window once a metric border
+    of `border` pixels is cut off each side."""
+    scale = DegradationConfig().scale
+    return -(-(2 * border + SSIM_WINDOW) // scale) * scale
+
+
+def crop_size_problem(crop_size: int, border: int) -> str | None:
+    """Why `crop_size` cannot be evaluated with a metric border of `border` pixels, or None: the
+    degradation needs a multiple of its scale, and SSIM needs its window inside the crop once the
+    border is cut off."""
+    scale, smallest = DegradationConfig().scale, smallest_crop_size(border)
+    if crop_size % scale or crop_size < smallest:
+        return (f"the crop size must be a multiple of {scale} (the degradation scale) and at least {smallest} "
+                f"(SSIM's {SSIM_WINDOW}-px window inside the {border}-px metric border), got {crop_size}")
+    return None
+
+
+def evaluation_images(data: str, crop_size: int) -> tuple[SampleImages | HRImageFolder, list[str]]:
+    """The HR images of `data` ('sample' or a folder) and their names. Raises one `ValueError` naming
+    every file that is unreadable or too small for `crop_size` crops (from the headers alone)."""
+    if data == "sample":
+        images = SampleImages("eval")
+        check_crop_sizes(images.paths, crop_size)
+        return images, list(SAMPLE_EVAL)
+    folder = HRImageFolder(data, crop_size=crop_size)
+    return folder, [str(p.relative_to(folder.root)) for p in folder.paths]
+
 
 def evaluation_set(data: str, crop_size: int, seed: int, draws: int = 1) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(names, LR-upsampled inputs, HR) in [-1, 1], `draws` fixed-seed degradations per image, image-major."""
-    if data == "sample":
-        images, names = SampleImages("eval"), list(SAMPLE_EVAL)
-    else:
-        images = HRImageFolder(data)
-        names = [str(p.relative_to(images.root)) for p in images.paths]
+    images, names = evaluation_images(data, crop_size)
     lq, hr = eval_pairs(images, crop_size=crop_size, degradation=DegradationConfig(), seed=seed, draws=draws)
     return names, lq, hr
 
@@ -48,8 +75,11 @@ def _scores(restored: torch.Tensor, hr: torch.Tensor, border: int) -> dict[str, 
 
 @torch.no_grad()
 def evaluate(model: GuideSR, data: str = "sample", crop_size: int = 256, seed: int = 0, draws: int = 4) -> dict:
-    names, lq, hr = evaluation_set(data, crop_size, seed, draws)
     border = model.config.scale
+    problem = crop_size_problem(crop_size, border)
+    if problem is not None:
+        raise ValueError(problem)
+    names, lq, hr = evaluation_set(data, crop_size, seed, draws)
     rows = []
     for i, name in enumerate(names):
         scores = []
@@ -80,6 +110,7 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    scale = DegradationConfig().scale
     p = argparse.ArgumentParser(prog="python -m guidesr.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="checkpoint JSON (default: the embedded demo model)")
@@ -89,11 +120,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default="sample",
                    help="'sample' (held-out scikit-image photos) or a folder of HR images (default sample)")
     p.add_argument("--crop-size", type=int, default=256,
-                   help="side of the centre crop of each HR image, in HR pixels (default 256)")
+                   help=f"side of the centre crop of each HR image, in HR pixels: a multiple of {scale}, at least "
+                        f"{smallest_crop_size(scale)}; every image side must be over half of it (default 256)")
     p.add_argument("--seed", type=int, default=0, help="degradation seed (default 0)")
     p.add_argument("--draws", type=int, default=4, help="degradations per image (default 4), each its own seed")
     p.add_argument("--json", type=Path, default=None, help="write the full results here (default: not written)")
     args = p.parse_args(argv)
+    problem = crop_size_problem(args.crop_size, border=scale)
+    if problem is not None:
+        p.error(f"--crop-size: {problem}")
+    try:
+        evaluation_images(args.data, args.crop_size)
+    except (ValueError, OSError) as error:
+        p.error(str(error))
     model = load_model(args.checkpoint, args.preset, args.base_model)
     if args.draws < 1:
         p.error("--draws must be >= 1")

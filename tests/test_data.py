@@ -17,6 +17,7 @@ from guidesr.data import (
     TrainingPairs,
     eval_pairs,
     load_image,
+    center_crop,
     random_crop_flip,
 )
 from guidesr.degradations import DegradationConfig
@@ -61,8 +62,110 @@ def test_unreadable_file_raises_naming_it(tmp_path):
 def test_empty_or_missing_folder_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no .* images"):
         HRImageFolder(tmp_path)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         HRImageFolder(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="notes.txt is not a folder"):
+        HRImageFolder(tmp_path / "notes.txt")
+
+
+def test_16bit_grey_keeps_its_range_and_bits(tmp_path):
+    ramp = np.linspace(0, 65535, 40 * 50).round().astype(np.uint16).reshape(40, 50)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as image:
+        assert image.mode == "I;16"
+    expected = torch.from_numpy(ramp.astype(np.float32) / 65535).expand(3, -1, -1)
+    loaded = load_image(tmp_path / "grey16.png")
+    assert loaded.shape == (3, 40, 50) and loaded.dtype == torch.float32
+    assert torch.allclose(loaded, expected, atol=1e-6)
+    assert abs(loaded.mean().item() - 0.5) < 1e-3  # convert("RGB") clipped this to ~0.998
+    # Big-endian 16-bit and 32-bit integer grey, as TIFF (and older Pillow's PNG decoder) give.
+    Image.frombytes("I;16B", (50, 40), ramp.astype(">u2").tobytes()).save(tmp_path / "grey_big_endian.tiff")
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "grey_int32.tiff")
+    for name, mode in (("grey_big_endian.tiff", "I;16B"), ("grey_int32.tiff", "I")):
+        with Image.open(tmp_path / name) as image:
+            assert image.mode == mode
+        assert torch.allclose(load_image(tmp_path / name), expected, atol=1e-6), mode
+
+
+def test_16bit_colour_png_keeps_its_range(tmp_path):
+    from runtime.imageio import write_image
+
+    rgb16 = np.random.default_rng(0).integers(0, 65536, (20, 30, 3)).astype(np.uint16)
+    write_image(tmp_path / "rgb16.png", rgb16.astype(np.float32) / 65535, bit_depth=16)
+    loaded = load_image(tmp_path / "rgb16.png").permute(1, 2, 0).numpy()
+    assert np.abs(loaded - rgb16 / 65535).max() <= 1 / 255 + 1e-6
+
+
+def test_out_of_range_and_float_images_are_refused_naming_the_file(tmp_path):
+    Image.fromarray(np.full((8, 8), 70000, np.int32)).save(tmp_path / "wide.tiff")
+    with pytest.raises(ValueError, match="wide.tiff.*outside 0..65535"):
+        load_image(tmp_path / "wide.tiff")
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(ValueError, match="float.tiff.*mode F"):
+        load_image(tmp_path / "float.tiff")
+
+
+def test_transparency_is_composited_onto_white(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200  # red everywhere, stored under every alpha value
+    rgba[..., 3] = np.array([0, 128, 255, 255])[None, :]
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    loaded = load_image(tmp_path / "rgba.png")
+    alpha = torch.tensor([0, 128, 255, 255]) / 255.0
+    assert torch.allclose(loaded[0, 0], 200 / 255 * alpha + 1 - alpha)
+    assert torch.allclose(loaded[1, 0], 1 - alpha)  # green and blue: 0 under alpha, white elsewhere
+    assert torch.equal(loaded[:, :, 0], torch.ones(3, 4))
+    assert torch.allclose(loaded[:, :, 2:], torch.tensor([200 / 255, 0, 0]).view(3, 1, 1).expand(3, 4, 2))
+
+    Image.fromarray(np.stack([np.full((4, 4), 50, np.uint8), rgba[..., 3]], -1), "LA").save(tmp_path / "la.png")
+    assert torch.allclose(load_image(tmp_path / "la.png")[:, 0], (50 / 255 * alpha + 1 - alpha).expand(3, -1))
+
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 10, 20, 30])
+    palette.putpixel((0, 0), 0)
+    palette.save(tmp_path / "p.png", transparency=0)
+    loaded = load_image(tmp_path / "p.png")
+    assert torch.equal(loaded[:, 0, 0], torch.ones(3))  # transparent black -> white
+    assert torch.allclose(loaded[:, 1, 1], torch.tensor([10, 20, 30]) / 255.0)
+
+
+def test_folder_with_crop_size_lists_every_unusable_file_up_front(tmp_path):
+    Image.fromarray(gradient_image(40, 50)).save(tmp_path / "good.png")
+    Image.fromarray(gradient_image(33, 90)).save(tmp_path / "just_fits.png")  # 33 > 64 / 2
+    Image.fromarray(gradient_image(32, 90)).save(tmp_path / "too_short.png")  # 32 = 64 / 2
+    Image.fromarray(gradient_image(90, 24)).save(tmp_path / "too_narrow.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    assert len(HRImageFolder(tmp_path)) == 5  # no crop size: nothing is opened
+    with pytest.raises(ValueError) as error:
+        HRImageFolder(tmp_path, crop_size=64)
+    message = str(error.value)
+    assert message.startswith("3 of 5 images cannot be used for 64x64 crops (each side needs at least 33 px):")
+    assert "broken.png: cannot read image" in message
+    assert "too_short.png: 90x32" in message and "too_narrow.png: 24x90" in message
+    assert "good.png" not in message and "just_fits.png" not in message
+    for name in ("broken.png", "too_short.png", "too_narrow.png"):
+        (tmp_path / name).unlink()
+    assert len(HRImageFolder(tmp_path, crop_size=64)) == 2
+
+
+def test_up_front_size_check_agrees_with_the_crops(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    for side in range(10, 40):
+        Image.fromarray(gradient_image(side, side + 7)).save(tmp_path / "image.png")
+        for crop in (20, 21, 32, 33, 48):
+            try:
+                HRImageFolder(tmp_path, crop_size=crop)
+                accepted = True
+            except ValueError:
+                accepted = False
+            try:
+                random_crop_flip(load_image(tmp_path / "image.png"), crop, g)
+                center_crop(load_image(tmp_path / "image.png"), crop)
+                croppable = True
+            except ValueError:
+                croppable = False
+            assert accepted == croppable, (side, crop)
 
 
 def test_sample_set_ships_with_scikit_image_and_holds_out_eval_images():
@@ -132,6 +235,12 @@ def test_eval_pairs_are_fixed_centre_crops():
     assert torch.equal(hr[0], first[:, top : top + 64, left : left + 64] * 2 - 1)
     with pytest.raises(ValueError, match="multiple of the scale"):
         TrainingPairs(images, PairConfig(crop_size=66, degradation=DegradationConfig()))
+
+
+def test_eval_pairs_name_the_file_that_is_too_small(tmp_path):
+    Image.fromarray(gradient_image(24, 24)).save(tmp_path / "small.png")
+    with pytest.raises(ValueError, match="small.png: image of 24x24 is too small for 64x64 crops"):
+        eval_pairs(HRImageFolder(tmp_path), crop_size=64)
 
 
 def test_eval_pairs_degrade_each_image_and_draw_on_its_own():

@@ -2,9 +2,12 @@
 
 import re
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from guidesr.evaluate import main
+from guidesr.evaluate import evaluate, main
+from guidesr.loading import load_model
 
 
 def test_help_names_the_module_and_states_every_default(capsys, monkeypatch):
@@ -22,3 +25,32 @@ def test_help_names_the_module_and_states_every_default(capsys, monkeypatch):
     assert any(o.startswith("--data") and "(default sample)" in o for o in options)
     assert any(o.startswith("--crop-size") and "(default 256)" in o for o in options)
     assert any(o.startswith("--seed") and "(default 0)" in o for o in options)
+
+
+@pytest.mark.parametrize("crop", ["30", "16", "0"])
+def test_a_crop_size_the_evaluation_cannot_use_is_an_argparse_error(crop, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--crop-size", crop])
+    assert exit_info.value.code == 2
+    assert "--crop-size: the crop size must be a multiple of 4 (the degradation scale) and at least 20" in capsys.readouterr().err
+
+
+def test_unusable_images_are_an_argparse_error_naming_each_file(tmp_path, capsys):
+    Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(tmp_path / "fine.png")
+    Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(tmp_path / "small.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(tmp_path), "--crop-size", "64"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: 2 of 3 images cannot be used for 64x64 crops" in err
+    assert "small.png: 24x24" in err and "broken.png: cannot read image" in err
+    with pytest.raises(SystemExit):
+        main(["--data", str(tmp_path / "fine.png")])
+    assert "fine.png is not a folder" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_crop_its_metrics_cannot_use():
+    model = load_model(None, None, None)
+    with pytest.raises(ValueError, match="multiple of 4 .* got 30"):
+        evaluate(model, crop_size=30)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, base_model: str | 
     }
     tmp_json = json_path.with_name(json_path.name + ".tmp")
     tmp_json.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    shutil.copymode(tmp_json, tensor_path)  # safetensors writes 0600; both files get the umask's mode
     os.replace(tmp_json, json_path)
     return json_path
 

@@ -74,11 +74,16 @@ def _lpips_weights_help(problem: str) -> str:
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Tensors of a safetensors file or of a PyTorch file through `weights_only` (no arbitrary unpickling)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 (torch.load and safetensors raise many kinds; named here)
+        raise ValueError(_lpips_weights_help(f"{path} cannot be read as a weights file ({type(error).__name__}: "
+                                             f"{str(error).splitlines()[0] if str(error) else ''})")) from error
 
 
 def default_lpips_linear_path() -> Path | None:

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,12 +28,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .checkpoint import save_checkpoint
+from .checkpoint import CheckpointError, read_checkpoint_record, save_checkpoint
 from .config import preset_config
 from .data import HRImageFolder, PairConfig, SampleImages, TrainingPairs
 from .degradations import DegradationConfig
@@ -113,12 +115,13 @@ def init_distributed() -> tuple[Distributed, torch.device]:
     return env, device
 
 
-def load_images(data: str):
-    """The sample photos are few and kept in memory; a user's folder is read image by image."""
+def load_images(data: str, crop_size: int):
+    """The sample photos are few and kept in memory; a user's folder is read image by image, and every
+    file's header is checked first (readable, large enough for the crops)."""
     if data == "sample":
         images = SampleImages("train")
         return [images[i] for i in range(len(images))]
-    return HRImageFolder(data)
+    return HRImageFolder(data, crop_size=crop_size)
 
 
 # ---- training state: safetensors for tensors, JSON for the rest --------------------------------
@@ -156,10 +159,35 @@ def save_train_state(path: Path, step: int, model: GuideSR, discriminator: nn.Mo
         disc_tensors, disc_groups = _flatten_optimizer(disc_optimizer, "disc_optimizer")
         tensors |= disc_tensors
         record["disc_optimizer"] = disc_groups
-    save_file(tensors, path / "state.safetensors.tmp")
+    save_file(tensors, path / "state.safetensors.tmp", metadata={"step": str(step)})
     os.replace(path / "state.safetensors.tmp", path / "state.safetensors")
     (path / "state.json.tmp").write_text(json.dumps(record, indent=2, default=str))
     os.replace(path / "state.json.tmp", path / "state.json")
+
+
+# Settings a resumed run may change: where and how often it writes, and how far it goes.
+RESUMABLE_CHANGES = frozenset({"out", "name", "resume", "checkpoint_every", "log_every", "num_workers",
+                               "save_every_rank", "steps"})
+
+
+def config_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """The settings of `config` that differ from a saved run's and would make its continuation another run
+    (settings the saved run did not record, from an older guidesr, are not compared)."""
+    def flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        items: dict[str, Any] = {}
+        for key, value in record.items():
+            if isinstance(value, dict):
+                items |= flat(value, f"{prefix}{key}.")
+            elif key in ("base_model", "data") and value not in (None, "sample"):
+                items[prefix + key] = str(Path(value).resolve())
+            else:
+                items[prefix + key] = value
+        return items
+
+    before = flat(saved)
+    now = flat(json.loads(json.dumps(dataclasses.asdict(config), default=str)))
+    return [f"{key} {before[key]!r} -> {now[key]!r}" for key in sorted(now)
+            if key in before and key not in RESUMABLE_CHANGES and before[key] != now[key]]
 
 
 def load_train_state(path: Path, model: GuideSR, discriminator: nn.Module | None,
@@ -167,6 +195,11 @@ def load_train_state(path: Path, model: GuideSR, discriminator: nn.Module | None
     record = json.loads((path / "state.json").read_text())
     if record.get("format") != STATE_FORMAT:
         raise ValueError(f"{path} is not a GuideSR training state")
+    with safe_open(path / "state.safetensors", "pt") as handle:
+        tensor_step = (handle.metadata() or {}).get("step")
+    if tensor_step is not None and tensor_step != str(record["step"]):
+        raise ValueError(f"training state {path} is torn: state.json is at step {record['step']}, its tensors at step "
+                         f"{tensor_step} (a run stopped while saving); --no-resume starts over")
     tensors = load_file(path / "state.safetensors")
     model_tensors = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     missing = set(model.trained_state_dict()) - set(model_tensors)
@@ -191,6 +224,17 @@ class Trainer:
         self.out = Path(config.out)
         if config.base_model is None and not config.random_base:
             raise ValueError("training needs --base-model DIR (a local diffusers folder with unet/ and vae/)")
+        if config.precision != "fp32" and self.device.type != "cuda":
+            raise ValueError(f"precision {config.precision} needs CUDA; use fp32 on the CPU")
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out {self.out} is a file, not a folder")
+        state = self.out / "state"
+        resuming = config.resume and (state / "state.json").is_file()
+        if resuming:
+            changes = config_changes(json.loads((state / "state.json").read_text())["config"], config)
+            if changes:
+                raise ValueError(f"{state} is a run with other settings (" + "; ".join(changes) + "): rerun with its "
+                                 "settings to resume it, or choose another --out, or --no-resume to start over there")
         torch.manual_seed(config.seed)
         self.model = build_model(preset_config(config.preset), None if config.random_base else config.base_model,
                                  seed=config.seed, prompt_init=self.prompt_start(config)).to(self.device)
@@ -204,12 +248,12 @@ class Trainer:
             disc_params = [p for p in self.discriminator.parameters() if p.requires_grad]
             self.disc_optimizer = torch.optim.AdamW(disc_params, lr=config.disc_lr, betas=(0.5, 0.999))
         self.step = 0
-        if config.resume and (self.out / "state" / "state.json").is_file():
-            self.step = load_train_state(self.out / "state", self.model, self.discriminator,
-                                         self.optimizer, self.disc_optimizer)
+        if resuming:
+            self.step = load_train_state(state, self.model, self.discriminator, self.optimizer, self.disc_optimizer)
+        self.saved_step = self.step  # the step of the last checkpoint, 0 before any
         pairs = PairConfig(batch_size=config.batch_size, crop_size=config.crop_size, degradation=config.degradation,
                            seed=config.seed, num_workers=config.num_workers)
-        self.batches = TrainingPairs(load_images(config.data), pairs, self.device, rank=self.env.rank,
+        self.batches = TrainingPairs(load_images(config.data, config.crop_size), pairs, self.device, rank=self.env.rank,
                                      start=self.step * config.grad_accum)
         self.ddp_model = self._wrap(self.model)
         self.ddp_disc = self._wrap(self.discriminator) if self.discriminator is not None else None
@@ -282,16 +326,35 @@ class Trainer:
         base = None if self.config.random_base else os.path.relpath(Path(self.config.base_model).resolve(), self.out.resolve())
         save_checkpoint(self.model, self.out / self.config.name, base_model=base,
                         extra={"training": {"step": self.step, "config": dataclasses.asdict(self.config)}})
+        self.saved_step = self.step
+
+    def checkpoint_step(self) -> int | None:
+        """The step OUT/NAME.json was written at, None when there is none."""
+        try:
+            record, _ = read_checkpoint_record(self.out / self.config.name)
+        except CheckpointError:
+            return None
+        return record.get("training", {}).get("step")
+
+    def _say(self, message: str) -> None:
+        if self.env.is_main:
+            tqdm.write(message, file=sys.stderr)
 
     def fit(self, until: int | None = None) -> list[dict[str, float]]:
         """Run to `until` (default: config.steps); returns the per-step logs of this call."""
         until = self.config.steps if until is None else until
         history = []
         log_path = self.out / "metrics.jsonl"
+        if self.step > 0:
+            self._say(f"resuming {self.out} at step {self.step} of {self.config.steps}")
+            if self.env.is_main:
+                _drop_log_lines_after(log_path, self.step)  # logged after the checkpoint it resumes from
+        if self.config.warmup_steps >= until > self.step:
+            self._say(f"note: the learning rate warms up over {self.config.warmup_steps} steps, so it stays under "
+                      f"--lr {self.config.lr:g} up to step {until}")
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            if self.step == 0:
-                log_path.unlink(missing_ok=True)  # a fresh run (e.g. --no-resume) starts its own log
+        log_mode = "a" if self.step > 0 else "w"  # a fresh run (e.g. --no-resume) replaces the log at its first line
         bar = tqdm(total=until, initial=self.step, disable=not self.env.is_main, desc="train", dynamic_ncols=True)
         start = time.time()
         while self.step < until:
@@ -300,52 +363,119 @@ class Trainer:
             bar.update(1)
             if self.env.is_main and (self.step % self.config.log_every == 0 or self.step == until):
                 bar.set_postfix(loss=f"{logs['total']:.4f}", lr=f"{logs['lr']:.2e}")
-                with log_path.open("a") as f:
+                with log_path.open(log_mode) as f:
                     f.write(json.dumps({"step": self.step, "time": round(time.time() - start, 2), **logs}) + "\n")
+                log_mode = "a"
             if self.step % self.config.checkpoint_every == 0 or self.step == until:
                 self.save()
         bar.close()
+        if self.env.is_main and self.step > 0 and self.checkpoint_step() != self.step:
+            self.save()  # a run that had already finished, whose checkpoint is missing or older than its state
+        self._say(f"checkpoint {self.out / self.config.name}.json at step {self.step}")
         return history
+
+
+def _drop_log_lines_after(log_path: Path, step: int) -> None:
+    if not log_path.is_file():
+        return
+    lines = log_path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        log_path.write_text("".join(kept))
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help, unless it has none (None, a flag's False) or the help gives it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return text + (" (default: '')" if action.default == "" else " (default: %(default)s)")
+
+
+def _number(kind: type, low: float, low_inclusive: bool = True, high: float | None = None):
+    """An argparse type: a finite `kind` in [low, high] (or (low, high] when not low_inclusive)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < low or (value == low and not low_inclusive) or (
+                high is not None and value > high):
+            bound = f"{'>=' if low_inclusive else '>'} {low:g}" + ("" if high is None else f" and <= {high:g}")
+            raise argparse.ArgumentTypeError(f"{text} must be {bound}")
+        return value
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
     defaults = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=defaults.preset, choices=["tiny", "sd-turbo"])
-    p.add_argument("--base-model", default=None, help="local diffusers folder with unet/ and vae/")
+    p = argparse.ArgumentParser(prog="python -m guidesr.train", description=__doc__, formatter_class=_HelpFormatter)
+    positive, count = _number(int, 1), _number(int, 0)
+    rate = _number(float, 0.0, low_inclusive=False)
+    weight, probability = _number(float, 0.0), _number(float, 0.0, high=1.0)
+    p.add_argument("--preset", default=defaults.preset, choices=["tiny", "sd-turbo"], help="model size")
+    p.add_argument("--base-model", default=None, help="local diffusers folder with unet/ and vae/ (the preset's shapes)")
     p.add_argument("--random-base", action="store_true", help="random base weights (smoke tests only)")
     p.add_argument("--data", default=defaults.data, help="'sample' or a folder of HR images (recursive)")
-    p.add_argument("--out", default=defaults.out)
-    p.add_argument("--name", default=defaults.name, help="checkpoint name inside --out")
-    for name in ("steps", "batch_size", "grad_accum", "crop_size", "warmup_steps", "seed", "checkpoint_every",
-                 "log_every", "num_workers"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("lr", "weight_decay", "disc_lr", "min_lr_ratio"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
-    p.add_argument("--precision", default=defaults.precision, choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--stop-at", type=int, default=None,
+    p.add_argument("--out", default=defaults.out,
+                   help="run folder: the checkpoint NAME.json/.safetensors, state/ (for resuming) and metrics.jsonl")
+    p.add_argument("--name", default=defaults.name, help="checkpoint name inside --out (no folders)")
+    p.add_argument("--steps", type=positive, default=defaults.steps,
+                   help="optimiser steps of the whole run (the learning-rate schedule's length)")
+    p.add_argument("--batch-size", type=positive, default=defaults.batch_size, help="images per rank and micro-step")
+    p.add_argument("--grad-accum", type=positive, default=defaults.grad_accum, help="micro-steps per optimiser step")
+    p.add_argument("--crop-size", type=positive, default=defaults.crop_size,
+                   help="HR crop side in pixels (a multiple of the scale, 4)")
+    p.add_argument("--warmup-steps", type=count, default=defaults.warmup_steps, help="linear learning-rate warm-up")
+    p.add_argument("--seed", type=count, default=defaults.seed, help="seeds every draw: data, crops, degradations")
+    p.add_argument("--checkpoint-every", type=positive, default=defaults.checkpoint_every,
+                   help="steps between checkpoints (and at the end)")
+    p.add_argument("--log-every", type=positive, default=defaults.log_every, help="steps between lines of metrics.jsonl")
+    p.add_argument("--num-workers", type=count, default=defaults.num_workers, help="DataLoader workers reading images")
+    p.add_argument("--lr", type=rate, default=defaults.lr, help="peak learning rate (AdamW)")
+    p.add_argument("--weight-decay", type=weight, default=defaults.weight_decay, help="AdamW weight decay")
+    p.add_argument("--disc-lr", type=rate, default=defaults.disc_lr, help="the discriminator's learning rate")
+    p.add_argument("--min-lr-ratio", type=probability, default=defaults.min_lr_ratio,
+                   help="the cosine decay's end, as a fraction of --lr")
+    p.add_argument("--precision", default=defaults.precision, choices=["fp32", "bf16", "fp16"],
+                   help="autocast precision (bf16 and fp16 need CUDA)")
+    p.add_argument("--stop-at", type=positive, default=None,
                    help="stop (with a checkpoint) at this step; the schedule still follows --steps")
-    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start at step 0 even if --out holds a training state: its checkpoint, state and log are "
+                        "replaced once the first step has run")
     p.add_argument("--save-every-rank", action="store_true", help="also write each rank's weights to OUT/rankN")
-    p.add_argument("--w-mse", type=float, default=defaults.loss.w_mse)
-    p.add_argument("--w-lpips", type=float, default=defaults.loss.w_lpips)
-    p.add_argument("--w-gan", type=float, default=defaults.loss.w_gan)
-    p.add_argument("--lpips-vgg", default=None, help="torchvision VGG16 weights file for LPIPS")
+    p.add_argument("--w-mse", type=weight, default=defaults.loss.w_mse, help="weight of the MSE term (eq. 6)")
+    p.add_argument("--w-lpips", type=weight, default=defaults.loss.w_lpips,
+                   help="weight of the LPIPS term (needs --lpips-vgg; 0 trains without LPIPS)")
+    p.add_argument("--w-gan", type=weight, default=defaults.loss.w_gan,
+                   help="weight of the adversarial term (0 trains without a discriminator)")
+    p.add_argument("--lpips-vgg", default=None, help="torchvision VGG16 weights file for LPIPS (vgg16-397923af.pth)")
     p.add_argument("--lpips-linear", default=None, help="LPIPS v0.1 linear-layer weights (default: the lpips package's)")
-    p.add_argument("--second-order-prob", type=float, default=defaults.degradation.second_order_prob,
-                   help="probability of the degradation's second stage, per batch (default 1.0, Real-ESRGAN "
-                        "x4plus; ResShift's configs, which the paper follows, use 0.5)")
+    p.add_argument("--second-order-prob", type=probability, default=defaults.degradation.second_order_prob,
+                   help="probability of the degradation's second stage, per batch (1.0: Real-ESRGAN x4plus; "
+                        "ResShift's configs, which the paper follows, use 0.5)")
     p.add_argument("--discriminator", default=defaults.discriminator.kind, choices=["patch", "clip"],
                    help="clip: the paper's (a frozen CLIP ViT with trained heads; needs --clip-path); patch: a "
-                        "PatchGAN that needs no pretrained weights (default patch)")
+                        "PatchGAN that needs no pretrained weights")
+    p.add_argument("--clip-path", default=None, help="local CLIP vision model folder for --discriminator clip")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt-init", default=defaults.prompt_init, metavar="TEXT",
                         help="start the learned prompt embedding from the base folder's CLIP text encoding of TEXT "
-                             "(default '': the empty prompt, or random when the base has no text_encoder/)")
+                             "('': the empty prompt; random when the base has no text_encoder/)")
     prompt.add_argument("--prompt-init-random", action="store_true",
                         help="start the learned prompt embedding from N(0, 0.02) noise")
-    p.add_argument("--clip-path", default=None, help="local CLIP vision model folder for --discriminator clip")
     a = p.parse_args(argv)
+    if Path(a.name).name != a.name or a.name in ("", ".", ".."):
+        p.error(f"--name {a.name!r}: a file name inside --out, without folders")
+    if a.w_lpips > 0 and a.lpips_vgg is None:
+        p.error("--w-lpips > 0 needs --lpips-vgg FILE (torchvision's vgg16-397923af.pth); --w-lpips 0 trains "
+                "without LPIPS")
+    if a.w_gan > 0 and a.discriminator == "clip" and a.clip_path is None:
+        p.error("--discriminator clip needs --clip-path DIR (a local CLIP vision model); --discriminator patch needs "
+                "no weights")
     config = TrainConfig(
         preset=a.preset, base_model=a.base_model, random_base=a.random_base,
         prompt_init=None if a.prompt_init_random else a.prompt_init, data=a.data, out=a.out, name=a.name,
@@ -362,15 +492,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
     return config, a.stop_at
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     config, stop_at = parse_args(argv)
     env, device = init_distributed()
+    trainer = None
     try:
-        Trainer(config, env, device).fit(until=stop_at)
+        try:
+            trainer = Trainer(config, env, device)
+        except (ValueError, OSError) as err:  # the setup's checks: folders, files, shapes, settings
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        trainer.fit(until=stop_at)
+    except KeyboardInterrupt:
+        if env.is_main:
+            saved = trainer.saved_step if trainer is not None else None
+            where = f"the last checkpoint is at step {saved}" if saved else "no checkpoint was written"
+            print(f"\ninterrupted at step {trainer.step if trainer is not None else 0}; {where}; the same command "
+                  f"resumes from the last checkpoint", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -86,8 +86,9 @@ def test_trainer_prompt_start_and_degradation_option(base_with_text_encoder, tmp
     AutoencoderKL(**config.vae).save_pretrained(tmp_path / "vae")
     assert Trainer.prompt_start(TrainConfig(base_model=str(tmp_path))) is None  # no text encoder: random start
     assert Trainer.prompt_start(TrainConfig(base_model=str(tmp_path), prompt_init="a cat")) == "a cat"  # build fails
-    assert parse_args(["--prompt-init", "a photo"])[0].prompt_init == "a photo"
-    assert parse_args(["--prompt-init-random"])[0].prompt_init is None
-    assert parse_args([])[0].prompt_init == ""
-    assert parse_args([])[0].degradation.second_order_prob == 1.0
-    assert parse_args(["--second-order-prob", "0.5"])[0].degradation.second_order_prob == 0.5
+    no_lpips = ["--w-lpips", "0"]
+    assert parse_args([*no_lpips, "--prompt-init", "a photo"])[0].prompt_init == "a photo"
+    assert parse_args([*no_lpips, "--prompt-init-random"])[0].prompt_init is None
+    assert parse_args(no_lpips)[0].prompt_init == ""
+    assert parse_args(no_lpips)[0].degradation.second_order_prob == 1.0
+    assert parse_args([*no_lpips, "--second-order-prob", "0.5"])[0].degradation.second_order_prob == 0.5

@@ -110,3 +110,111 @@ def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)
+
+
+# ---- the command line and the run folder ------------------------------------------------------
+
+def cli(*args: str) -> list[str]:
+    return ["--preset", "tiny", "--random-base", "--w-lpips", "0", *args]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps: 0 must be >= 1"),
+    (["--batch-size", "-1"], "--batch-size: -1 must be >= 1"),
+    (["--grad-accum", "0"], "--grad-accum: 0 must be >= 1"),
+    (["--log-every", "0"], "--log-every: 0 must be >= 1"),
+    (["--lr", "0"], "--lr: 0 must be > 0"),
+    (["--lr", "nan"], "--lr: nan must be > 0"),
+    (["--min-lr-ratio", "2"], "--min-lr-ratio: 2 must be >= 0 and <= 1"),
+    (["--second-order-prob", "1.5"], "--second-order-prob: 1.5 must be >= 0 and <= 1"),
+    (["--name", "sub/model"], "--name 'sub/model': a file name inside --out, without folders"),
+    (["--name", ".."], "--name '..'"),
+    (["--w-lpips", "1"], "--w-lpips > 0 needs --lpips-vgg FILE"),
+    (["--discriminator", "clip"], "--discriminator clip needs --clip-path DIR"),
+])
+def test_cli_refuses_bad_settings_before_any_work(args, message, capsys):
+    from guidesr.train import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(cli(*args))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_setup_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    from guidesr.train import main
+
+    (tmp_path / "notes.txt").write_text("not a folder")
+    assert main(cli("--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"))) == 2
+    assert main(cli("--out", str(tmp_path / "notes.txt"))) == 2
+    assert main(cli("--precision", "bf16", "--out", str(tmp_path / "run"))) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 3 and "Traceback" not in err
+    assert "missing" in err and "notes.txt is a file, not a folder" in err and "precision bf16 needs CUDA" in err
+    assert not (tmp_path / "run").exists()  # nothing written by a run that could not start
+
+
+def test_interrupt_names_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    from guidesr.train import main
+
+    def interrupted(self, until=None):
+        self.step += 1
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "fit", interrupted)
+    assert main(cli("--out", str(tmp_path), "--steps", "4", "--w-gan", "0")) == 130
+    assert "interrupted at step 1; no checkpoint was written; the same command resumes" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_settings_but_not_a_longer_run(tmp_path):
+    config = small_config(tmp_path, loss=LossConfig(w_lpips=0.0, w_gan=0.0), steps=2, checkpoint_every=2)
+    Trainer(config).fit()
+    with pytest.raises(ValueError, match=r"batch_size 2 -> 1; loss.w_mse 1.0 -> 2.0\): rerun with its settings"):
+        Trainer(replace(config, batch_size=1, loss=LossConfig(w_mse=2.0, w_lpips=0.0, w_gan=0.0)))
+    with pytest.raises(ValueError, match=r"loss.w_gan 0.0 -> 0.5"):  # a discriminator the state does not have
+        Trainer(replace(config, loss=LossConfig(w_lpips=0.0, w_gan=0.5)))
+    longer = Trainer(replace(config, steps=3, log_every=2))
+    assert longer.step == 2
+    Trainer(replace(config, batch_size=1, resume=False))  # --no-resume starts over with any settings
+
+
+def test_resumed_log_drops_lines_after_the_checkpoint(tmp_path):
+    config = small_config(tmp_path, loss=LossConfig(w_lpips=0.0, w_gan=0.0), steps=3, checkpoint_every=2)
+    Trainer(config).fit(until=2)
+    with (tmp_path / "metrics.jsonl").open("a") as log:  # a run stopped after logging step 3, before saving it
+        log.write(json.dumps({"step": 3, "total": 1.0}) + "\n")
+    Trainer(config).fit()
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2, 3]
+    assert log[-1]["total"] != 1.0
+
+
+def test_finished_run_rewrites_a_missing_checkpoint_and_a_torn_state_is_refused(tmp_path):
+    config = small_config(tmp_path, loss=LossConfig(w_lpips=0.0, w_gan=0.0), steps=2, checkpoint_every=2)
+    Trainer(config).fit()
+    weights = load_file(tmp_path / "guidesr.safetensors")
+    assert (tmp_path / "guidesr.safetensors").stat().st_mode == (tmp_path / "guidesr.json").stat().st_mode
+    (tmp_path / "guidesr.json").unlink()
+    (tmp_path / "guidesr.safetensors").unlink()
+    assert Trainer(config).fit() == []  # nothing left to train ...
+    again = load_file(tmp_path / "guidesr.safetensors")  # ... but the checkpoint is written again
+    assert json.loads((tmp_path / "guidesr.json").read_text())["training"]["step"] == 2
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    state = tmp_path / "state" / "state.json"
+    state.write_text(state.read_text().replace('"step": 2', '"step": 1'))
+    with pytest.raises(ValueError, match="is torn: state.json is at step 1, its tensors at step 2"):
+        Trainer(config)
+
+
+def test_a_fresh_run_keeps_the_old_log_until_its_first_step(tmp_path, monkeypatch):
+    config = small_config(tmp_path, loss=LossConfig(w_lpips=0.0, w_gan=0.0), steps=2, checkpoint_every=2)
+    Trainer(config).fit()
+    before = (tmp_path / "metrics.jsonl").read_text()
+
+    def failing_step(self):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(Trainer, "train_step", failing_step)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        Trainer(replace(config, resume=False)).fit()
+    assert (tmp_path / "metrics.jsonl").read_text() == before

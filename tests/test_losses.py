@@ -76,6 +76,14 @@ def test_lpips_refuses_a_file_that_is_not_vgg16(lpips_files):
         LPIPS(vgg, vgg)
 
 
+def test_lpips_names_a_weights_file_it_cannot_read(lpips_files, tmp_path):
+    _, linear = lpips_files
+    for name in ("corrupt.pth", "corrupt.safetensors"):
+        (tmp_path / name).write_bytes(b"not a weights file")
+        with pytest.raises(ValueError, match=f"{name} cannot be read as a weights file"):
+            LPIPS(tmp_path / name, linear)
+
+
 def test_lpips_is_a_frozen_differentiable_distance(lpips_files):
     vgg, linear = lpips_files
     lpips = LPIPS(vgg, linear)

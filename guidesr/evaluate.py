@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--draws", type=int, default=4, help="degradations per image (default 4), each its own seed")
     p.add_argument("--json", type=Path, default=None, help="write the full results here (default: not written)")
     args = p.parse_args(argv)
+    if args.draws < 1:
+        p.error("--draws must be >= 1")
     problem = crop_size_problem(args.crop_size, border=scale)
     if problem is not None:
         p.error(f"--crop-size: {problem}")
@@ -134,8 +136,6 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as error:
         p.error(str(error))
     model = load_model(args.checkpoint, args.preset, args.base_model)
-    if args.draws < 1:
-        p.error("--draws must be >= 1")
     results = evaluate(model, args.data, args.crop_size, args.seed, args.draws)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

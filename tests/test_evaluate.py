@@ -35,6 +35,18 @@ def test_a_crop_size_the_evaluation_cannot_use_is_an_argparse_error(crop, capsys
     assert "--crop-size: the crop size must be a multiple of 4 (the degradation scale) and at least 20" in capsys.readouterr().err
 
 
+def test_draws_below_one_are_refused_before_the_model_loads(capsys, monkeypatch):
+    import guidesr.evaluate as evaluate_module
+
+    def no_model(*args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(evaluate_module, "load_model", no_model)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--draws", "0"])
+    assert exit_info.value.code == 2 and "--draws must be >= 1" in capsys.readouterr().err
+
+
 def test_unusable_images_are_an_argparse_error_naming_each_file(tmp_path, capsys):
     Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(tmp_path / "fine.png")
     Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(tmp_path / "small.png")

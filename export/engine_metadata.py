@@ -17,7 +17,7 @@ from typing import Any
 from .graphs import GraphSpec
 
 FORMAT = "guidesr-tensorrt-engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: plugin_ptx_isa
 NO_CHECKPOINT = "none"  # checkpoint_sha256 of a model with untrained (random) weights
 
 
@@ -47,6 +47,7 @@ class EngineMetadata:
     onnx_sha256: str  # ... and the sha256 of that .onnx file
     builder_optimization_level: int
     guidesr_version: str
+    plugin_ptx_isa: int | None = None  # the PTX ISA of the embedded plugin kernels (e.g. 87 for 8.7); None: no plugins
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -103,10 +104,12 @@ def format_capability(capability: str | tuple[int, int]) -> str:
 
 
 def check_compatible(metadata: EngineMetadata, gpu_name: str, compute_capability: str | tuple[int, int],
-                     trt_version: str, checkpoint_sha256: str | None) -> None:
+                     trt_version: str, checkpoint_sha256: str | None, driver_ptx_isa: int | None = None) -> None:
     """Raise EngineMismatchError naming every way the engine does not fit this GPU, TensorRT and checkpoint.
 
-    `checkpoint_sha256` is the loaded model's (None for an untrained model).
+    `checkpoint_sha256` is the loaded model's (None for an untrained model). `driver_ptx_isa`: the newest
+    PTX ISA this machine's CUDA driver compiles (None: unknown, not checked); the driver compiles the
+    plugin kernels' PTX when the engine loads and refuses a newer ISA.
     """
     capability = format_capability(compute_capability)
     expected_checkpoint = checkpoint_sha256 or NO_CHECKPOINT
@@ -126,11 +129,20 @@ def check_compatible(metadata: EngineMetadata, gpu_name: str, compute_capability
             f"it holds the weights of checkpoint {_short(metadata.checkpoint_sha256)}, "
             f"the model asked for is {_short(expected_checkpoint)}"
         )
+    if metadata.plugin_ptx_isa is not None and driver_ptx_isa is not None and driver_ptx_isa < metadata.plugin_ptx_isa:
+        mismatches.append(
+            f"its plugin kernels are PTX ISA {_isa(metadata.plugin_ptx_isa)}, and this machine's CUDA driver compiles "
+            f"PTX up to ISA {_isa(driver_ptx_isa)} (a newer driver loads it too)"
+        )
     if mismatches:
         raise EngineMismatchError(
             f"the TensorRT engine for {metadata.onnx_file} cannot be used: " + "; ".join(mismatches)
             + ". Rebuild it here with `make engine` (or `python -m export engine`) for this checkpoint."
         )
+
+
+def _isa(version: int) -> str:
+    return f"{version // 10}.{version % 10}"
 
 
 def _short(sha256: str) -> str:

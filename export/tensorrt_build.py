@@ -28,7 +28,7 @@ from guidesr.checkpoint import file_sha256
 from .engine_metadata import EngineMetadata, write
 from .graphs import GraphSpec
 from .onnx_export import read_metadata
-from .tensorrt_plugins import PluginRegistrationError, register_fca_plugins
+from .tensorrt_plugins import PluginRegistrationError, plugin_ptx_isa, register_fca_plugins
 
 INSTALL_COMMAND = "pip install tensorrt-cu12   # CUDA 12 wheels from NVIDIA (or tensorrt-cu13 for CUDA 13)"
 MIN_TENSORRT_MAJOR = 10
@@ -87,9 +87,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, optimization_le
     graph_metadata = read_metadata(onnx_path)
     spec = GraphSpec.from_json(graph_metadata["graph_spec"])
     gpu_name, capability = current_gpu()
+    ptx_isa = None
     if spec.trt_plugins:
         try:
             register_fca_plugins(trt)
+            ptx_isa = plugin_ptx_isa(int(capability.replace(".", "")))
         except PluginRegistrationError as err:
             raise EngineBuildError(f"{onnx_path.name} holds FCA plugin nodes, and their TensorRT plugins cannot be "
                                    f"registered: {err}") from err
@@ -149,6 +151,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, optimization_le
         onnx_sha256=file_sha256(onnx_path),
         builder_optimization_level=optimization_level,
         guidesr_version=graph_metadata["guidesr_version"],
+        plugin_ptx_isa=ptx_isa,
     )
     write(metadata, engine_path)
     return metadata

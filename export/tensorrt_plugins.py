@@ -125,8 +125,23 @@ def _kernel_launch(trt: ModuleType, trtp: ModuleType, aot: ModuleType, op_type: 
     return kernel.name.encode(), kernel.ptx.encode(), params, scalars
 
 
+def plugin_ptx_isa(capability: int) -> int:
+    """The PTX ISA the plugin kernels are compiled at for sm_`capability`: Triton's own, or this machine's
+    driver's where that is older, so that the engine loads where it is built (and on newer drivers)."""
+    aot = check_plugin_kernels_compilable()
+    return aot.plugin_ptx_version(capability, aot.driver_ptx_version())
+
+
+def driver_ptx_isa() -> int | None:
+    """The newest PTX ISA this machine's CUDA driver compiles, for checking an engine's plugin kernels before it
+    loads; None where that cannot be told (no driver, or no Triton, whose CUDA-to-ISA table it reads)."""
+    try:
+        from kernels.fca_attention_aot import driver_ptx_version
+    except ImportError:
+        return None
+    return driver_ptx_version()
+
+
 @lru_cache(maxsize=None)
 def _compiled_kernels(dtype: str, capability: int, channels: int, aot: ModuleType):
-    """The kernels as PTX this machine's driver loads (the engine is built, and usually run, here)."""
-    ptx_version = aot.plugin_ptx_version(capability, aot.driver_ptx_version())
-    return aot.compile_plugin_kernels(dtype, capability, channels, ptx_version)
+    return aot.compile_plugin_kernels(dtype, capability, channels, plugin_ptx_isa(capability))

@@ -140,9 +140,11 @@ def compare(model: GuideSR, onnx_path: str | Path, sizes: list[tuple[int, int]],
 
         from . import engine_metadata
         from .tensorrt_build import current_gpu, import_tensorrt
+        from .tensorrt_plugins import driver_ptx_isa
 
         engine_metadata.check_compatible(engine_metadata.read(engine_path), *current_gpu(),
-                                         import_tensorrt().__version__, model.descriptor.checkpoint_sha256)
+                                         import_tensorrt().__version__, model.descriptor.checkpoint_sha256,
+                                         driver_ptx_isa())
         runners.append(TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))), name=Path(engine_path).name))
     results = Comparator.run(runners, data_loader=sample_images(shapes))
     pairs = [(0, i) for i in range(1, len(runners))] + ([(1, 2)] if len(runners) == 3 else [])

@@ -130,6 +130,18 @@ def test_check_compatible_names_each_mismatch(gpu, capability, version, checkpoi
     assert "Rebuild it here with `make engine`" in str(info.value)
 
 
+def test_check_compatible_refuses_plugin_ptx_newer_than_the_driver(tmp_path):
+    plugins = _metadata(plugin_ptx_isa=94)
+    engine_metadata.write(plugins, tmp_path / "model.engine")
+    assert engine_metadata.read(tmp_path / "model.engine").plugin_ptx_isa == 94
+    with pytest.raises(EngineMismatchError, match="its plugin kernels are PTX ISA 9.4, and this machine's CUDA driver "
+                                                  r"compiles PTX up to ISA 9.0 \(a newer driver loads it too\)"):
+        check_compatible(plugins, H100, (9, 0), "10.15.1.29", "ab" * 32, driver_ptx_isa=90)
+    check_compatible(plugins, H100, (9, 0), "10.15.1.29", "ab" * 32, driver_ptx_isa=94)
+    check_compatible(plugins, H100, (9, 0), "10.15.1.29", "ab" * 32, driver_ptx_isa=None)  # unknown: not checked
+    check_compatible(_metadata(), H100, (9, 0), "10.15.1.29", "ab" * 32, driver_ptx_isa=80)  # no plugins
+
+
 def test_check_compatible_lists_all_mismatches_at_once():
     with pytest.raises(EngineMismatchError) as info:
         check_compatible(_metadata(), "NVIDIA L4", (8, 9), "11.0.0", "ef" * 32)

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 
 def check_engine(engine_path: str | os.PathLike, descriptor: ModelDescriptor, gpu_name: str, compute_capability: str,
-                 tensorrt_version: str) -> engine_metadata.EngineMetadata:
+                 tensorrt_version: str, driver_ptx_isa: int | None = None) -> engine_metadata.EngineMetadata:
     """Read NAME.engine.json and refuse an engine that does not fit this GPU, TensorRT and model.
 
     Needs neither TensorRT nor a GPU: the caller passes what it runs on. Raises BackendError.
@@ -59,7 +59,7 @@ def check_engine(engine_path: str | os.PathLike, descriptor: ModelDescriptor, gp
     try:
         metadata = engine_metadata.read(engine_path)
         engine_metadata.check_compatible(metadata, gpu_name, compute_capability, tensorrt_version,
-                                         descriptor.checkpoint_sha256)
+                                         descriptor.checkpoint_sha256, driver_ptx_isa)
     except (engine_metadata.EngineMetadataError, engine_metadata.EngineMismatchError) as err:
         raise BackendError(str(err)) from err
     model = (descriptor.preset, descriptor.scale, descriptor.size_multiple)
@@ -81,6 +81,7 @@ class TensorRTBackend(Backend):
         if reason is not None:
             raise BackendError(f"the tensorrt backend cannot run on {self.device}: {reason}")
         from export.tensorrt_build import TensorRTUnavailableError, import_tensorrt
+        from export.tensorrt_plugins import driver_ptx_isa
 
         try:
             trt = import_tensorrt()
@@ -91,7 +92,7 @@ class TensorRTBackend(Backend):
         self.engine_path = Path(engine)
         major, minor = torch.cuda.get_device_capability(self.device)
         metadata = check_engine(self.engine_path, self.descriptor, torch.cuda.get_device_name(self.device),
-                                f"{major}.{minor}", trt.__version__)
+                                f"{major}.{minor}", trt.__version__, driver_ptx_isa())
         require_same_precision(precision, metadata.precision, f"the engine {self.engine_path.name}")
         self.precision = metadata.precision
         self.spec = metadata.spec

@@ -11,8 +11,8 @@
   upsampling back to HR size. Batch i depends only on (seed, rank, i), so resumed runs are
   exact. `eval_pairs` gives the deterministic counterpart for validation.
 
-Images are read with PIL, EXIF orientation applied, as RGB at their real range (16-bit grey
-kept at 16 bits, transparency composited onto white: see `load_image`). Tensors handed to the
+Images are read by the runtime's reader (runtime.imageio: EXIF orientation, 16 bits kept), as RGB,
+transparency composited onto white (see `load_image`). Tensors handed to the
 model are NCHW float32 in [-1, 1].
 """
 
@@ -23,11 +23,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from runtime.imageio import ImageReadError, read_image
 
 from guidesr.degradations import DegradationConfig, degrade, upsample_lr
 
@@ -51,67 +52,41 @@ SAMPLE_EVAL: tuple[str, ...] = ("coffee", "chelsea")
 SAMPLE_TRAIN: tuple[str, ...] = tuple(name for name in SAMPLE_FILES if name not in SAMPLE_EVAL)
 
 
-# Pillow modes of 16-bit grey: PNG decodes to I;16 (older Pillow: I, 32-bit integer samples).
-_GREY_16BIT_MODES: frozenset[str] = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 # What PIL raises for unreadable, corrupt or oversized files.
 _READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def _unsupported_mode(mode: str) -> str | None:
-    """Why images of Pillow mode `mode` are refused, or None."""
+    """Why images of Pillow mode `mode` are refused from their header alone, or None."""
     if mode == "F":
-        return "32-bit floating-point pixels (Pillow mode F) are not supported: their value range is undefined"
+        return "floating-point pixels (Pillow mode F) are not supported: their value range is undefined"
     return None
 
 
-def _has_alpha(image: Image.Image) -> bool:
-    return any(band in ("A", "a") for band in image.getbands()) or "transparency" in image.info
-
-
 def load_image(path: str | Path) -> torch.Tensor:
-    """Read an image file as a (3, H, W) float32 tensor in [0, 1], EXIF orientation applied.
+    """Read an image file as a (3, H, W) float32 tensor in [0, 1], through the runtime's reader
+    (`runtime.imageio.read_image`: EXIF orientation, 16-bit grey and colour at their real range,
+    float and wider-than-16-bit images refused), up to Pillow's decompression-bomb limit.
 
-    * 16-bit grey (Pillow modes I;16, I;16B, ..., and I with samples in 0..65535) keeps its 16 bits:
-      value / 65535, repeated over the three channels.
-    * 16-bit colour PNGs come at their real range with 8-bit precision (Pillow decodes the high byte
-      of every sample; within 1/255 of value / 65535).
+    * Grey is repeated over the three channels.
     * Transparent images (RGBA, LA, PA, or P / L / RGB with a transparent colour) are composited onto
       white, as transparent logos and cut-outs are usually shown; the colour stored under
       transparent pixels is arbitrary (often black or leftovers of editing) and is not trained on.
-    * Floating-point images (mode F) are refused: nothing says which values are black and white.
 
-    Raises `ValueError` naming the file if PIL cannot decode it, so that one broken file
-    in a large folder is easy to find.
+    Raises `ValueError` naming the file if it cannot be read, so that one broken file in a large
+    folder is easy to find.
     """
+    # Pillow's own refusal (twice its warning limit): None would lift Pillow's guard for the whole process
+    limit = None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS / 1e6
     try:
-        with Image.open(path) as image:
-            reason = _unsupported_mode(image.mode)
-            if reason is not None:
-                raise ValueError(reason)
-            image = ImageOps.exif_transpose(image)
-            if image.mode in _GREY_16BIT_MODES:
-                return _grey_16bit(image)
-            if _has_alpha(image):
-                return _composite_on_white(image)
-            rgb = image.convert("RGB")
-    except _READ_ERRORS as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
-    array = np.asarray(rgb, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0
-
-
-def _grey_16bit(image: Image.Image) -> torch.Tensor:
-    samples = np.asarray(image)
-    if samples.min() < 0 or samples.max() > 65535:
-        raise ValueError(f"{image.mode} samples outside 0..65535 are not supported (range {samples.min()}..{samples.max()})")
-    grey = torch.from_numpy(samples.astype(np.float32)) / 65535.0
-    return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
-
-
-def _composite_on_white(image: Image.Image) -> torch.Tensor:
-    rgba = torch.from_numpy(np.asarray(image.convert("RGBA"), dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-    rgb, alpha = rgba[:3], rgba[3:]
-    return rgb * alpha + (1.0 - alpha)
+        array, info = read_image(path, max_megapixels=limit)
+    except ImageReadError as error:
+        raise ValueError(str(error)) from error
+    image = torch.from_numpy(array).permute(2, 0, 1)  # [C, H, W]
+    if info.has_alpha:
+        colour, alpha = image[:-1], image[-1:]
+        image = colour * alpha + (1.0 - alpha)
+    return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image.contiguous()
 
 
 def check_crop_sizes(paths: Sequence[Path], crop_size: int) -> None:

@@ -273,10 +273,12 @@ def _pillow_to_array(image: Image.Image) -> tuple[np.ndarray, str, int]:
         # 32-bit integer grey: what Pillow gives for some 16-bit grey files; anything wider is refused.
         array = np.asarray(image)
         if array.min() < 0 or array.max() > 65535:
-            raise ImageReadError(image.filename, "32-bit integer samples are not supported")
+            raise ImageReadError(image.filename, f"32-bit integer samples outside 0..65535 are not supported "
+                                                 f"(range {array.min()}..{array.max()})")
         return array.astype(np.uint16)[..., None], "L", 16
     if mode == "F":
-        raise ImageReadError(image.filename, "floating-point images are not supported")
+        raise ImageReadError(image.filename, "floating-point pixels (Pillow mode F) are not supported: their value "
+                                             "range is undefined")
     if mode in ("1", "L"):
         return np.asarray(image.convert("L"))[..., None], "L", 8
     if mode in ("LA", "La"):

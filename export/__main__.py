@@ -20,6 +20,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
+
 from guidesr.checkpoint import CheckpointError
 from guidesr.config import PRESETS, preset_config
 from guidesr.loading import DEFAULT_CHECKPOINT, BaseModelError, build_model, load_model
@@ -28,7 +30,7 @@ from guidesr.model import GuideSR
 from . import engine_metadata
 from .engine_metadata import EngineMetadataError, EngineMismatchError
 from .graphs import VARIANTS, GraphSpec, guidesr_graph, parse_tile
-from .onnx_export import PRECISIONS, export_graphs, graph_filename
+from .onnx_export import PRECISIONS, export_graphs, graph_filename, read_metadata
 from .tensorrt_build import EngineBuildError, TensorRTUnavailableError, build_engine, import_tensorrt
 
 EXIT_FAILED = 1
@@ -152,7 +154,7 @@ def _size_option(what: str):
 
 
 def check_verify_inputs(args) -> None:
-    """Raise ValueError unless every file named on verify's command line exists and the engine's metadata reads."""
+    """Raise ValueError unless every file named on verify's command line exists and its metadata (engine, graph) reads."""
     missing = [path for path in args.onnx or [] if not path.is_file()]
     if args.engine is not None:
         missing += [path for path in (args.engine, args.engine.with_suffix(".onnx"),
@@ -162,6 +164,12 @@ def check_verify_inputs(args) -> None:
                          f"an engine needs its graph NAME.onnx and its metadata NAME.engine.json next to it)")
     if args.engine is not None:
         engine_metadata.read(args.engine)
+    graphs = list(args.onnx or []) + ([args.engine.with_suffix(".onnx")] if args.engine is not None else [])
+    for path in graphs:
+        try:
+            read_metadata(path)
+        except DecodeError as err:
+            raise ValueError(f"{path} is not a readable ONNX file: {err}") from err
 
 
 def load_from_args(args) -> tuple[GuideSR, str]:

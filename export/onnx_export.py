@@ -175,10 +175,21 @@ def graph_metadata(model: GuideSR, spec: GraphSpec, precision: str, weights: str
     }
 
 
+REQUIRED_METADATA = ("preset", "size_multiple", "precision", "checkpoint_sha256", "graph_spec")
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata_props of an exported graph (without loading its weights)."""
+    """The metadata_props of a graph written by `python -m export onnx` (without loading its weights).
+
+    Raises ValueError naming the missing keys for any other ONNX file.
+    """
     model = onnx.load(str(path), load_external_data=False)
-    return {prop.key: prop.value for prop in model.metadata_props}
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise ValueError(f"{Path(path).name} is not a GuideSR graph written by `python -m export onnx` "
+                         f"(its metadata lacks {', '.join(missing)})")
+    return metadata
 
 
 def guidesr_version() -> str:

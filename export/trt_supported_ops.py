@@ -20,7 +20,6 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-SOURCE = "onnx/onnx-tensorrt docs/operators.md, TensorRT 10.15"
 OPSET_RANGE = (9, 24)
 
 _F = ("FP32", "FP16", "BF16")
@@ -72,12 +71,12 @@ _TYPE_NAMES = {
     ir.DataType.FLOAT8E4M3FN: "FP8", ir.DataType.FLOAT4E2M1: "FP4",
 }
 
-# Resize: "Supported resize transformation modes: half_pixel, pytorch_half_pixel, tf_half_pixel_for_nn,
-# asymmetric, and align_corners. Supported resize modes: nearest, linear. Supported nearest modes:
-# floor, ceil, round_prefer_floor, round_prefer_ceil. ... Antialiasing is not supported."
 _TYPE_SETTING_OPS = {"Cast", "CastLike", "Constant", "ConstantOfShape", "EyeLike", "RandomNormal", "RandomUniform",
                      "RandomNormalLike", "RandomUniformLike"}
 
+# Resize: "Supported resize transformation modes: half_pixel, pytorch_half_pixel, tf_half_pixel_for_nn,
+# asymmetric, and align_corners. Supported resize modes: nearest, linear. Supported nearest modes:
+# floor, ceil, round_prefer_floor, round_prefer_ceil. ... Antialiasing is not supported."
 _RESIZE_ATTRIBUTES = {
     "coordinate_transformation_mode": {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric",
                                        "align_corners"},

@@ -88,7 +88,12 @@ def read_checkpoint_record(path: str | Path) -> tuple[dict[str, Any], Path]:
             f"{json_path} has checkpoint format version {record.get('format_version')}, "
             f"this guidesr reads version {FORMAT_VERSION}"
         )
-    return record, json_path.parent / record["tensors"]
+    tensors, config = record.get("tensors"), record.get("config")
+    if not isinstance(tensors, str) or Path(tensors).name != tensors or tensors in ("", ".", ".."):
+        raise CheckpointError(f"{json_path}: 'tensors' must name the safetensors file next to it, got {tensors!r}")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{json_path}: 'config' must be an object of the model's settings, got {config!r}")
+    return record, json_path.parent / tensors
 
 
 def checkpoint_config(path: str | Path) -> GuideSRConfig:

@@ -76,7 +76,7 @@ def load_image(path: str | Path) -> torch.Tensor:
     Raises `ValueError` naming the file if it cannot be read, so that one broken file in a large
     folder is easy to find.
     """
-    # Pillow's own refusal (twice its warning limit): None would lift Pillow's guard for the whole process
+    # Pillow's own refusal (twice its warning limit), so training reads what Pillow would
     limit = None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS / 1e6
     try:
         array, info = read_image(path, max_megapixels=limit)

@@ -108,7 +108,7 @@ class CLIPDiscriminator(nn.Module):
                 f"CLIP folder {clip_path} does not exist: DiscriminatorConfig.clip_path must name a local folder "
                 "written by CLIPVisionModel/CLIPModel.save_pretrained (nothing is downloaded)"
             )
-        self.backbone = CLIPVisionModel.from_pretrained(str(clip_path), local_files_only=True)
+        self.backbone = CLIPVisionModel.from_pretrained(str(clip_path), local_files_only=True, use_safetensors=True)
         self.backbone.requires_grad_(False)
         config = self.backbone.config
         depth = config.num_hidden_layers

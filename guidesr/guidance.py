@@ -93,10 +93,6 @@ class GuidanceBranch(nn.Module):
         )
         self.ign = ImageGuidanceNetwork(2 * channels)
 
-    @property
-    def out_channels(self) -> int:
-        return self.ign.value.out_channels
-
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f0 = self.head(image)  # [B, C, H, W]
         fd = self.frgnet(f0)  # [B, 2C, H, W]

@@ -65,9 +65,13 @@ def load_base_modules(config: GuideSRConfig, base_dir: str | Path) -> tuple[UNet
                 f"{folder} does not have the shapes of preset {config.preset!r}: " + "; ".join(mismatched)
             )
         try:
-            modules[name] = cls.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
+            modules[name] = cls.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False,
+                                                 use_safetensors=True)  # never unpickle a .bin
         except (OSError, ValueError, RuntimeError) as err:
-            raise BaseModelError(f"cannot load {name} weights from {folder}: {err}") from err
+            pickled = not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin"))
+            hint = (" (it holds only pickled .bin weights, which guidesr does not load: re-save them with "
+                    "save_pretrained(..., safe_serialization=True) where you trust the file)") if pickled else ""
+            raise BaseModelError(f"cannot load {name} weights from {folder}: {err}{hint}") from err
     return modules["unet"], modules["vae"]
 
 

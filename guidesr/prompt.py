@@ -36,7 +36,6 @@ class CLIPPromptEncoder(nn.Module):
                 f"text encoder in {base_dir} gives embeddings of shape {tuple(embedding.shape)}, "
                 f"the UNet expects (1, {length}, {dim})"
             )
-        self.prompt = prompt
         self.register_buffer("embedding", embedding[0], persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -50,8 +49,9 @@ def encode_prompt(base_dir: str | Path, prompt: str, length: int) -> torch.Tenso
     for sub in ("text_encoder", "tokenizer"):
         if not (base_dir / sub).is_dir():
             raise FileNotFoundError(f"prompt encoding needs {base_dir / sub} (a diffusers-format base folder)")
-    tokenizer = CLIPTokenizer.from_pretrained(base_dir / "tokenizer")
-    encoder = CLIPTextModel.from_pretrained(base_dir / "text_encoder").eval()
+    tokenizer = CLIPTokenizer.from_pretrained(base_dir / "tokenizer", local_files_only=True)
+    encoder = CLIPTextModel.from_pretrained(base_dir / "text_encoder", local_files_only=True,
+                                            use_safetensors=True).eval()
     tokens = tokenizer(prompt, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
     with torch.no_grad():
         return encoder(tokens.input_ids).last_hidden_state.float()

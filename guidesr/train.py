@@ -190,11 +190,24 @@ def config_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
             if key in before and key not in RESUMABLE_CHANGES and before[key] != now[key]]
 
 
+def read_state_record(path: Path) -> dict[str, Any]:
+    """state.json of the training state in `path`; ValueError naming the file when it is not one we wrote."""
+    try:
+        record = json.loads((path / "state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / 'state.json'} is not valid JSON ({err}); --no-resume starts over") from err
+    if not isinstance(record, dict) or record.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a GuideSR training state; --no-resume starts over")
+    missing = [key for key in ("step", "config", "optimizer") if key not in record]
+    if missing or not isinstance(record["config"], dict):
+        raise ValueError(f"{path / 'state.json'} is incomplete (lacks {', '.join(missing) or 'a config object'}); "
+                         f"--no-resume starts over")
+    return record
+
+
 def load_train_state(path: Path, model: GuideSR, discriminator: nn.Module | None,
                      optimizer: torch.optim.Optimizer, disc_optimizer: torch.optim.Optimizer | None) -> int:
-    record = json.loads((path / "state.json").read_text())
-    if record.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path} is not a GuideSR training state")
+    record = read_state_record(path)
     with safe_open(path / "state.safetensors", "pt") as handle:
         tensor_step = (handle.metadata() or {}).get("step")
     if tensor_step is not None and tensor_step != str(record["step"]):
@@ -231,7 +244,7 @@ class Trainer:
         state = self.out / "state"
         resuming = config.resume and (state / "state.json").is_file()
         if resuming:
-            changes = config_changes(json.loads((state / "state.json").read_text())["config"], config)
+            changes = config_changes(read_state_record(state)["config"], config)
             if changes:
                 raise ValueError(f"{state} is a run with other settings (" + "; ".join(changes) + "): rerun with its "
                                  "settings to resume it, or choose another --out, or --no-resume to start over there")
@@ -275,8 +288,6 @@ class Trainer:
     def _autocast(self):
         if self.config.precision == "fp32":
             return contextlib.nullcontext()
-        if self.device.type != "cuda":
-            raise ValueError(f"precision {self.config.precision} needs CUDA; use fp32 on the CPU")
         dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
         return torch.autocast("cuda", dtype=dtype)
 

@@ -124,7 +124,7 @@ def read_image(path: str | os.PathLike, max_megapixels: float | None = DEFAULT_M
     """
     path = Path(path)
     max_pixels = _prepare_read(path, max_megapixels)
-    with _read_errors(path, max_pixels):
+    with _read_errors(path, max_pixels), _pillow_pixel_limit(max_pixels):
         if _is_16bit_multisample_tiff(path):
             # Pillow has no 16-bit RGB / grey + alpha modes; tifffile reads these exactly.
             array, mode, orientation, icc = _read_tiff_16bit(path, max_pixels)
@@ -156,7 +156,7 @@ def check_image_header(path: str | os.PathLike, max_megapixels: float | None = D
     its header alone (nothing is decoded, so corrupt pixel data is found only by `read_image`)."""
     path = Path(path)
     max_pixels = _prepare_read(path, max_megapixels)
-    with _read_errors(path, max_pixels):
+    with _read_errors(path, max_pixels), _pillow_pixel_limit(max_pixels):
         if _is_16bit_multisample_tiff(path):
             import tifffile
 
@@ -169,14 +169,12 @@ def check_image_header(path: str | os.PathLike, max_megapixels: float | None = D
 
 
 def _prepare_read(path: Path, max_megapixels: float | None) -> int | None:
-    """Refuse a path that is missing or a folder, let Pillow open images up to the limit; returns the limit in pixels."""
+    """Refuse a path that is missing or a folder; returns the limit in pixels."""
     if not path.exists():
         raise ImageReadError(path, "no such file")
     if path.is_dir():
         raise ImageReadError(path, "is a folder, not a file")
-    max_pixels = None if max_megapixels is None else int(max_megapixels * 1_000_000)
-    _allow_pillow_pixels(max_pixels)
-    return max_pixels
+    return None if max_megapixels is None else int(max_megapixels * 1_000_000)
 
 
 @contextlib.contextmanager
@@ -211,19 +209,20 @@ def _read_errors(path: Path, max_pixels: int | None) -> Iterator[None]:
         raise ImageReadError(path, f"corrupt or truncated image data ({type(exc).__name__}: {exc})") from exc
 
 
-def _allow_pillow_pixels(max_pixels: int | None) -> None:
-    """Our limit is the one that counts: raise Pillow's global bomb limit to it when it is lower.
+@contextlib.contextmanager
+def _pillow_pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """Our limit is the one that counts: Pillow's global bomb limit is raised to it for one read, then restored.
 
-    Pillow refuses images over 2 x Image.MAX_IMAGE_PIXELS in Image.open; a caller who asks for a
-    higher limit than that must get it. The global is only ever raised, never lowered.
+    Pillow refuses images over 2 x Image.MAX_IMAGE_PIXELS when it opens them; a caller who asks for
+    a higher limit than that must get it, and nothing else in the process may lose Pillow's guard.
     """
-    current = Image.MAX_IMAGE_PIXELS
-    if current is None:
-        return
-    if max_pixels is None:
-        Image.MAX_IMAGE_PIXELS = None
-    elif 2 * current < max_pixels:
+    saved = Image.MAX_IMAGE_PIXELS
+    if saved is not None and (max_pixels is None or 2 * saved < max_pixels):
         Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def _check_format_and_size(path: Path, fmt: str | None, size: tuple[int, int], max_pixels: int | None) -> None:
@@ -328,7 +327,7 @@ def _read_tiff_16bit(path: Path, max_pixels: int | None) -> tuple[np.ndarray, st
     return array[..., : len(mode)], mode, orientation if 1 <= orientation <= 8 else 1, icc
 
 
-# Pillow's raw modes for 16-bit colour PNG -> (our mode, Pillow modes/raw modes that decode the bytes).
+# Pillow's raw mode of a 16-bit colour PNG -> the mode we return it in.
 _PNG16_RAWMODES = {"RGB;16B": "RGB", "RGBA;16B": "RGBA", "LA;16B": "LA"}
 
 

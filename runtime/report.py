@@ -69,6 +69,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from export.graphs import parse_tile
 from guidesr.metrics import psnr, ssim
 from guidesr.model import set_kernels_enabled
 
@@ -104,15 +105,11 @@ class Geometry:
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """'512' -> (512, 512); '2160x3840' -> (2160, 3840), height first (as export's --tile)."""
-    parts = text.lower().split("x")
+    """'512' -> (512, 512); '2160x3840' -> (2160, 3840), height first: export's --tile syntax, for argparse."""
     try:
-        values = [int(part) for part in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not N or HxW") from None
-    if len(values) not in (1, 2) or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not N or HxW with positive numbers")
-    return (values[0], values[-1])
+        return parse_tile(text, "size")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 # ------------------------------------------------------------------------------------- measuring
@@ -501,8 +498,8 @@ def format_markdown(data: dict) -> str:
         f"{_clamped_percent(data)} of its values (where it is clamped, differences can hide)",
         f"- settings: tile {data['settings']['tile']}, overlap {data['settings']['overlap']}, tile batch "
         f"{data['settings']['tile_batch']}, cudnn.benchmark {data['settings']['cudnn_benchmark']}, Triton kernels "
-        f"{data['settings'].get('triton_kernels', 'on')}, compiled backend's torch.compile mode "
-        f"{data['settings'].get('compile_mode', 'max-autotune-no-cudagraphs')}; compiler "
+        f"{data['settings']['triton_kernels']}, compiled backend's torch.compile mode "
+        f"{data['settings']['compile_mode']}; compiler "
         f"environment: {data['environment']['compiler_env'] or 'none'}",
         f"- floor: FLOPs ({data['flops_measure']}) / measured matmul rate ("
         + ", ".join(f"{p} {r / 1e12:.2f} TFLOP/s" for p, r in data["matmul_rate_flops"].items()) + ")",
@@ -531,7 +528,7 @@ def format_markdown(data: dict) -> str:
             f"{device_io} | "
             f"{row['throughput_mp_s']:.3f} | {row['peak_memory_bytes'] / 2**20:.0f} "
             f"(+{(row['peak_memory_bytes'] - row['memory_at_start_bytes']) / 2**20:.0f}) | {psnr_text} | "
-            f"{acc['ssim']:.5f} | "
+            f"{'n/a' if acc['ssim'] is None else format(acc['ssim'], '.5f')} | "
             f"{acc['max_abs']:.2e} | {row['flops'] / 1e12:.3f} | {row['floor_ms']:.2f} | {row['gap_to_floor']:.1f}x | "
             f"{row['backend_setup_s']:.1f} |")
     if data["skipped"]:

@@ -71,11 +71,10 @@ LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # BT.601, as Pillow's conver
 
 
 def load_model(checkpoint: str | None = None, preset: str | None = None, base_model: str | None = None):
-    """The model to run: `guidesr.load_model(...)` when anything is named, else the embedded demo."""
+    """`guidesr.load_model` (the embedded demo model when no checkpoint is named), imported when first needed:
+    guidesr imports diffusers and peft, which take seconds."""
     import guidesr
 
-    if checkpoint is None and preset is None and base_model is None:
-        return guidesr.load_default_model()
     return guidesr.load_model(checkpoint=checkpoint, preset=preset, base_model=base_model)
 
 

@@ -198,6 +198,11 @@ def test_onnxruntime_refuses_a_graph_of_another_checkpoint_or_precision(model, d
     onnx.save(other, str(tmp_path / "other.onnx"))
     with pytest.raises(BackendError, match="exported from checkpoint 000000000000, the model loaded is"):
         create_backend("onnxruntime", model, "cpu", onnx=tmp_path / "other.onnx")
+    foreign = onnx.load(str(dynamic_graph))
+    del foreign.metadata_props[:]
+    onnx.save(foreign, str(tmp_path / "foreign.onnx"))
+    with pytest.raises(BackendError, match="foreign.onnx is not a GuideSR graph .* lacks preset, size_multiple"):
+        create_backend("onnxruntime", model, "cpu", onnx=tmp_path / "foreign.onnx")
     (tmp_path / "broken.onnx").write_bytes(b"not a graph")
     with pytest.raises(BackendError, match="is not a readable ONNX file"):
         create_backend("onnxruntime", model, "cpu", onnx=tmp_path / "broken.onnx")

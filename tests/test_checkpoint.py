@@ -85,6 +85,20 @@ def test_other_format_version_fails(tmp_path):
         load_checkpoint(GuideSR(tiny_config()), tmp_path / "ckpt")
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("tensors", None, "'tensors' must name the safetensors file next to it, got None"),
+    ("tensors", "../elsewhere.safetensors", "'tensors' must name the safetensors file next to it"),
+    ("config", [], "'config' must be an object of the model's settings, got \\[\\]"),
+])
+def test_a_malformed_record_names_the_field(tmp_path, key, value, message):
+    save_checkpoint(trained_model(0), tmp_path / "ckpt")
+    record = json.loads((tmp_path / "ckpt.json").read_text())
+    record[key] = value
+    (tmp_path / "ckpt.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(GuideSR(tiny_config()), tmp_path / "ckpt")
+
+
 def test_corrupted_tensors_fail_clearly(tmp_path):
     save_checkpoint(trained_model(0), tmp_path / "ckpt")
     tensors = tmp_path / "ckpt.safetensors"
@@ -147,6 +161,16 @@ def test_missing_subfolder_is_named(base_dir, tmp_path):
         load_base_modules(tiny_config(), tmp_path)
     with pytest.raises(BaseModelError, match="does not exist"):
         load_base_modules(tiny_config(), tmp_path / "nowhere")
+
+
+def test_pickled_base_weights_are_refused(base_dir, tmp_path):
+    """A base folder saved as pickles (.bin) is refused, not unpickled: the project loads safetensors only."""
+    config = tiny_config()
+    UNet2DConditionModel(**config.unet).save_pretrained(tmp_path / "unet", safe_serialization=False)
+    (tmp_path / "vae").symlink_to(base_dir / "vae")
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.bin").is_file()
+    with pytest.raises(BaseModelError, match=r"cannot load unet weights from .*unet: .*only pickled .bin weights, which guidesr does not load"):
+        load_base_modules(config, tmp_path)
 
 
 def test_wrong_shapes_are_named(tmp_path):

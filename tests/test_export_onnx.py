@@ -235,6 +235,14 @@ def test_verify_checks_the_files_it_is_given_before_loading_the_model(tmp_path, 
     (tmp_path / "x.engine.json").write_text("{")
     assert main(["verify", *model, "--engine", str(engine)]) == EXIT_USAGE
     assert "x.engine.json is not valid JSON" in capsys.readouterr().err
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "foreign",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])), str(foreign))
+    assert main(["verify", *model, "--onnx", str(foreign)]) == EXIT_USAGE
+    assert ("foreign.onnx is not a GuideSR graph written by `python -m export onnx` (its metadata lacks preset, "
+            "size_multiple, precision, checkpoint_sha256, graph_spec)") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -182,6 +182,7 @@ def _png_header_only(width, height):
 
 
 def test_decompression_bomb_is_refused_from_the_header(tmp_path):
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(_png_header_only(100_000, 100_000))  # 10 gigapixels, no pixel data at all
     with pytest.raises(ImageTooLargeError) as caught:
@@ -207,6 +208,10 @@ def test_decompression_bomb_is_refused_from_the_header(tmp_path):
     with pytest.raises(ImageReadError) as caught:
         read_image(bomb, max_megapixels=None)
     assert not isinstance(caught.value, ImageTooLargeError)
+    # ... and Pillow's guard is back for everything else in the process
+    assert pillow_limit is not None and Image.MAX_IMAGE_PIXELS == pillow_limit
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(bomb)
 
 
 def test_existing_output_is_not_overwritten(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from runtime.gpu_session import GUIDANCE_CASE, check_targets, format_checks, kernels_choice
-from runtime.report import main, parse_size, warm_up
+from runtime.report import format_markdown, main, parse_size, warm_up
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -86,6 +86,14 @@ def test_markdown_and_plots_are_written(report_dir):
     for name in ("latency.png", "accuracy.png"):
         data = (report_dir / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+
+
+def test_markdown_says_n_a_for_an_image_smaller_than_the_ssim_window(report_dir):
+    data = json.loads((report_dir / "report.json").read_text())
+    for row in data["results"]:
+        row["accuracy"]["ssim"] = None  # compare_images gives None below its 11 px window
+    rows = [line for line in format_markdown(data).splitlines() if line.startswith("| torch | fp32 | 64x64 |")]
+    assert len(rows) == 1 and rows[0].split(" | ")[10] == "n/a"
 
 
 def test_parse_size():

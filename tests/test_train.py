@@ -204,6 +204,14 @@ def test_finished_run_rewrites_a_missing_checkpoint_and_a_torn_state_is_refused(
     state.write_text(state.read_text().replace('"step": 2', '"step": 1'))
     with pytest.raises(ValueError, match="is torn: state.json is at step 1, its tensors at step 2"):
         Trainer(config)
+    record = json.loads(state.read_text())
+    del record["config"]
+    state.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"state.json is incomplete \(lacks config\); --no-resume starts over"):
+        Trainer(config)
+    state.write_text("{")
+    with pytest.raises(ValueError, match=r"state.json is not valid JSON .*--no-resume starts over"):
+        Trainer(config)
 
 
 def test_a_fresh_run_keeps_the_old_log_until_its_first_step(tmp_path, monkeypatch):

@@ -99,8 +99,6 @@ class ONNXRuntimeBackend(Backend):
 
     def _check_given_graph(self, path: Path, precision: str | None) -> tuple[GraphSpec, str]:
         metadata = _graph_metadata(path)
-        if "graph_spec" not in metadata:
-            raise BackendError(f"{path} is not a GuideSR graph written by `python -m export onnx` (no graph_spec metadata)")
         graph_checkpoint = metadata["checkpoint_sha256"]
         model_checkpoint = self.descriptor.checkpoint_sha256 or "none"
         if graph_checkpoint != model_checkpoint:
@@ -152,8 +150,10 @@ def _graph_metadata(path: Path) -> dict[str, str]:
         raise BackendError(f"ONNX graph {path} does not exist")
     try:
         return read_metadata(path)
-    except (DecodeError, OSError, ValueError) as err:
+    except (DecodeError, OSError) as err:
         raise BackendError(f"{path} is not a readable ONNX file: {err}") from err
+    except ValueError as err:  # an ONNX file without our metadata
+        raise BackendError(str(err)) from err
 
 
 def cached_graph(model: GuideSR, spec: GraphSpec, precision: str, cache_dir: Path) -> tuple[Path, str]:

@@ -307,8 +307,11 @@ if triton is not None:
         if _hw_stride(y) is None:
             y = y.contiguous()
         weight = weight.reshape(channels, channels)
-        if y_bias is not None and y_bias.shape != (channels,):
-            raise ValueError(f"y_bias must have shape ({channels},), got {tuple(y_bias.shape)}")
+        if bias.shape != (channels,) or (y_bias is not None and y_bias.shape != (channels,)):
+            shapes = tuple(bias.shape), None if y_bias is None else tuple(y_bias.shape)
+            raise ValueError(f"bias and y_bias must have shape ({channels},), got {shapes[0]} and {shapes[1]}")
+        bias = bias.contiguous()  # the kernels read both at unit stride; a no-op for the model's parameters
+        y_bias = None if y_bias is None else y_bias.contiguous()
         flags = {"HAS_Y_BIAS": y_bias is not None,
                  "FAST_GELU": y.dtype != torch.float32 if fast_gelu is None else bool(fast_gelu)}
         y_bias = bias if y_bias is None else y_bias  # a pointer the kernels never read without HAS_Y_BIAS

@@ -146,10 +146,17 @@ def unfused(prepared: GuideSR) -> None:
     prepared.unet.unfuse_qkv_projections()
 
 
+def with_norm_cross(prepared: GuideSR) -> None:
+    """diffusers' cross_attention_norm: the processor normalises the text before `to_kv`, which a stored k/v skips."""
+    attention = cross_attentions(prepared.unet)[1]
+    attention.norm_cross = nn.LayerNorm(prepared.config.text_dim, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("change,message", [
     (with_image_prompt, "the prompt module ImagePrompt may depend on the image"),
     (with_scale_shift, "ResnetBlock2D with time_embedding_norm='scale_shift': only ResnetBlock2D with the 'default'"),
     (unfused, "cross-attention with AttnProcessor2_0: the prompt's k/v are folded into `to_kv`"),
+    (with_norm_cross, "cross-attention with norm_cross: folding its k/v is not supported"),
 ])
 def test_folding_refuses_what_it_cannot_fold_and_changes_nothing(fused, change, message):
     prepared = copy.deepcopy(fused)

@@ -100,8 +100,10 @@ def test_y_bias_is_added_before_gelu(dtype, layout):
     torch_error = max_error_vs_float64(fca_channel_attention_reference(y, weight, bias, y_bias), y, weight, bias,
                                        y_bias)
     assert kernel_error <= 2 * torch_error + torch.finfo(dtype).eps, (kernel_error, torch_error)
-    with pytest.raises(ValueError, match="y_bias must have shape"):
+    with pytest.raises(ValueError, match=r"bias and y_bias must have shape \(17,\), got \(17,\) and \(5,\)"):
         fca_channel_attention_triton(y, weight, bias, y_bias=y_bias[:5])
+    with pytest.raises(ValueError, match=r"got \(16,\) and None"):
+        fca_channel_attention_triton(y, weight, bias[:16])
 
 
 def test_strided_inputs_read_in_place_and_output_layout():
@@ -120,6 +122,31 @@ def test_strided_inputs_read_in_place_and_output_layout():
         )
     z = fca_channel_attention_triton(cases["channels_last"], weight, bias)
     assert z.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_output_written_with_its_own_strides_where_they_differ_from_ys():
+    """z's H·W stride is not y's: an NCHW y written into a given channels_last `out`, and a channel slice of a
+    channels_last tensor (H·W stride 2C; z comes back contiguous)."""
+    y, weight, bias = make_inputs(2, 10, 7, 9, torch.float32, seed=7)
+    out = torch.full_like(y, float("nan"), memory_format=torch.channels_last)
+    fca_channel_attention_triton(y, weight, bias, out=out)
+    torch.testing.assert_close(out, fca_channel_attention_reference(y, weight, bias), rtol=1e-5, atol=1e-6)
+    sliced = y.contiguous(memory_format=torch.channels_last)[:, ::2]
+    args = (sliced, weight.reshape(10, 10)[::2, ::2], bias[::2].contiguous())
+    z = fca_channel_attention_triton(*args)
+    assert z.is_contiguous()
+    torch.testing.assert_close(z, fca_channel_attention_reference(*args), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strided", ["bias", "y_bias"])
+def test_strided_bias_vectors(strided):
+    """A [C] bias or y_bias that is a strided view (every other element of a longer vector): the kernels read them at
+    unit stride, so the launcher makes them contiguous (the model's biases are contiguous parameters already)."""
+    y, weight, bias = make_inputs(2, 5, 7, 9, torch.float32, seed=8)
+    wide = torch.randn(10, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    bias, y_bias = (wide[::2], None) if strided == "bias" else (bias, wide[::2])
+    torch.testing.assert_close(fca_channel_attention_triton(y, weight, bias, y_bias=y_bias),
+                               fca_channel_attention_reference(y, weight, bias, y_bias), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])

@@ -4,9 +4,12 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from guidesr.config import preset_config, sd_turbo_config, tiny_config
 from guidesr.diffusion import vae_encode
+from guidesr.guidance import GuidanceBranch
 from guidesr.model import GuideSR, pad_to_multiple
 from helpers import randomize_trainable
 
@@ -133,6 +136,48 @@ def test_pad_to_multiple_reflects_and_replicates():
     assert torch.equal(padded[..., 5, :7], x[..., 3, :])  # reflect
     tiny_image = torch.rand(1, 3, 3, 3)
     assert pad_to_multiple(tiny_image, 16).shape[-2:] == (16, 16)  # too small to reflect: replicate
+
+
+def test_pad_to_multiple_replicates_where_the_pad_equals_the_size():
+    """Reflect needs pad < size: an image exactly half the multiple along an axis is replicate-padded."""
+    x = torch.rand(2, 3, 8, 24, generator=torch.Generator().manual_seed(4))
+    padded = pad_to_multiple(x, 16)  # pad 8 rows to 8 rows: replicate
+    assert torch.equal(padded, F.pad(x, (0, 8, 0, 8), mode="replicate"))
+
+
+def guidance_reference(branch: GuidanceBranch, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paper §3.1 written out with F.conv2d on the branch's weights: FCA x + conv2(g * sigmoid(W mean(g) + b)),
+    g = GELU(conv1(x)); FRB skip(x) + tail(FCA...(x)); IGN F_r = F_d + V(F_d) * sigmoid(A(C(F_d) + I)), R2 = O(F_r) + I."""
+    def conv(module: nn.Conv2d, t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, module.weight, module.bias, stride=module.stride, padding=module.padding)
+
+    features = conv(branch.head, image)
+    for frb in branch.frgnet:
+        inner = features
+        for block in frb.blocks:
+            g = F.gelu(conv(block.conv1, inner))
+            gate = torch.sigmoid(conv(block.attention, g.mean(dim=(2, 3), keepdim=True)))
+            inner = inner + conv(block.conv2, g * gate)
+        skip = features if isinstance(frb.skip, nn.Identity) else conv(frb.skip, features)
+        features = skip + conv(frb.tail, inner)
+    ign = branch.ign
+    attention = torch.sigmoid(conv(ign.to_attention, conv(ign.to_coarse_image, features) + image))
+    refined = features + conv(ign.value, features) * attention
+    return refined, conv(ign.to_image, refined) + image
+
+
+def test_guidance_branch_computes_the_papers_equations():
+    """The Guidance Branch's forward (FCA, FRB, IGN residuals and gates) against the equations, in float64: the
+    other tests see it only through zero-initialised injections or through itself."""
+    torch.manual_seed(8)
+    branch = GuidanceBranch(6, num_frb=2, fca_per_frb=2, use_kernel=False).double().eval()
+    image = torch.rand(2, 3, 11, 17, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        refined, residual = branch(image)
+        expected_refined, expected_residual = guidance_reference(branch, image)
+    assert refined.shape == (2, 12, 11, 17) and residual.shape == image.shape
+    torch.testing.assert_close(refined, expected_refined, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(residual, expected_residual, rtol=1e-12, atol=1e-12)
 
 
 def test_vae_encode_returns_skip_per_down_block(tiny):

@@ -227,6 +227,24 @@ def test_fixed_shape_functions_get_padded_tiles():
     np.testing.assert_allclose(out, torch.tanh(2 * image).permute(1, 2, 0).numpy(), atol=2e-6)
 
 
+@pytest.mark.parametrize("tile_size", [(32, 24), (32, 47), (63, 24)])
+def test_fixed_shape_pads_a_tile_half_its_size_or_less_by_replicate(tile_size):
+    """Reflect padding needs pad < size: a tile exactly half the fixed shape (pad == size) along either axis is
+    replicate-padded, as the model pads (a 32x24 image on a 64x48 static graph must run, not raise)."""
+    shape = (64, 48)
+    seen = []
+
+    def static_engine(tiles):
+        seen.append(tiles)
+        return torch.tanh(2 * tiles)
+
+    tiles = torch.stack([random_image(3, *tile_size, seed=seed) for seed in (0, 1)])
+    out = fit_to_shape(static_engine, shape)(tiles)
+    pad = (0, shape[1] - tile_size[1], 0, shape[0] - tile_size[0])
+    torch.testing.assert_close(seen[0], F.pad(tiles, pad, mode="replicate"), rtol=0, atol=0)
+    torch.testing.assert_close(out, torch.tanh(2 * tiles), rtol=0, atol=0)
+
+
 def test_memory_is_the_output_plus_one_band():
     """The process's peak memory grows by about one output array: no full-size accumulators (numpy or
     torch), no list of all tiles. Measured as the RSS high-water mark, which sees both allocators."""

@@ -155,6 +155,29 @@ def test_a_static_graph_and_the_reference_see_the_same_padded_tile(model, graphs
     assert upscale_array(image, backend, validator=validator).shape == (48, 40, 3)
     assert validator.reports[-1].psnr > 80 and validator.reports[-1].max_abs < 1e-4
 
+
+def test_the_reference_runs_with_the_triton_kernels_off_and_switches_them_back(model):
+    """On CUDA the FCA blocks and injections run the Triton kernels where `use_kernel` is set; the reference is the
+    PyTorch definition, so every switch is off while it runs (else --validate would check the kernels against
+    themselves) and back on afterwards. Seen here from the switches' state during the forward, not from which
+    code ran: on the CPU both settings run the PyTorch code."""
+    reference = ReferenceBackend(model)
+    switches = [m for m in reference.model.modules() if hasattr(m, "use_kernel")]
+    before = [m.use_kernel for m in switches]
+    seen = []
+    handle = reference.model.register_forward_pre_hook(lambda *_: seen.append([m.use_kernel for m in switches]))
+    try:
+        for m in switches:
+            m.use_kernel = True
+        reference(torch.zeros(1, 3, 16, 16))
+        assert len(switches) == 6 and seen == [[False] * 6]
+        assert all(m.use_kernel for m in switches)
+    finally:
+        handle.remove()
+        for m, state in zip(switches, before):
+            m.use_kernel = state
+
+
 # ----------------------------------------------------------------------------- a perturbed subclass
 
 

@@ -1,8 +1,10 @@
-# guidesr: the stages a user runs. Variables: PYTHON, CHECKPOINT, PRESET, BASE_MODEL, TILE.
-PYTHON ?= python
+# guidesr: the stages a user runs. Variables: PYTHON, CHECKPOINT, PRESET, BASE_MODEL, TILE, EVALUATE_ARGS.
+# PYTHON: the README's .venv when it exists, else `python` on PATH (override: make onnx PYTHON=path/to/python).
+PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python)
 CHECKPOINT ?=
 PRESET ?=
 BASE_MODEL ?=
+EVALUATE_ARGS ?=
 TILE ?= 512
 ARTIFACTS ?= artifacts
 
@@ -25,8 +27,8 @@ demo-model:
 	  --out guidesr/weights --name guidesr-tiny --steps 1300 --batch-size 4 --crop-size 96 --lr 1e-3 \
 	  --warmup-steps 50 --w-lpips 0 --w-gan 0 --checkpoint-every 250 --log-every 10 --seed 0 --no-resume
 
-evaluate:
-	$(PYTHON) -m guidesr.evaluate $(model_args)
+evaluate:  ## e.g. make evaluate EVALUATE_ARGS="--json artifacts/eval.json --draws 8"
+	$(PYTHON) -m guidesr.evaluate $(model_args) $(EVALUATE_ARGS)
 
 bench-kernels:
 	$(PYTHON) -m kernels.benchmark --json $(ARTIFACTS)/kernels.json
@@ -55,7 +57,6 @@ engine:  ## the fp16 static graph and its TensorRT engine (+ NAME.engine.json)
 verify:  ## Polygraphy: ONNX Runtime, and each engine built next to a graph, against PyTorch
 	$(PYTHON) -m export verify $(EXPORT_ARGS)
 
-# ---- report (issue 7) -------------------------------------------------------------------------
 # ---- report (issue 7): latency, memory, accuracy of every backend; the prepared GPU session ---------
 #   make report                                   the embedded demo model, every backend that runs here,
 #                                                 256/512/1024 whole, 2048 and 2160x3840 tiled

@@ -9,7 +9,8 @@ or --random-weights --preset tiny|sd-turbo (an untrained model: random base weig
 --base-model is given). Files go to --out-dir (artifacts/export). `engine` writes its ONNX graph
 first, then needs TensorRT: without it, it exits with status 3, the install command and the command to rerun.
 `verify` also checks every engine found next to a graph (NAME.engine for NAME.onnx) when TensorRT
-is installed, and exits with status 1 if a comparison fails.
+is installed, and exits with status 1 if a comparison fails; an engine named with --engine is refused
+(status 1) when its metadata names another preset or checkpoint, and without TensorRT exits with status 3.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     onnx = _command(commands, "onnx", _run_onnx, "export the ONNX graphs")
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="engine to check as well, against PyTorch and its ONNX graph NAME.onnx next to it "
                              "(default: only the NAME.engine files found next to the graphs)")
     verify.add_argument("--sizes", nargs="+", type=_size_option("size"),
-                        help="HxW sizes for dynamic graphs (default: the tile and half its height)")
+                        help="HxW sizes for dynamic graphs (default: each graph's opt size and half its height)")
     return parser
 
 
@@ -222,7 +224,12 @@ def _run_engine(args, model: GuideSR, weights: str) -> int:
 
 
 def _run_verify(args, model: GuideSR, weights: str) -> int:
-    from .verify import compare, ort_fp32_fallback_ops
+    try:
+        from .verify import compare, ort_fp32_fallback_ops
+    except ImportError as err:  # polygraphy or onnxruntime missing from the environment
+        print(f"error: verify needs Polygraphy and ONNX Runtime ({err}); pip install polygraphy onnxruntime",
+              file=sys.stderr)
+        return EXIT_FAILED
 
     multiple, preset = model.config.size_multiple, model.config.preset
     candidates = [args.out_dir / graph_filename(preset, guidesr_graph(multiple, args.tile, variant), precision)
@@ -231,25 +238,31 @@ def _run_verify(args, model: GuideSR, weights: str) -> int:
     if args.engine is not None and args.engine.with_suffix(".onnx") not in graphs:
         graphs.append(args.engine.with_suffix(".onnx"))
     if not graphs:
-        raise ValueError(f"no graphs for preset {preset} and tile {args.tile} in {args.out_dir}; "
+        raise ValueError(f"no graphs for preset {preset} and tile {args.tile[0]}x{args.tile[1]} in {args.out_dir}; "
                          f"run `python -m export onnx` (make onnx) first")
     engines = {path: path.with_suffix(".engine") for path in graphs if path.with_suffix(".engine").is_file()}
     if args.engine is not None:
         engines[args.engine.with_suffix(".onnx")] = args.engine
+        engine_metadata.check_model(engine_metadata.read(args.engine), preset, model.descriptor.checkpoint_sha256)
+        try:  # an engine asked for by name is checked or the command fails, as `engine` does without TensorRT
+            import_tensorrt()
+        except TensorRTUnavailableError as err:
+            print(f"error: cannot check {args.engine}: {err}", file=sys.stderr)
+            return EXIT_NO_TENSORRT
     if engines:
         try:
             import_tensorrt()
         except TensorRTUnavailableError:
             print(f"note: TensorRT is not installed; not checking {', '.join(e.name for e in engines.values())}")
             engines = {}
-    height, width = args.tile
-    sizes = args.sizes or [(height, width), (max(multiple, height // 2 // multiple * multiple), width)]
     print(f"reference: PyTorch, {weights}")
     passed = True
     for path in graphs:
         engine = engines.get(path)
         print(f"\n{path.name}" + (f" and {engine.name}" if engine else ""))
-        comparisons = compare(model, path, sizes, engine)
+        if args.sizes and GraphSpec.from_json(read_metadata(path)["graph_spec"]).variant == "static":
+            print("  note: a static graph runs its own shape only; --sizes applies to dynamic graphs")
+        comparisons = compare(model, path, args.sizes, engine)
         for comparison in comparisons:
             print("  " + comparison.describe())
             passed &= comparison.passed

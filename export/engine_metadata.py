@@ -112,7 +112,6 @@ def check_compatible(metadata: EngineMetadata, gpu_name: str, compute_capability
     plugin kernels' PTX when the engine loads and refuses a newer ISA.
     """
     capability = format_capability(compute_capability)
-    expected_checkpoint = checkpoint_sha256 or NO_CHECKPOINT
     mismatches = []
     if (metadata.gpu_name, metadata.compute_capability) != (gpu_name, capability):
         mismatches.append(
@@ -124,11 +123,7 @@ def check_compatible(metadata: EngineMetadata, gpu_name: str, compute_capability
             f"it was built with TensorRT {metadata.tensorrt_version}, this is TensorRT {trt_version} "
             f"(an engine loads only in the version that built it)"
         )
-    if metadata.checkpoint_sha256 != expected_checkpoint:
-        mismatches.append(
-            f"it holds the weights of checkpoint {_short(metadata.checkpoint_sha256)}, "
-            f"the model asked for is {_short(expected_checkpoint)}"
-        )
+    mismatches += _checkpoint_mismatch(metadata, checkpoint_sha256)
     if metadata.plugin_ptx_isa is not None and driver_ptx_isa is not None and driver_ptx_isa < metadata.plugin_ptx_isa:
         mismatches.append(
             f"its plugin kernels are PTX ISA {_isa(metadata.plugin_ptx_isa)}, and this machine's CUDA driver compiles "
@@ -139,6 +134,26 @@ def check_compatible(metadata: EngineMetadata, gpu_name: str, compute_capability
             f"the TensorRT engine for {metadata.onnx_file} cannot be used: " + "; ".join(mismatches)
             + ". Rebuild it here with `make engine` (or `python -m export engine`) for this checkpoint."
         )
+
+
+def check_model(metadata: EngineMetadata, preset: str, checkpoint_sha256: str | None) -> None:
+    """Raise EngineMismatchError when the engine holds another preset or checkpoint than the model (no TensorRT
+    needed: this part of `check_compatible` reads the metadata alone)."""
+    mismatches = _checkpoint_mismatch(metadata, checkpoint_sha256)
+    if metadata.preset != preset:
+        mismatches.insert(0, f"it is preset {metadata.preset!r}, the model is preset {preset!r}")
+    if mismatches:
+        raise EngineMismatchError(f"the TensorRT engine for {metadata.onnx_file} holds another model: "
+                                  + "; ".join(mismatches) + ". Pass the model it was built from, or rebuild it "
+                                  "with `make engine` (or `python -m export engine`).")
+
+
+def _checkpoint_mismatch(metadata: EngineMetadata, checkpoint_sha256: str | None) -> list[str]:
+    expected = checkpoint_sha256 or NO_CHECKPOINT
+    if metadata.checkpoint_sha256 == expected:
+        return []
+    return [f"it holds the weights of checkpoint {_short(metadata.checkpoint_sha256)}, "
+            f"the model asked for is {_short(expected)}"]
 
 
 def _isa(version: int) -> str:

@@ -111,17 +111,22 @@ def sample_images(shapes: list[tuple[int, ...]]) -> list[collections.OrderedDict
     return feeds
 
 
-def graph_shapes(spec: GraphSpec, sizes: list[tuple[int, int]]) -> list[tuple[int, ...]]:
-    """The shapes to test a graph at: a static graph's own shape, or each (H, W) of `sizes` at batch 1."""
+def graph_shapes(spec: GraphSpec, sizes: list[tuple[int, int]] | None) -> list[tuple[int, ...]]:
+    """The shapes to test a graph at: a static graph's own shape, or each (H, W) of `sizes` at batch 1; without
+    `sizes`, a dynamic graph's opt shape and one of half its height (at least its min), from the graph's own spec."""
     if spec.variant == "static":
         return [spec.inputs[0].opt]
+    if sizes is None:
+        _, _, height, width = spec.inputs[0].opt
+        half = max(spec.inputs[0].min[2], height // 2 // spec.size_multiple * spec.size_multiple)
+        sizes = list(dict.fromkeys([(height, width), (half, width)]))
     shapes = [(1, 3, height, width) for height, width in sizes]
     for shape in shapes:
         spec.check_input_shape(shape)
     return shapes
 
 
-def compare(model: GuideSR, onnx_path: str | Path, sizes: list[tuple[int, int]],
+def compare(model: GuideSR, onnx_path: str | Path, sizes: list[tuple[int, int]] | None,
             engine_path: str | Path | None = None) -> list[Comparison]:
     """Run the reference, the ONNX graph on ONNX Runtime (and the engine) through Polygraphy."""
     onnx_path = Path(onnx_path)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
 
+from .config import PRESETS
 from .data import SAMPLE_EVAL, HRImageFolder, SampleImages, check_crop_sizes, eval_pairs
 from .degradations import DegradationConfig
 from .loading import load_model
@@ -109,12 +111,25 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def json_target_problem(path: Path) -> str | None:
+    """Why the results cannot be written to `path` (checked before the evaluation runs), or None."""
+    if path.is_dir():
+        return "is a folder"
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        return f"{parent} is not a folder"
+    if not os.access(parent, os.W_OK):
+        return f"{parent} is not writable"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     scale = DegradationConfig().scale
     p = argparse.ArgumentParser(prog="python -m guidesr.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="checkpoint JSON (default: the embedded demo model)")
-    p.add_argument("--preset", default=None, help="must match the checkpoint's preset (default: not checked)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="must match the checkpoint's preset (default: not checked)")
     p.add_argument("--base-model", default=None,
                    help="diffusers folder with unet/ and vae/ (default: the base model the checkpoint names)")
     p.add_argument("--data", default="sample",
@@ -131,16 +146,24 @@ def main(argv: list[str] | None = None) -> None:
     problem = crop_size_problem(args.crop_size, border=scale)
     if problem is not None:
         p.error(f"--crop-size: {problem}")
+    if args.json is not None and (problem := json_target_problem(args.json)) is not None:
+        p.error(f"--json {args.json}: {problem}")
     try:
         evaluation_images(args.data, args.crop_size)
     except (ValueError, OSError) as error:
         p.error(str(error))
-    model = load_model(args.checkpoint, args.preset, args.base_model)
+    try:  # CheckpointError and BaseModelError are ValueErrors: a bad --checkpoint, --preset or --base-model
+        model = load_model(args.checkpoint, args.preset, args.base_model)
+    except ValueError as error:
+        p.exit(2, f"{p.prog}: error: {error}\n")
     results = evaluate(model, args.data, args.crop_size, args.seed, args.draws)
+    print(format_table(results), flush=True)  # first: the results are not lost if --json cannot be written
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(format_table(results))
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        except OSError as error:
+            p.exit(1, f"{p.prog}: error: cannot write --json {args.json}: {error}\n")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import json
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -442,8 +443,16 @@ def print_graph_comparison(results: list[dict], section: str, keys: tuple[str, .
         print(f"  {r['shape']}: {' / '.join(f'{ms:.3f}' for ms in graph)}   {detail(r, graph)}")
 
 
+def write_json(data: dict, path: Path) -> None:
+    """Into a temporary file then renamed: a run killed while writing leaves the previous complete file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_text(json.dumps(data, indent=2))
+    temporary.replace(path)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kernels.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="PATH", help="write every measurement to this JSON file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -472,14 +481,12 @@ def main() -> None:
                       + (row.get("error") or ", ".join(f"{k} {v:.3f} ms" for k, v in row["ms"].items())), flush=True)
                 torch.cuda.empty_cache()
                 if args.json:
-                    with open(args.json, "w") as fh:
-                        json.dump(data, fh, indent=2)
+                    write_json(data, Path(args.json))
         data["complete"] = True
     except Stop as stop:
         print(f"stopped by {stop}: the table shows what was measured", flush=True)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(data, fh, indent=2)
+        write_json(data, Path(args.json))
     print_table(data["results"], copy_gbs)
 
 

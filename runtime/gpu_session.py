@@ -179,8 +179,11 @@ def kernels_choice(kernels_json: Path) -> tuple[str, str]:
     """("on" | "off", why) from the kernels benchmark's guidance-branch case (CUDA-graph medians)."""
     if not kernels_json.is_file():
         return "on", f"the model's default ({kernels_json.name} was not written)"
-    rows = [r for r in json.loads(kernels_json.read_text())["results"]
-            if r.get("label") == GUIDANCE_CASE and "error" not in r]
+    try:
+        results = json.loads(kernels_json.read_text())["results"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        return "on", f"the model's default ({kernels_json.name} is unreadable: {type(err).__name__}: {err})"
+    rows = [r for r in results if r.get("label") == GUIDANCE_CASE and "error" not in r]
     if not rows:
         return "on", f"the model's default (no {GUIDANCE_CASE!r} measurement)"
     graph = rows[0]["graph_ms"]
@@ -309,9 +312,17 @@ def main(argv: list[str] | None = None) -> int:
         step, _, seconds = item.partition("=")
         if step not in caps:
             parser.error(f"--cap: unknown step {step!r}; steps: {', '.join(caps)}")
-        caps[step] = float(seconds)
+        try:
+            caps[step] = float(seconds)
+        except ValueError:
+            parser.error(f"--cap {item}: expected STEP=SECONDS, e.g. --cap report=240")
+        if not caps[step] > 0:
+            parser.error(f"--cap {item}: the seconds must be positive")
     settings = replace(settings, caps=caps, sizes=tuple(args.sizes) if args.sizes else settings.sizes)
     out = args.out.resolve()
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        parser.error(f"--out {args.out}: {existing} is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     session = Session(out, args.budget_s)
 

@@ -207,7 +207,7 @@ def format_profile(profile: dict, top: int = 40) -> str:
     return "\n".join(lines)
 
 
-def format_table(rows: list[dict], title: str, matmul_tflop_s: float | None) -> str:
+def format_table(rows: list[dict], title: str, matmul_tflop_s: float | None, precision: str = "fp16") -> str:
     lines = [title, "| stage | ms | GFLOP | TFLOP/s | share of the stages |", "|---|---|---|---|---|"]
     for row in rows:
         if "error" in row:
@@ -218,21 +218,24 @@ def format_table(rows: list[dict], title: str, matmul_tflop_s: float | None) -> 
         share = f"{row['share']:.0%}" if row.get("share") is not None else ""
         lines.append(f"| {row['stage']} | {row['ms']:.3f} | {flops} | {rate} | {share} |")
     if matmul_tflop_s is not None:
-        lines.append(f"\nmeasured fp16 matmul rate: {matmul_tflop_s:.0f} TFLOP/s")
+        lines.append(f"\nmeasured {precision} matmul rate: {matmul_tflop_s:.0f} TFLOP/s")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     from export.merge import inference_copy
+    from guidesr.config import PRESETS
     from guidesr.model import set_kernels_enabled
 
+    from .backends.base import BackendError
     from .backends.registry import resolve_device
     from .report import load_model_from_args, matmul_rate, parse_size
 
     parser = argparse.ArgumentParser(prog="python -m runtime.stage_timing", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="checkpoint JSON (default: the embedded demo model)")
-    parser.add_argument("--preset", help="tiny or sd-turbo")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="must match the checkpoint's; required with --random-weights (default: the checkpoint's)")
     parser.add_argument("--base-model", help="local diffusers-format base folder")
     parser.add_argument("--random-weights", action="store_true", help="untrained --preset (timing needs no weights)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -250,11 +253,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--random-weights needs --preset, and no --checkpoint or --base-model")
     if args.batch < 1 or args.repeats < 1 or args.profile_compiled < 0:
         parser.error("--batch and --repeats must be >= 1, --profile-compiled >= 0")
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except BackendError as err:
+        parser.error(str(err))
     if args.profile_compiled and device.type != "cuda":
         parser.error(f"--profile-compiled needs a CUDA device (the compiled backend's), not {device}")
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
-    model, weights = load_model_from_args(args)
+    try:  # CheckpointError and BaseModelError are ValueErrors
+        model, weights = load_model_from_args(args)
+    except ValueError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     multiple = model.descriptor.size_multiple
     height, width = args.size
     if height % multiple or width % multiple:
@@ -275,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     title = (f"{model.config.preset} ({weights}), {precision}, batch {args.batch}, {height}x{width} output, "
              f"{device_name}, Triton kernels {args.triton_kernels}")
-    print(format_table(rows, title, rate))
+    print(format_table(rows, title, rate, precision))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"title": title, "device": device_name, "matmul_tflop_s": rate,

@@ -66,3 +66,37 @@ def test_evaluate_refuses_a_crop_its_metrics_cannot_use():
     model = load_model(None, None, None)
     with pytest.raises(ValueError, match="multiple of 4 .* got 30"):
         evaluate(model, crop_size=30)
+
+
+def test_a_checkpoint_that_cannot_load_is_an_error_line_not_a_traceback(tmp_path, capsys):
+    import json
+
+    from guidesr.config import preset_config
+    from guidesr.loading import DEFAULT_CHECKPOINT
+
+    record = json.loads(DEFAULT_CHECKPOINT.read_text())
+    record["config"] = preset_config("sd-turbo").to_dict()
+    record["base_model"] = None
+    (tmp_path / "other.json").write_text(json.dumps(record))
+    for argv, message in [(["--checkpoint", str(tmp_path / "other.json")], "names no base model; pass --base-model"),
+                          (["--checkpoint", str(tmp_path / "missing.json")], "does not exist"),
+                          (["--preset", "sd-turbo"], "is for preset 'tiny', not 'sd-turbo'")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--draws", "1", "--crop-size", "64"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("python -m guidesr.evaluate: error: ") and message in err and "Traceback" not in err
+
+
+def test_a_json_target_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import guidesr.evaluate as evaluate_module
+
+    def no_model(*args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(evaluate_module, "load_model", no_model)
+    (tmp_path / "file").write_text("")
+    for target, message in [(tmp_path, "is a folder"), (tmp_path / "file" / "out.json", f"{tmp_path / 'file'} is not a folder")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--json", str(target)])
+        assert exit_info.value.code == 2 and f"--json {target}: {message}" in capsys.readouterr().err

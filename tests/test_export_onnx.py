@@ -180,6 +180,10 @@ def test_polygraphy_comparison_passes_and_catches_a_wrong_reference(graphs, mode
     dynamic = compare(model, graphs[("fp32", "dynamic", SIZES[0])].path, sizes)
     assert [(c.shape, c.passed) for c in dynamic] == [((1, 3, 64, 64), True), ((1, 3, 32, 48), True)]
     assert all(c.max_abs <= FP32_MAX_ABS for c in dynamic)
+    # without sizes: the dynamic graph's own opt size and half its height (its spec, not the command's --tile)
+    opt_height, opt_width = SIZES[0]
+    assert [c.shape for c in compare(model, graphs[("fp32", "dynamic", SIZES[0])].path, None)] == [
+        (1, 3, opt_height, opt_width), (1, 3, opt_height // 2 // 16 * 16, opt_width)]
     (half,) = compare(model, graphs[("fp16", "static", SIZES[1])].path, sizes)
     assert half.passed and half.psnr >= FP16_MIN_PSNR and half.shape == (1, 3, 48, 80)
     (wrong,) = compare(randomized_tiny(5), graphs[("fp32", "static", SIZES[0])].path, sizes)
@@ -319,3 +323,45 @@ def test_sd_turbo_export_command(tmp_path):
     assert tensorrt_problems(path) == []
     metadata = read_metadata(path)
     assert (metadata["preset"], metadata["size_multiple"], metadata["precision"]) == ("sd-turbo", "64", "fp16")
+
+
+def test_verify_refuses_a_file_that_is_not_an_exported_graph(tmp_path, capsys, no_model_loading):
+    model = ["--random-weights", "--preset", "tiny", "--tile", "32", "--out-dir", str(tmp_path)]
+    (tmp_path / "notes.onnx").write_text("not a graph\n")
+    assert main(["verify", *model, "--onnx", str(tmp_path / "notes.onnx")]) == EXIT_USAGE
+    assert f"{tmp_path / 'notes.onnx'} is not a readable ONNX file" in capsys.readouterr().err
+
+
+def _engine_next_to(graph, folder: Path, **changes) -> Path:
+    """A stand-in NAME.engine (not a real one) with NAME.onnx and NAME.engine.json next to it."""
+    from dataclasses import replace
+
+    from export import engine_metadata
+    from test_export_graphs import _metadata
+
+    onnx_path = folder / graph.path.name
+    onnx_path.write_bytes(graph.path.read_bytes())
+    engine = onnx_path.with_suffix(".engine")
+    engine.write_bytes(b"not an engine")
+    engine_metadata.write(replace(_metadata(), **changes), engine)
+    return engine
+
+
+def test_verify_refuses_an_engine_of_another_model_without_needing_tensorrt(graphs, tmp_path, capsys):
+    graph = graphs[("fp16", "static", SIZES[0])]
+    engine = _engine_next_to(graph, tmp_path, preset="sd-turbo", checkpoint_sha256="ab" * 32)
+    argv = ["verify", "--random-weights", "--preset", "tiny", "--tile", "64", "--engine", str(engine)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "holds another model: it is preset 'sd-turbo', the model is preset 'tiny'" in err
+    assert "it holds the weights of checkpoint sha256 abababababab…, the model asked for is none" in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_verify_of_a_named_engine_without_tensorrt_fails_with_the_install_hint(graphs, tmp_path, capsys):
+    graph = graphs[("fp16", "static", SIZES[0])]
+    engine = _engine_next_to(graph, tmp_path, preset="tiny", checkpoint_sha256="none")
+    argv = ["verify", "--random-weights", "--preset", "tiny", "--tile", "64", "--engine", str(engine)]
+    assert main(argv) == EXIT_NO_TENSORRT
+    err = capsys.readouterr().err
+    assert f"error: cannot check {engine}" in err and "pip install tensorrt-cu12" in err

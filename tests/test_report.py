@@ -179,6 +179,9 @@ def test_kernels_choice_follows_the_guidance_branch_measurement(tmp_path):
     assert choice == "off" and "3.090 ms with the kernels, 1.390 ms without" in why
     write(1.2, 1.39)
     assert kernels_choice(path)[0] == "on"
+    path.write_text('{"results": [{"label": "guid')  # a benchmark killed while writing (before it wrote atomically)
+    choice, why = kernels_choice(path)
+    assert choice == "on" and "kernels.json is unreadable: JSONDecodeError" in why
 
 
 @pytest.mark.slow
@@ -201,3 +204,26 @@ def test_warm_up_makes_at_least_the_calls_and_continues_until_the_time_is_spent(
     assert warm_up(lambda: calls.append(1), cpu, calls=0, seconds=0.0) == []
     times = warm_up(lambda: time.sleep(0.01), cpu, calls=1, seconds=0.05)
     assert sum(times) >= 50.0 and sum(times[:-1]) < 50.0  # ~10 ms calls, stopped once 50 ms are spent
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cap", "report=abc"], "--cap report=abc: expected STEP=SECONDS"),
+    (["--cap", "report"], "--cap report: expected STEP=SECONDS"),
+    (["--cap", "report=0"], "--cap report=0: the seconds must be positive"),
+])
+def test_gpu_session_refuses_a_malformed_cap_before_any_step(argv, message, tmp_path, capsys):
+    from runtime import gpu_session
+
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_session.main(["--cpu-smoke", "--out", str(tmp_path / "out"), *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_session_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    from runtime import gpu_session
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_session.main(["--cpu-smoke", "--out", str(tmp_path / "file")])
+    assert exit_info.value.code == 2 and f"{tmp_path / 'file'} is not a folder" in capsys.readouterr().err

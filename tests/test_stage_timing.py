@@ -77,3 +77,22 @@ def test_profile_compiled_accounts_for_the_forward():
     assert calls["CPU tensors"] > calls["graph replay"]
     text = stage_timing.format_profile(profile)
     assert "| convolution |" in text and "whole calls, median ms" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "/nonexistent/model.json", "--device", "cpu"], "checkpoint description /nonexistent/model.json does not exist"),
+    (["--preset", "bogus", "--random-weights", "--device", "cpu"], "argument --preset: invalid choice: 'bogus'"),
+    (["--preset", "tiny", "--random-weights", "--device", "cuda:x"], "is not a device"),
+] + ([] if torch.cuda.is_available() else
+     [(["--preset", "tiny", "--random-weights", "--device", "cuda"], "--device cuda: CUDA is not available")]))
+def test_cli_turns_a_bad_model_or_device_into_an_error_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        stage_timing.main([*argv, "--size", "64"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "python -m runtime.stage_timing: error: " in err and message in err
+
+
+def test_table_names_the_precision_of_the_matmul_rate():
+    rows = [{"stage": "unet", "ms": 1.0, "flops": 2e9, "tflop_s": 2.0, "share": 1.0}]
+    assert stage_timing.format_table(rows, "t", 700.0, "fp32").endswith("measured fp32 matmul rate: 700 TFLOP/s")

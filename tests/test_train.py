@@ -226,3 +226,35 @@ def test_a_fresh_run_keeps_the_old_log_until_its_first_step(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="out of memory"):
         Trainer(replace(config, resume=False)).fit()
     assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "the following arguments are required: --out"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--steps", "-1"], "--steps must be >= 1, got -1"),
+    (["--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--crop", "13"], "--crop must be a positive multiple of 8"),
+    (["--crop", "1024"], "is too small"),
+])
+def test_pretrain_base_refuses_bad_arguments_before_training(argv, message, tmp_path, capsys, monkeypatch):
+    """guidesr.pretrain_base: no silent default --out (it was the embedded demo's base), no traceback after setup."""
+    import guidesr.pretrain_base as pretrain_base
+
+    monkeypatch.setattr(pretrain_base, "make_tiny_base", lambda *a, **k: pytest.fail("training started"))
+    out = [] if not argv else ["--out", str(tmp_path / "base")]
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_base.main([*out, *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m guidesr.pretrain_base") and message in err
+
+
+def test_pretrain_base_refuses_an_out_below_a_file(tmp_path, capsys, monkeypatch):
+    import guidesr.pretrain_base as pretrain_base
+
+    monkeypatch.setattr(pretrain_base, "make_tiny_base", lambda *a, **k: pytest.fail("training started"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_base.main(["--out", str(tmp_path / "file" / "base"), "--steps", "1"])
+    assert exit_info.value.code == 2 and f"{tmp_path / 'file'} is not a folder" in capsys.readouterr().err

@@ -191,6 +191,7 @@ def guidance_branch_case(batch: int, size: int) -> dict:
     compiled variant's first call (compilation included), to see what the kernels' call sites cost the build."""
     from guidesr.config import sd_turbo_config
     from guidesr.guidance import GuidanceBranch
+    from guidesr.model import set_kernels_enabled
 
     settings = sd_turbo_config().guidance
     torch.manual_seed(0)
@@ -198,18 +199,13 @@ def guidance_branch_case(batch: int, size: int) -> dict:
     branch = branch.to(memory_format=torch.channels_last)
     image = torch.randn(batch, 3, size, size, device=DEVICE, dtype=DTYPE).contiguous(memory_format=torch.channels_last)
 
-    def set_kernels(on: bool) -> None:
-        for module in branch.modules():
-            if hasattr(module, "use_kernel"):
-                module.use_kernel = on
-
     times, graph_times, first_call_s = {}, {}, {}
     for name, on in (("triton", True), ("eager", False)):
-        set_kernels(on)
+        set_kernels_enabled(branch, on)
         times[name] = median_ms(lambda: branch(image))
         graph_times[name] = graph_median_ms(lambda: branch(image))
     for name, on in (("compile_triton", True), ("compile", False)):
-        set_kernels(on)
+        set_kernels_enabled(branch, on)
         compiled = torch.compile(branch.forward, dynamic=False)  # dynamo guards on the kernels switch
         torch.cuda.synchronize()
         start = time.perf_counter()

@@ -312,6 +312,7 @@ def _read_tiff_16bit(path: Path, max_pixels: int | None) -> tuple[np.ndarray, st
         array = page.asarray()
         photometric = page.photometric
         extra = len(page.extrasamples)
+        associated = extra > 0 and page.extrasamples[0] == tifffile.EXTRASAMPLE.ASSOCALPHA
         orientation_tag = page.tags.get("Orientation")
         icc_tag = page.tags.get("InterColorProfile")
         orientation = int(orientation_tag.value) if orientation_tag is not None else 1
@@ -324,7 +325,12 @@ def _read_tiff_16bit(path: Path, max_pixels: int | None) -> tuple[np.ndarray, st
         mode = "RGBA" if extra else "RGB"
     else:
         raise ImageReadError(path, f"unsupported 16-bit TIFF ({photometric.name}, {array.shape[2]} samples)")
-    return array[..., : len(mode)], mode, orientation if 1 <= orientation <= 8 else 1, icc
+    array = array[..., : len(mode)]
+    if associated:  # premultiplied colour: divided by alpha, as Pillow does for 8-bit RGBa
+        alpha = array[..., -1:].astype(np.float64)
+        colour = np.where(alpha > 0, array[..., :-1] * 65535.0 / np.maximum(alpha, 1), 0)
+        array = np.concatenate([np.clip(np.rint(colour), 0, 65535).astype(np.uint16), array[..., -1:]], axis=-1)
+    return array, mode, orientation if 1 <= orientation <= 8 else 1, icc
 
 
 # Pillow's raw mode of a 16-bit colour PNG -> the mode we return it in.

@@ -379,3 +379,40 @@ def test_tensorrt_engine_runs_and_a_stale_one_is_refused(model, cuda_model, tmp_
     engine_metadata.write(engine_metadata.EngineMetadata(**{**metadata.__dict__, "checkpoint_sha256": "f" * 64}), engine)
     with pytest.raises(BackendError, match="it holds the weights of checkpoint sha256 ffffffffffff"):
         create_backend("tensorrt", cuda_model, "cuda", engine=engine)
+
+
+# ------------------------------------------------------------------------------ added by mutation audit
+
+
+def test_precision_auto_and_explicit():
+    from types import SimpleNamespace
+
+    from runtime.backends.base import resolve_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    half, no_half = SimpleNamespace(supports_half=True), SimpleNamespace(supports_half=False)
+    assert [resolve_precision(p, cuda, half) for p in (None, "auto", "fp32", "fp16")] == ["fp16", "fp16", "fp32", "fp16"]
+    assert resolve_precision("auto", cuda, None) == "fp16"
+    assert resolve_precision("auto", cuda, no_half) == "fp32"  # a model without fp16 support stays fp32
+    assert resolve_precision(None, cpu, half) == "fp32"
+    with pytest.raises(BackendError, match=r"precision must be auto or one of \('fp32', 'fp16'\), not 'bf16'"):
+        resolve_precision("bf16", cpu, half)
+
+
+def test_static_tile_shape_is_rounded_down_to_the_size_multiple():
+    from runtime.backends.base import BackendRequest
+
+    cpu = torch.device("cpu")
+    assert BackendRequest(cpu, tile=(50, 37)).tile_for(16, "compiled") == (48, 32)
+    assert BackendRequest(cpu, tile=100).tile_for(16, "compiled") == (96, 96)
+    assert BackendRequest(cpu, tile=(8, 70)).tile_for(16, "compiled") == (16, 64)
+    with pytest.raises(BackendError, match="the compiled backend runs one fixed tile shape: give a tile size"):
+        BackendRequest(cpu).tile_for(16, "compiled")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_asking_for_cuda_without_it_says_so():
+    from runtime.backends import resolve_device
+
+    with pytest.raises(BackendError, match="--device cuda:1: CUDA is not available on this machine"):
+        resolve_device("cuda:1")

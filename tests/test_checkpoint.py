@@ -192,3 +192,62 @@ def test_sd_turbo_checkpoint_without_base_asks_for_it(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps(record))
     with pytest.raises(BaseModelError, match="--base-model"):
         load_model(tmp_path / "x.json")
+
+
+# ------------------------------------------------------------------------------ added by mutation audit
+
+
+def _rewrite_tensors(tmp_path, change):
+    """Replace ckpt.safetensors by `change(tensors)` and record its hash, as a checkpoint written by another
+    version of the model would be: a consistent file whose tensors do not fit."""
+    from safetensors.torch import load_file, save_file
+
+    from guidesr.checkpoint import file_sha256
+
+    tensors = load_file(tmp_path / "ckpt.safetensors")
+    save_file(change(dict(tensors)), tmp_path / "ckpt.safetensors")
+    record = json.loads((tmp_path / "ckpt.json").read_text())
+    record["sha256"] = file_sha256(tmp_path / "ckpt.safetensors")
+    (tmp_path / "ckpt.json").write_text(json.dumps(record))
+    return sorted(tensors)
+
+
+def test_tensors_that_do_not_fit_the_model_are_named(tmp_path):
+    save_checkpoint(trained_model(0), tmp_path / "ckpt")
+
+    def drop_one_add_one(tensors):
+        tensors.pop(sorted(tensors)[0])
+        tensors["guidance.extra.weight"] = torch.zeros(2)
+        return tensors
+
+    names = _rewrite_tensors(tmp_path, drop_one_add_one)
+    with pytest.raises(CheckpointError, match=rf"1 missing tensors \(e.g. \['{names[0]}'\]\), 1 unexpected "
+                                              r"\(e.g. \['guidance.extra.weight'\]\)"):
+        load_checkpoint(GuideSR(tiny_config()), tmp_path / "ckpt")
+
+    save_checkpoint(trained_model(0), tmp_path / "ckpt")
+    first = _rewrite_tensors(tmp_path, lambda t: t)[0]
+    _rewrite_tensors(tmp_path, lambda t: {**t, first: torch.zeros(t[first].numel() + 1)})
+    with pytest.raises(CheckpointError, match=rf"tensor {first} has shape \(\d+,\), the model expects"):
+        load_checkpoint(GuideSR(tiny_config()), tmp_path / "ckpt")
+
+
+def test_the_kernel_switch_is_not_part_of_the_compared_config(tmp_path):
+    save_checkpoint(trained_model(0), tmp_path / "ckpt")
+    config = tiny_config()
+    config.use_triton_kernels = not config.use_triton_kernels
+    load_checkpoint(GuideSR(config), tmp_path / "ckpt")
+
+
+def test_without_the_hash_check_the_model_is_keyed_by_the_tensors_it_holds(tmp_path):
+    """verify_hash=False loads replaced tensors; the model's sha256 (which keys exported graphs and engines)
+    must then be theirs, not the one the JSON records."""
+    from guidesr.checkpoint import file_sha256
+
+    save_checkpoint(trained_model(0), tmp_path / "ckpt")
+    save_checkpoint(trained_model(1), tmp_path / "other")
+    recorded = json.loads((tmp_path / "ckpt.json").read_text())["sha256"]
+    (tmp_path / "other.safetensors").replace(tmp_path / "ckpt.safetensors")
+    model = GuideSR(tiny_config())
+    digest = load_checkpoint(model, tmp_path / "ckpt", verify_hash=False)
+    assert digest == file_sha256(tmp_path / "ckpt.safetensors") == model.descriptor.checkpoint_sha256 != recorded

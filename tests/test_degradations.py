@@ -2,6 +2,7 @@
 and the whole pipeline is reproducible from its generator."""
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -226,3 +227,110 @@ def test_degrade_on_cuda_is_reproducible_and_jpeg_agrees_with_cpu():
     assert (cpu - gpu).abs().max() <= 2 / 255 + 1e-6  # float DCT rounding may flip a level (+ fp32 rounding)
     with pytest.raises(ValueError, match="generator is on"):
         degrade(hr, DegradationConfig(), torch.Generator())
+
+
+# ------------------------------------------------------------------------------ added by mutation audit
+
+
+def _kernels(batch, kernel_type, sigma, beta_g=(0.5, 4.0), beta_p=(1.0, 2.0), sizes=(21,), seed=0):
+    return random_blur_kernels(batch, sizes, (kernel_type,), (1.0,), 0.0, sigma, beta_g, beta_p,
+                               torch.Generator().manual_seed(seed))
+
+
+def test_blur_kernels_follow_their_formulas():
+    """With equal standard deviations every rotation gives the same radial kernel, so each family can be
+    checked against its formula in float64: Gaussian exp(-r^2 / 2 s^2), plateau 1 / (1 + (r^2 / s^2)^beta)."""
+    axis = torch.arange(-10, 11, dtype=torch.float64)
+    r2 = axis.view(-1, 1) ** 2 + axis.view(1, -1) ** 2
+    s = torch.tensor(1.3).item()  # the float32 value the sampler draws
+    gaussian = torch.exp(-r2 / (2 * s**2))
+    plateau = 1 / (1 + r2 / s**2)
+    for kind, beta_g, beta_p, expected in (("aniso", (0.5, 4.0), (1.0, 2.0), gaussian),
+                                           ("generalized_aniso", (1.0, 1.0), (1.0, 2.0), gaussian),
+                                           ("plateau_aniso", (0.5, 4.0), (1.0, 1.0), plateau)):
+        kernels = _kernels(16, kind, (s, s), beta_g, beta_p)  # 16 random rotations
+        torch.testing.assert_close(kernels, (expected / expected.sum()).expand(16, 21, 21), rtol=0, atol=1e-12,
+                                   msg=kind)
+
+
+def test_isotropic_kernels_are_symmetric_and_anisotropic_ones_are_not():
+    iso = _kernels(32, "iso", (0.5, 3.0))
+    torch.testing.assert_close(iso, iso.transpose(1, 2), rtol=0, atol=1e-15)
+    torch.testing.assert_close(iso, iso.flip(1), rtol=0, atol=1e-15)
+    aniso = _kernels(32, "aniso", (0.5, 3.0))
+    assert (aniso - aniso.transpose(1, 2)).abs().amax(dim=(1, 2)).gt(1e-3).sum() > 16
+
+
+def test_sinc_cutoff_range_depends_on_the_kernel_size():
+    """Real-ESRGAN: cut-off in [pi/3, pi] below 13 taps, [pi/5, pi] from 13 up. The centre tap of a normalised
+    sinc kernel grows with the cut-off, so it bounds the cut-off from below."""
+    for size, low in ((7, math.pi / 3), (21, math.pi / 5)):
+        kernels = random_blur_kernels(400, (size,), ("iso",), (1.0,), 1.0, (1.0, 2.0), (0.5, 4.0), (1.0, 2.0),
+                                      torch.Generator().manual_seed(size))
+        centre = kernels[:, 10, 10]
+        at_pi_3 = sinc_kernels(torch.tensor([math.pi / 3]), torch.tensor([size]))[0, 10, 10]
+        at_low = sinc_kernels(torch.tensor([low]), torch.tensor([size]))[0, 10, 10]
+        assert centre.min() >= at_low - 1e-12, size
+        assert (centre < at_pi_3 - 1e-9).any() == (size >= 13), size
+
+
+@pytest.mark.parametrize("kernel_size,mode", [(5, "reflect"), (21, "edge")])
+def test_filter2d_gives_each_image_its_own_kernel(kernel_size, mode):
+    """Batch 3 x 3 channels, 9x13 images, against a direct float64 correlation; a 21-tap kernel is wider than
+    the image can reflect, so its border is replicated."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 9, 13, generator=g, dtype=torch.float64)
+    kernels = torch.rand(3, kernel_size, kernel_size, generator=g, dtype=torch.float64)
+    pad = kernel_size // 2
+    expected = np.zeros(images.shape)
+    for b in range(3):
+        for c in range(3):
+            padded = np.pad(images[b, c].numpy(), pad, mode=mode)
+            for dy in range(kernel_size):
+                for dx in range(kernel_size):
+                    expected[b, c] += kernels[b, dy, dx].item() * padded[dy : dy + 9, dx : dx + 13]
+    torch.testing.assert_close(filter2d(images, kernels), torch.from_numpy(expected), rtol=0, atol=1e-12)
+
+
+def test_resize_kind_follows_its_probabilities():
+    from guidesr.degradations import _random_scale
+
+    g = torch.Generator().manual_seed(0)
+    scales = np.array([_random_scale((0.2, 0.7, 0.1), (0.15, 1.5), g) for _ in range(3000)])
+    up, down, keep = (scales > 1).mean(), (scales < 1).mean(), (scales == 1).mean()
+    assert abs(up - 0.2) < 0.03 and abs(down - 0.7) < 0.03 and abs(keep - 0.1) < 0.03, (up, down, keep)
+    assert scales.min() >= 0.15 and scales.max() <= 1.5
+
+
+def test_second_stage_resizes_relative_to_the_lr_size(monkeypatch):
+    """Real-ESRGAN's second resize scales the LR size (HR / scale), the first the HR size."""
+    import guidesr.degradations as degradations
+
+    sizes = []
+    real_resize = degradations.resize
+    monkeypatch.setattr(degradations, "resize", lambda images, size, mode: sizes.append(size) or real_resize(images, size, mode))
+    keep = DegradationConfig(resize_prob=(0, 0, 1), resize_prob2=(0, 0, 1))
+    degrade(photo(size=(64, 48)).repeat(2, 1, 1, 1), keep, torch.Generator().manual_seed(0))
+    assert sizes == [(64, 48), (16, 12), (16, 12)]
+
+
+def test_second_blur_happens_at_its_probability():
+    """The second-stage kernel parameters are drawn either way (so the random stream is the same); they change
+    the output only when the second blur is applied."""
+    hr = hr_batch()
+
+    def run(**changes):
+        config = DegradationConfig(sinc_prob2=0.0, kernel_types=("iso",) * 6, **changes)
+        return degrade(hr, config, torch.Generator().manual_seed(5))
+
+    assert torch.equal(run(second_blur_prob=0.0, blur_sigma2=(0.2, 0.3)), run(second_blur_prob=0.0, blur_sigma2=(1.4, 1.5)))
+    assert not torch.equal(run(second_blur_prob=1.0, blur_sigma2=(0.2, 0.3)), run(second_blur_prob=1.0, blur_sigma2=(1.4, 1.5)))
+
+
+def test_grey_poisson_noise_is_the_shot_noise_of_the_luma():
+    image = photo(size=(128, 128), top=200, left=200)
+    image[:, 0] = 0  # no red: the luma is not any one channel
+    noise = poisson_noise(image, torch.tensor([1.0]), torch.tensor([True]), torch.Generator().manual_seed(0))
+    luma = (0.587 * image[:, 1] + 0.114 * image[:, 2])
+    assert torch.equal(noise[0, 0], noise[0, 1])
+    assert float((noise[0, 0] ** 2).mean() / luma.mean()) == pytest.approx(1 / 256, rel=0.15)

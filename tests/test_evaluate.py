@@ -100,3 +100,27 @@ def test_a_json_target_that_cannot_be_written_is_refused_before_the_model_loads(
         with pytest.raises(SystemExit) as exit_info:
             main(["--json", str(target)])
         assert exit_info.value.code == 2 and f"--json {target}: {message}" in capsys.readouterr().err
+
+
+def test_scores_are_per_image_means_over_their_own_draws_with_a_scale_border():
+    """Added by mutation audit: every number of the table recomputed from the evaluation set (image-major,
+    `draws` per image), with the metrics' border of `scale` pixels; also the smallest allowed crop."""
+    import torch
+
+    from guidesr.evaluate import evaluation_set
+    from guidesr.metrics import psnr, ssim
+
+    model = load_model(None, None, None)
+    results = evaluate(model, crop_size=20, draws=2, seed=3)
+    names, lq, hr = evaluation_set("sample", 20, seed=3, draws=2)
+    assert [row["image"] for row in results["images"]] == names and lq.shape[0] == 2 * len(names)
+    with torch.no_grad():
+        restored = model(lq).r1
+    for i, row in enumerate(results["images"]):
+        for method, output in (("bicubic", lq.clamp(-1, 1)), ("model", restored)):
+            a, b = (output[2 * i : 2 * i + 2] + 1) / 2, (hr[2 * i : 2 * i + 2] + 1) / 2
+            assert row[method]["psnr_rgb"] == pytest.approx(psnr(a, b, crop=4), abs=1e-4), (row["image"], method)
+            assert row[method]["ssim_y"] == pytest.approx(ssim(a, b, crop=4, y_channel=True), abs=1e-5)
+    for method in ("bicubic", "model"):
+        mean = sum(row[method]["psnr_y"] for row in results["images"]) / len(names)
+        assert results["mean"][method]["psnr_y"] == pytest.approx(mean, rel=1e-12)

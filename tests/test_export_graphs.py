@@ -204,3 +204,24 @@ def test_tensorrt_check_refuses_opsets_outside_the_range():
     model = _graph([helper.make_node("Relu", ["x"], ["y"])], [x], [y], opset=8)
     assert tensorrt_problems(model) == ["default-domain opset 8 is outside TensorRT's range (9, 24)"]
 
+
+
+# ------------------------------------------------------------------------------ added by mutation audit
+
+
+def test_check_model_names_another_preset_or_checkpoint():
+    engine_metadata.check_model(_metadata(), "tiny", "ab" * 32)
+    engine_metadata.check_model(_metadata(checkpoint_sha256=engine_metadata.NO_CHECKPOINT), "tiny", None)
+    with pytest.raises(EngineMismatchError, match="it is preset 'tiny', the model is preset 'sd-turbo'"):
+        engine_metadata.check_model(_metadata(), "sd-turbo", "ab" * 32)
+    with pytest.raises(EngineMismatchError, match="holds another model: it holds the weights of checkpoint sha256 abab"):
+        engine_metadata.check_model(_metadata(), "tiny", "ef" * 32)
+
+
+def test_engine_metadata_with_unknown_fields_is_refused_clearly(tmp_path):
+    engine = tmp_path / "model.engine"
+    data = json.loads(_metadata().to_json())
+    data["written_by_a_newer_guidesr"] = 1
+    engine_metadata.metadata_path(engine).write_text(json.dumps(data))
+    with pytest.raises(EngineMetadataError, match=r"missing fields \[\], unknown fields \['written_by_a_newer_guidesr'\]"):
+        engine_metadata.read(engine)

@@ -309,3 +309,106 @@ def test_a_writer_killed_midway_leaves_no_file(tmp_path):
         assert leftovers == []
     else:  # named-temporary fallback: only the hidden partial, which a rerun removes
         assert all(p.name.startswith(".big.png.") and p.name.endswith(".partial") for p in leftovers)
+
+
+# ------------------------------------------------------------------------------ added by mutation audit
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_writing_rounds_to_the_nearest_level_and_clips(tmp_path, bits):
+    """Quantisation is round-to-nearest (not truncation, which would darken every image by half a level),
+    and values outside [0, 1] saturate instead of wrapping around."""
+    top = 255 if bits == 8 else 65535
+    values = np.array([0.4, 0.6, 1.49, 1.51, top - 0.6, top - 0.4, -0.25 * top, 1.25 * top, 7.0 * top]) / top
+    expected = np.array([0, 1, 1, 2, top - 1, top, 0, top, top])
+    array = np.stack([values.reshape(3, 3), values[::-1].reshape(3, 3), values.reshape(3, 3).T], axis=-1)
+    wanted = np.stack([expected.reshape(3, 3), expected[::-1].reshape(3, 3), expected.reshape(3, 3).T], axis=-1)
+    for dtype in (np.float64, np.float32):
+        np.testing.assert_array_equal(imageio.to_integer(array.astype(dtype), bits), wanted, err_msg=str(dtype))
+    path = write_image(tmp_path / "levels.png", array.astype(np.float32), bit_depth=bits)
+    np.testing.assert_array_equal(as_integers(read_image(path)[0], bits), wanted)
+
+
+def test_a_sixteen_bit_png_larger_than_one_encoder_step_round_trips(tmp_path):
+    """Over 1 MiB of rows: the encoder filters the image in several row bands and writes several IDAT chunks."""
+    pixels = random_pixels(197, 2003, 3, 16)  # 2.4 MB of samples: 3 row bands, 3 IDAT chunks
+    path = write_image(tmp_path / "large.png", pixels / 65535, bit_depth=16)
+    array, info = read_image(path)
+    assert (info.mode, info.bit_depth, array.shape) == ("RGB", 16, (197, 2003, 3))
+    np.testing.assert_array_equal(as_integers(array, 16), pixels)
+    with Image.open(path) as image:  # another decoder accepts it too
+        np.testing.assert_array_equal(np.asarray(image.convert("RGB")), (pixels >> 8).astype(np.uint8))
+
+
+def test_the_icc_profile_is_written_where_the_format_holds_one(tmp_path):
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    pixels = random_pixels(7, 5, 3, 16) / 65535
+    for name, bits in (("a.png", 8), ("b.png", 16), ("c.tif", 8), ("d.tif", 16), ("e.jpg", 8), ("f.webp", 8)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OutputFormatWarning)
+            path = write_image(tmp_path / name, pixels, bit_depth=bits, icc_profile=profile)
+        assert read_image(path)[1].icc_profile == profile, name
+
+
+def test_high_quality_jpeg_keeps_full_resolution_chroma(tmp_path):
+    from PIL import JpegImagePlugin
+
+    pixels = random_pixels(12, 20, 3, 8) / 255
+    for quality, sampling in ((95, 0), (90, 0), (89, 2), (60, 2)):  # 0: 4:4:4, 2: 4:2:0
+        path = write_image(tmp_path / f"q{quality}.jpg", pixels, quality=quality)
+        with Image.open(path) as image:
+            assert JpegImagePlugin.get_sampling(image) == sampling, quality
+
+
+def test_sixteen_bit_tiff_alpha_is_written_as_unassociated(tmp_path):
+    """Other programs read associated alpha as premultiplied colour; ours is straight."""
+    for channels in (2, 4):
+        path = write_image(tmp_path / f"alpha{channels}.tif", random_pixels(5, 6, channels, 16) / 65535, bit_depth=16)
+        with tifffile.TiffFile(path) as tif:
+            assert tuple(tif.pages.first.extrasamples) == (tifffile.EXTRASAMPLE.UNASSALPHA,), channels
+
+
+def test_sixteen_bit_tiff_with_associated_alpha_is_unpremultiplied_like_eight_bit(tmp_path):
+    straight = random_pixels(5, 7, 4, 16)
+    straight[..., 3] = np.linspace(20000, 65535, 7, dtype=np.uint16)[None, :]
+    alpha = straight[..., 3:].astype(np.float64) / 65535
+    premultiplied = straight.copy()
+    premultiplied[..., :3] = np.rint(straight[..., :3] * alpha).astype(np.uint16)
+    path = tmp_path / "premultiplied.tif"
+    tifffile.imwrite(path, premultiplied, photometric="rgb", extrasamples=["assocalpha"])
+    array, info = read_image(path)
+    assert (info.mode, info.bit_depth) == ("RGBA", 16)
+    np.testing.assert_allclose(array[..., :3], straight[..., :3] / 65535, atol=1 / 20000)
+
+
+def test_thirty_two_bit_integer_grey_is_read_as_sixteen_bit_or_refused(tmp_path):
+    tifffile.imwrite(tmp_path / "in_range.tif", np.array([[0, 7, 300], [5, 40000, 65535]], np.int32))
+    array, info = read_image(tmp_path / "in_range.tif")
+    assert (info.mode, info.bit_depth) == ("L", 16)
+    np.testing.assert_array_equal(as_integers(array, 16)[..., 0], [[0, 7, 300], [5, 40000, 65535]])
+    tifffile.imwrite(tmp_path / "wide.tif", np.array([[0, 70000, 3], [5, 6, 7]], np.int32))
+    _expect_read_error(tmp_path / "wide.tif", "outside 0..65535", "range 0..70000")
+    tifffile.imwrite(tmp_path / "negative.tif", np.array([[0, -1, 3], [5, 6, 7]], np.int32))
+    _expect_read_error(tmp_path / "negative.tif", "outside 0..65535")
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["o_tmpfile", "named-temporary"])
+def test_a_file_that_appears_during_the_write_is_not_replaced(tmp_path, monkeypatch, unnamed):
+    """The early exists() check can race with another writer (another job with the same output): the final
+    no-clobber link must refuse, keep the other file and leave no temporary."""
+    if not unnamed:
+        monkeypatch.setattr(imageio, "_open_unnamed", lambda folder: None)
+    path = tmp_path / "out.png"
+    real_encode = imageio._encode
+
+    def encode_while_another_writer_finishes(stream, *args):
+        real_encode(stream, *args)
+        path.write_bytes(b"the other writer's image")
+
+    monkeypatch.setattr(imageio, "_encode", encode_while_another_writer_finishes)
+    with pytest.raises(OutputExistsError):
+        write_image(path, np.zeros((4, 6, 3), np.float32))
+    assert path.read_bytes() == b"the other writer's image"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]

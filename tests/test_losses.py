@@ -248,3 +248,27 @@ def test_discriminator_configuration_errors(tmp_path):
         build_discriminator(DiscriminatorConfig(kind="stylegan"))
     patch = build_discriminator(DiscriminatorConfig(kind="patch", patch_channels=8))
     assert patch(images(0, size=64)).shape == (2, 6 * 6)  # 64 -> 32 -> 16 -> 8 -> 7 -> 6 patch logits
+
+
+# ------------------------------------------------------------------------------ added by mutation audit
+
+
+def test_every_weight_of_eq6_is_applied():
+    disc = PatchDiscriminator(channels=8).eval()  # eval: spectral norm does no power iteration per call
+    hr, r1, r2 = images(0), images(1), images(2)
+    total, log = GuideSRLoss(LossConfig(w_mse=2.5, w_lpips=0.0, w_gan=0.3, w_diffusion=0.7, w_guidance=0.2))(r1, r2, hr, disc)
+    for branch, restored in (("r1", r1), ("r2", r2)):
+        mse, gan = F.mse_loss(restored, hr), F.softplus(-disc(restored)).mean()
+        torch.testing.assert_close(log[f"{branch}/mse"], mse)
+        torch.testing.assert_close(log[f"{branch}/total"], 2.5 * mse + 0.3 * gan)
+    torch.testing.assert_close(total, 0.7 * log["r1/total"] + 0.2 * log["r2/total"])
+
+
+def test_the_discriminator_step_scores_hr_as_real_and_both_branches_as_fake():
+    disc = PatchDiscriminator(channels=8).eval()  # eval: spectral norm does no power iteration per call
+    hr, r1, r2 = images(0), images(1), images(2)
+    with torch.no_grad():
+        real, fake1, fake2 = disc(hr), disc(r1), disc(r2)
+        expected = F.softplus(-real).mean() + 0.5 * (F.softplus(fake1).mean() + F.softplus(fake2).mean())
+        torch.testing.assert_close(discriminator_loss(disc, hr, r1, r2), expected)
+        torch.testing.assert_close(discriminator_gan_loss(real, [fake1, fake2]), expected)

@@ -42,3 +42,26 @@ def test_border_crop_and_y_channel(pair):
     y = rgb_to_y(torch.ones(1, 3, 2, 2))
     assert torch.allclose(y, torch.full_like(y, 235 / 255), atol=1e-6)
     assert max_abs(a, b2) > 0.5
+
+
+# ------------------------------------------------------------------------------ added by mutation audit
+
+
+def test_y_channel_is_bt601_as_matlab_and_skimage_compute_it():
+    from skimage.color import rgb2ycbcr
+
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(3, 7, 9, generator=g, dtype=torch.float64)
+    expected = rgb2ycbcr(image.permute(1, 2, 0).numpy())[..., 0] / 255  # in [16, 235] / 255
+    np.testing.assert_allclose(rgb_to_y(image[None])[0, 0].numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_batch_scores_are_the_mean_of_per_image_scores():
+    g = torch.Generator().manual_seed(2)
+    a = torch.rand(3, 3, 24, 31, generator=g)
+    noise = torch.tensor([0.01, 0.05, 0.2]).view(3, 1, 1, 1)
+    b = (a + noise * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    for metric in (psnr, ssim):
+        for y_channel in (False, True):
+            per_image = [metric(a[i], b[i], crop=2, y_channel=y_channel) for i in range(3)]
+            assert metric(a, b, crop=2, y_channel=y_channel) == pytest.approx(sum(per_image) / 3, rel=1e-9)

@@ -142,3 +142,29 @@ def test_torchrun_splits_a_folder_and_a_rerun_after_a_kill_finishes_it(tmp_path,
     # Run 1's completed files were also split without overlap.
     first_wrote = wrote_by_rank(first_output)
     assert not set(first_wrote[0]) & set(first_wrote[1])
+
+
+# ------------------------------------------------------------------------------ added by mutation audit
+
+
+def test_several_nodes_split_by_global_rank_not_local_rank():
+    """2 nodes x 2 processes: LOCAL_RANK repeats across nodes; the split must follow RANK."""
+    items = [f"image{i:03d}.png" for i in range(11)]
+    parts = [shard_items(items, Shard(rank, 4, rank % 2)) for rank in range(4)]
+    assert parts == [items[rank::4] for rank in range(4)]
+    assert sorted(sum(parts, [])) == items
+
+
+def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cuda = torch.device("cuda")
+    assert device_for_shard(cuda, Shard(3, 4, 1)) == torch.device("cuda", 1)  # second node, second GPU
+    assert device_for_shard(cuda, Shard(2, 4, 0)) == torch.device("cuda", 0)
+    assert device_for_shard(cuda, Shard()) == cuda  # a single process keeps what it was given
+    with pytest.raises(ShardingError, match="LOCAL_RANK 2 has no GPU: this node has 2"):
+        device_for_shard(cuda, Shard(2, 3, 2))
+
+
+def test_local_rank_defaults_to_rank():
+    assert shard_from_env({"RANK": "1", "WORLD_SIZE": "2"}) == Shard(1, 2, 1)
+    assert shard_from_env({"RANK": "", "WORLD_SIZE": ""}) == Shard(0, 1, 0)  # empty: unset

@@ -258,3 +258,42 @@ def test_pretrain_base_refuses_an_out_below_a_file(tmp_path, capsys, monkeypatch
     with pytest.raises(SystemExit) as exit_info:
         pretrain_base.main(["--out", str(tmp_path / "file" / "base"), "--steps", "1"])
     assert exit_info.value.code == 2 and f"{tmp_path / 'file'} is not a folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ added by mutation audit
+
+
+def test_learning_rate_reaches_the_peak_after_warm_up_and_ends_at_the_floor():
+    config = TrainConfig(lr=1e-3, warmup_steps=10, steps=110, min_lr_ratio=0.1)
+    assert learning_rate(config, 10) == pytest.approx(1e-3)  # the first step after warm-up: the peak, not above
+    assert learning_rate(config, 60) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
+    assert learning_rate(config, 110) == pytest.approx(1e-4)
+    assert learning_rate(config, 150) == pytest.approx(1e-4)  # past --steps (a later --stop-at): stays at the floor
+
+
+def test_the_optimizer_runs_the_schedule_and_a_resumed_run_with_grad_accum_continues_the_batch_stream(tmp_path):
+    config = small_config(tmp_path, loss=LossConfig(w_lpips=0.0, w_gan=0.0), batch_size=1, grad_accum=2, steps=3,
+                          warmup_steps=2, checkpoint_every=1)
+    straight = Trainer(config)
+    straight.fit(until=1)  # two micro-batches
+    assert straight.optimizer.param_groups[0]["lr"] == pytest.approx(learning_rate(config, 0)) == config.lr / 2
+    resumed = Trainer(config)
+    assert resumed.step == 1
+    for (lq_a, hr_a), (lq_b, hr_b) in zip((next(straight.batches), next(straight.batches)),
+                                          (next(resumed.batches), next(resumed.batches))):
+        assert torch.equal(lq_a, lq_b) and torch.equal(hr_a, hr_b)
+
+
+def test_only_where_and_how_long_a_run_goes_may_change_on_resume():
+    import dataclasses
+
+    from guidesr.train import config_changes
+
+    config = small_config(Path("run"))
+    saved = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    allowed = replace(config, out="elsewhere", name="other", steps=12, checkpoint_every=5, log_every=3, num_workers=2,
+                      save_every_rank=True, resume=False)
+    assert config_changes(saved, allowed) == []
+    changed = replace(config, lr=1e-4, grad_accum=2, seed=1, warmup_steps=5, min_lr_ratio=0.1, crop_size=32)
+    assert [change.split()[0] for change in config_changes(saved, changed)] == [
+        "crop_size", "grad_accum", "lr", "min_lr_ratio", "seed", "warmup_steps"]

@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import runtime
 from runtime import imageio
-from runtime.backends import TorchBackend
+from runtime.backends import Backend, TorchBackend
 from runtime.imageio import read_image, write_image
 from runtime.tiling import NonFiniteOutputError
 import runtime.upscale as upscale_module
-from runtime.upscale import collect_jobs, main, upscale_file
+from runtime.upscale import collect_jobs, effective_tile, main, upscale_array, upscale_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -356,3 +358,103 @@ def test_a_4096_output_stays_under_4_gb(tmp_path, checkpoint):
     assert peak_kib * 1024 < 4 * 10**9
     with Image.open(destination) as image:
         assert image.size == (4096, 4096)
+
+
+# ------------------------------------------------------- added by mutation audit: a stand-in model, no weights
+
+GAIN, OFFSET = (0.5, 0.8, 0.3), (0.2, -0.1, 0.0)  # per channel, so channel order and grey conversion show
+
+
+class ChannelAffineBackend(Backend):
+    """A stand-in model on any tile shape: a * x + b per channel, in the model's [-1, 1] (stays inside it)."""
+
+    name, precision, device = "channel-affine", "fp32", torch.device("cpu")
+
+    def __init__(self, scale: int = 4, size_multiple: int = 1):
+        self.descriptor = types.SimpleNamespace(scale=scale, size_multiple=size_multiple)
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        return tiles * torch.tensor(GAIN).view(1, 3, 1, 1) + torch.tensor(OFFSET).view(1, 3, 1, 1)
+
+
+def reference_upscale(image: np.ndarray, scale: int) -> np.ndarray:
+    """What upscale_array must return with ChannelAffineBackend, in float64: bicubic of the colour in [-1, 1]
+    (clamped), the model, back to [0, 1], BT.601 luma for grey, alpha bicubic-upsampled and clamped."""
+    channels = image.shape[2]
+    has_alpha = channels in (2, 4)
+    color = torch.from_numpy(image[..., : channels - 1] if has_alpha else image).permute(2, 0, 1)[None].double()
+    color = color.expand(1, 3, -1, -1)
+    up = F.interpolate(color * 2 - 1, scale_factor=scale, mode="bicubic", align_corners=False).clamp(-1, 1)
+    out = up * torch.tensor(GAIN, dtype=torch.float64).view(1, 3, 1, 1) + torch.tensor(OFFSET, dtype=torch.float64).view(1, 3, 1, 1)
+    out = ((out + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    if color.shape[1] == 3 and channels in (1, 2):
+        out = (out @ np.array([0.299, 0.587, 0.114]))[..., None]
+    if not has_alpha:
+        return out
+    alpha = torch.from_numpy(image[..., -1]).double()[None, None]
+    alpha = F.interpolate(alpha, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)[0, 0].numpy()
+    return np.concatenate([out, alpha[..., None]], axis=-1)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+@pytest.mark.parametrize("tile,overlap", [(None, 0), (16, 6)])
+def test_upscale_array_matches_a_float64_reference(channels, tile, overlap):
+    rng = np.random.default_rng(channels)
+    image = rng.random((13, 10, channels))
+    image[..., -1] = np.linspace(0, 1, 10)[None, :] ** 2  # a smooth alpha (or colour) ramp plus noise elsewhere
+    result = upscale_array(image.astype(np.float32), ChannelAffineBackend(), scale=3, tile=tile, overlap=overlap)
+    assert result.shape == (39, 30, channels) and result.dtype == np.float32
+    np.testing.assert_allclose(result, reference_upscale(image.astype(np.float32).astype(np.float64), 3), atol=2e-6)
+
+
+def test_effective_tile_is_rounded_down_to_the_size_multiple():
+    backend = ChannelAffineBackend(size_multiple=16)
+    assert [effective_tile(backend, tile) for tile in (100, 96, 17, 8, 0, None)] == [96, 96, 16, 16, None, None]
+
+
+def test_upscale_file_keeps_the_inputs_icc_profile(tmp_path):
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(RNG.integers(0, 256, (9, 11, 3), dtype=np.uint8)).save(tmp_path / "in.png", icc_profile=profile)
+    out = upscale_file(tmp_path / "in.png", tmp_path / "out.png", ChannelAffineBackend(), scale=2)
+    array, info = read_image(out)
+    assert array.shape == (18, 22, 3) and info.icc_profile == profile
+
+
+@pytest.fixture
+def stand_in_model(monkeypatch):
+    """main() with ChannelAffineBackend instead of loading a model."""
+    monkeypatch.setattr(upscale_module, "_make_backend", lambda args, shard: (ChannelAffineBackend(), None))
+
+
+def test_jpeg_quality_reaches_the_encoder(tmp_path, stand_in_model):
+    source = write_image(tmp_path / "in.png", RNG.random((10, 12, 3), dtype=np.float32))
+    tables = {}
+    for quality in ("15", "95"):
+        assert main([str(source), "-o", str(tmp_path / f"q{quality}.jpg"), "--jpeg-quality", quality]) == 0
+        with Image.open(tmp_path / f"q{quality}.jpg") as image:
+            tables[quality] = image.quantization[0][0]  # the luma table's DC step
+    assert tables["15"] > 3 * tables["95"], tables
+
+
+def test_max_megapixels_zero_means_no_limit(tmp_path, stand_in_model, capsys):
+    source = write_image(tmp_path / "in.png", RNG.random((10, 12, 3), dtype=np.float32))
+    assert main([str(source), "-o", str(tmp_path / "out.png"), "--max-megapixels", "0"]) == 0, capsys.readouterr()
+    assert read_image(tmp_path / "out.png")[0].shape == (40, 48, 3)
+
+
+def test_a_rank_does_and_reports_only_its_share(tmp_path, stand_in_model, capsys, monkeypatch):
+    """Under torchrun (rank 1 of 2) jobs and input problems are split alike: each reported by one rank."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    names = ["a", "b", "c", "d", "e"]
+    for name in names:
+        write_image(tmp_path / f"{name}.png", RNG.random((6, 7, 3), dtype=np.float32))
+    inputs = [str(tmp_path / f"{name}.png") for name in names] + [str(tmp_path / "gone1.png"), str(tmp_path / "gone2.png")]
+    assert main([*inputs, "-o", str(tmp_path / "out")]) == 1
+    captured = capsys.readouterr()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.png", "d.png"]
+    assert "gone2.png: no such file" in captured.err and "gone1.png" not in captured.err
+    assert "[rank 1/2] 2 written, 0 skipped (already there), 1 failed" in captured.out

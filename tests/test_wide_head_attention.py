@@ -110,3 +110,9 @@ def test_compiled_fp16_matches_fp32_sdpa_on_cuda():
     sdpa16 = run(copy.deepcopy(attn32).half(), AttnProcessor2_0(), x.half())
     error, sdpa_error = ((r.float() - expected).abs().max().item() for r in (result, sdpa16))
     assert torch.isfinite(result).all() and error <= 2 * sdpa_error + 2e-3
+
+
+def test_score_bytes_of_cross_attention_count_the_keys():
+    """Added by mutation audit: keys come from the encoder states (6 here), not the queries (9)."""
+    attn, (x, context) = case_inputs("cross_3d")
+    assert WideHeadAttnProcessor().score_bytes(attn, x, context) == 2 * 2 * 9 * 6 * 8  # batch, heads, T, T_kv, fp64

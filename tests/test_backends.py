@@ -381,9 +381,6 @@ def test_tensorrt_engine_runs_and_a_stale_one_is_refused(model, cuda_model, tmp_
         create_backend("tensorrt", cuda_model, "cuda", engine=engine)
 
 
-# ------------------------------------------------------------------------------ added by mutation audit
-
-
 def test_precision_auto_and_explicit():
     from types import SimpleNamespace
 

@@ -194,9 +194,6 @@ def test_sd_turbo_checkpoint_without_base_asks_for_it(tmp_path):
         load_model(tmp_path / "x.json")
 
 
-# ------------------------------------------------------------------------------ added by mutation audit
-
-
 def _rewrite_tensors(tmp_path, change):
     """Replace ckpt.safetensors by `change(tensors)` and record its hash, as a checkpoint written by another
     version of the model would be: a consistent file whose tensors do not fit."""

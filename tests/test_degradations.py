@@ -229,9 +229,6 @@ def test_degrade_on_cuda_is_reproducible_and_jpeg_agrees_with_cpu():
         degrade(hr, DegradationConfig(), torch.Generator())
 
 
-# ------------------------------------------------------------------------------ added by mutation audit
-
-
 def _kernels(batch, kernel_type, sigma, beta_g=(0.5, 4.0), beta_p=(1.0, 2.0), sizes=(21,), seed=0):
     return random_blur_kernels(batch, sizes, (kernel_type,), (1.0,), 0.0, sigma, beta_g, beta_p,
                                torch.Generator().manual_seed(seed))

@@ -103,7 +103,7 @@ def test_a_json_target_that_cannot_be_written_is_refused_before_the_model_loads(
 
 
 def test_scores_are_per_image_means_over_their_own_draws_with_a_scale_border():
-    """Added by mutation audit: every number of the table recomputed from the evaluation set (image-major,
+    """Every number of the table recomputed from the evaluation set (image-major,
     `draws` per image), with the metrics' border of `scale` pixels; also the smallest allowed crop."""
     import torch
 

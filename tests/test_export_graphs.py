@@ -205,10 +205,6 @@ def test_tensorrt_check_refuses_opsets_outside_the_range():
     assert tensorrt_problems(model) == ["default-domain opset 8 is outside TensorRT's range (9, 24)"]
 
 
-
-# ------------------------------------------------------------------------------ added by mutation audit
-
-
 def test_check_model_names_another_preset_or_checkpoint():
     engine_metadata.check_model(_metadata(), "tiny", "ab" * 32)
     engine_metadata.check_model(_metadata(checkpoint_sha256=engine_metadata.NO_CHECKPOINT), "tiny", None)

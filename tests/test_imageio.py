@@ -311,9 +311,6 @@ def test_a_writer_killed_midway_leaves_no_file(tmp_path):
         assert all(p.name.startswith(".big.png.") and p.name.endswith(".partial") for p in leftovers)
 
 
-# ------------------------------------------------------------------------------ added by mutation audit
-
-
 @pytest.mark.parametrize("bits", [8, 16])
 def test_writing_rounds_to_the_nearest_level_and_clips(tmp_path, bits):
     """Quantisation is round-to-nearest (not truncation, which would darken every image by half a level),

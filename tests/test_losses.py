@@ -250,9 +250,6 @@ def test_discriminator_configuration_errors(tmp_path):
     assert patch(images(0, size=64)).shape == (2, 6 * 6)  # 64 -> 32 -> 16 -> 8 -> 7 -> 6 patch logits
 
 
-# ------------------------------------------------------------------------------ added by mutation audit
-
-
 def test_every_weight_of_eq6_is_applied():
     disc = PatchDiscriminator(channels=8).eval()  # eval: spectral norm does no power iteration per call
     hr, r1, r2 = images(0), images(1), images(2)

@@ -44,9 +44,6 @@ def test_border_crop_and_y_channel(pair):
     assert max_abs(a, b2) > 0.5
 
 
-# ------------------------------------------------------------------------------ added by mutation audit
-
-
 def test_y_channel_is_bt601_as_matlab_and_skimage_compute_it():
     from skimage.color import rgb2ycbcr
 

@@ -144,9 +144,6 @@ def test_torchrun_splits_a_folder_and_a_rerun_after_a_kill_finishes_it(tmp_path,
     assert not set(first_wrote[0]) & set(first_wrote[1])
 
 
-# ------------------------------------------------------------------------------ added by mutation audit
-
-
 def test_several_nodes_split_by_global_rank_not_local_rank():
     """2 nodes x 2 processes: LOCAL_RANK repeats across nodes; the split must follow RANK."""
     items = [f"image{i:03d}.png" for i in range(11)]

@@ -260,9 +260,6 @@ def test_pretrain_base_refuses_an_out_below_a_file(tmp_path, capsys, monkeypatch
     assert exit_info.value.code == 2 and f"{tmp_path / 'file'} is not a folder" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------------------ added by mutation audit
-
-
 def test_learning_rate_reaches_the_peak_after_warm_up_and_ends_at_the_floor():
     config = TrainConfig(lr=1e-3, warmup_steps=10, steps=110, min_lr_ratio=0.1)
     assert learning_rate(config, 10) == pytest.approx(1e-3)  # the first step after warm-up: the peak, not above

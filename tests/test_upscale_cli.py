@@ -360,7 +360,7 @@ def test_a_4096_output_stays_under_4_gb(tmp_path, checkpoint):
         assert image.size == (4096, 4096)
 
 
-# ------------------------------------------------------- added by mutation audit: a stand-in model, no weights
+# ------------------------------------------------------- a stand-in model, no weights
 
 GAIN, OFFSET = (0.5, 0.8, 0.3), (0.2, -0.1, 0.0)  # per channel, so channel order and grey conversion show
 

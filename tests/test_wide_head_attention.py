@@ -113,6 +113,6 @@ def test_compiled_fp16_matches_fp32_sdpa_on_cuda():
 
 
 def test_score_bytes_of_cross_attention_count_the_keys():
-    """Added by mutation audit: keys come from the encoder states (6 here), not the queries (9)."""
+    """Keys come from the encoder states (6 here), not the queries (9)."""
     attn, (x, context) = case_inputs("cross_3d")
     assert WideHeadAttnProcessor().score_bytes(attn, x, context) == 2 * 2 * 9 * 6 * 8  # batch, heads, T, T_kv, fp64

@@ -30,7 +30,7 @@ from guidesr.model import GuideSR
 
 from . import engine_metadata
 from .engine_metadata import EngineMetadataError, EngineMismatchError
-from .graphs import VARIANTS, GraphSpec, guidesr_graph, parse_tile
+from .graphs import VARIANTS, GraphSpec, guidesr_graph, size_argument
 from .onnx_export import PRECISIONS, export_graphs, graph_filename, read_metadata
 from .tensorrt_build import EngineBuildError, TensorRTUnavailableError, build_engine, import_tensorrt
 
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--engine", type=Path,
                         help="engine to check as well, against PyTorch and its ONNX graph NAME.onnx next to it "
                              "(default: only the NAME.engine files found next to the graphs)")
-    verify.add_argument("--sizes", nargs="+", type=_size_option("size"),
+    verify.add_argument("--sizes", nargs="+", type=size_argument("size"),
                         help="HxW sizes for dynamic graphs (default: each graph's opt size and half its height)")
     return parser
 
@@ -108,7 +108,7 @@ def _command(commands, name: str, run, help_text: str) -> argparse.ArgumentParse
     model.add_argument("--random-weights", action="store_true",
                        help="use an untrained model of --preset (default: off)")
     model.add_argument("--seed", type=int, default=0, help="seed of the untrained model's weights (default 0)")
-    command.add_argument("--tile", type=_size_option("tile"), default="512",
+    command.add_argument("--tile", type=size_argument("tile"), default="512",
                          help="tile the graphs are built for: 512 or HxW (default 512)")
     command.add_argument("--out-dir", type=Path, default=Path("artifacts/export"),
                          help="folder of the graphs and engines, written by onnx and engine, read by verify "
@@ -143,16 +143,6 @@ def _positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
-
-
-def _size_option(what: str):
-    def parse(text: str) -> tuple[int, int]:
-        try:
-            return parse_tile(text, what)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    return parse
 
 
 def check_verify_inputs(args) -> None:

@@ -18,6 +18,7 @@ instead of the standard ONNX ops, so the graph needs TensorRT with those plugins
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import asdict, dataclass
 
@@ -146,3 +147,14 @@ def parse_tile(text: str, what: str = "tile") -> tuple[int, int]:
     if min(values) < 1:
         raise ValueError(f"{what} {text!r} must have a positive height and width")
     return (values[0], values[-1])
+
+
+def size_argument(what: str):
+    """`parse_tile` as an argparse type: its ValueError becomes argparse's error line naming `what`."""
+    def parse(text: str) -> tuple[int, int]:
+        try:
+            return parse_tile(text, what)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse

@@ -69,7 +69,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from export.graphs import parse_tile
+from export.graphs import size_argument
 from guidesr.metrics import psnr, ssim
 from guidesr.model import set_kernels_enabled
 
@@ -104,12 +104,7 @@ class Geometry:
         return self.height * self.width / 1e6
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'512' -> (512, 512); '2160x3840' -> (2160, 3840), height first: export's --tile syntax, for argparse."""
-    try:
-        return parse_tile(text, "size")
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+parse_size = size_argument("size")  # '512' -> (512, 512); '2160x3840' -> (2160, 3840), height first: export's --tile
 
 
 # ------------------------------------------------------------------------------------- measuring

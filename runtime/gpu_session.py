@@ -10,8 +10,13 @@ stopped at its own cap or at what is left of --budget-s, whichever comes first:
    image lacks diffusers) are installed into /tmp/site, which the later steps get on PYTHONPATH;
 2. pytest-gpu: `pytest -m gpu` (the kernels' and the compiled backend's GPU tests), first: in the
    second, third and fourth sessions it came after the report and was cut by the budget, so the
-   final code of the fourth was never tested on a GPU; verbose (a test's name as it passes, so a cut
-   run still says which passed) with the 15 slowest tests' times;
+   final code of the fourth was never tested on a GPU. One pytest process per test file, up to
+   --test-jobs at once (the tests check values, not times, so they may share the GPU): most of a
+   GPU test's time is Dynamo tracing and Inductor compilation on the CPU, one core each, and the
+   machine has 16 (the fourth session's single process got through 3 tests in 116 s). Each
+   process's Inductor gets the cores divided among the jobs (TORCHINDUCTOR_COMPILE_THREADS). Verbose
+   (a test's name as it passes, so a cut run still says which passed), with each file's 5 slowest
+   tests' times; summary.json lists every file's outcome;
 3. kernels-benchmark: `python -m kernels.benchmark --json OUT/kernels.json` (issue 5's acceptance
    shapes and the sd-turbo guidance branch first; it writes what it measured when stopped);
 4. report: `python -m runtime.report --preset sd-turbo --random-weights` on CUDA, fp16: `torch`
@@ -56,8 +61,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +72,8 @@ SITE = Path("/tmp/site")
 BUDGET_S = 585  # under the device's 10-minute call: the report (issue 7), the GPU tests, the stage timing
 GUIDANCE_CASE = "guidance_branch 1x512"  # the kernels benchmark's case that decides --triton-kernels auto
 MIN_STEP_S = 30  # a step is not started with less time left than this
+TOO_LITTLE_TIME = f"under {MIN_STEP_S} s of the session's budget left"
+COLLECT_TIMEOUT_S = 120  # pytest's collection of the gpu tests (~10 s: it imports every test module)
 PROFILED_REPLAYS = 5  # stage-timing's --profile-compiled on CUDA
 ATEN_ONLY = {"TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS": "ATEN", "TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS": "ATEN"}
 
@@ -114,6 +122,7 @@ class Step:
     name: str
     status: str  # ok | failed (exit N) | timed out after N s | skipped: why
     seconds: float
+    parts: list[dict] = field(default_factory=list)  # a step of parallel processes: each one's name, status, seconds
 
 
 class Session:
@@ -126,17 +135,24 @@ class Session:
         self.steps: list[Step] = []
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
 
+    def limit(self, cap_s: float) -> float:
+        """Seconds a step capped at `cap_s` may run from now."""
+        return min(cap_s, self.deadline - time.monotonic())
+
+    def _begin(self, name: str, cap_s: float, what: str) -> tuple[float, int, float]:
+        """(the step's limit, where its output starts in session.log, its start time)."""
+        limit = self.limit(cap_s)
+        print(f"== {name} (limit {limit:.0f} s): {what}", flush=True)
+        return limit, self.log.stat().st_size, time.monotonic()
+
     def skip(self, name: str, why: str) -> Step:
         return self._record(Step(name, f"skipped: {why}", 0.0))
 
     def run(self, name: str, command: list[str], cap_s: float, extra_env: dict[str, str] | None = None) -> Step:
         """One step: output appended to session.log, its process group stopped at the limit."""
-        limit = min(cap_s, self.deadline - time.monotonic())
-        if limit < MIN_STEP_S:
-            return self.skip(name, f"under {MIN_STEP_S} s of the session's budget left")
-        print(f"== {name} (limit {limit:.0f} s): {' '.join(command)}", flush=True)
-        offset = self.log.stat().st_size
-        start = time.monotonic()
+        if self.limit(cap_s) < MIN_STEP_S:
+            return self.skip(name, TOO_LITTLE_TIME)
+        limit, offset, start = self._begin(name, cap_s, " ".join(command))
         with self.log.open("a") as log:
             log.write(f"\n===== {name}: {' '.join(command)}\n")
             log.flush()
@@ -150,6 +166,60 @@ class Session:
                 status = f"timed out after {limit:.0f} s"
         print(_tail(self.log, offset, 12), flush=True)
         return self._record(Step(name, status, time.monotonic() - start))
+
+    def fail(self, name: str, why: str, output: str, seconds: float) -> Step:
+        """A step that failed before it could run its processes: `output` goes to session.log."""
+        with self.log.open("a") as log:
+            log.write(f"\n===== {name}\n{output}\n")
+        return self._record(Step(name, f"failed ({why})", seconds))
+
+    def run_parallel(self, name: str, commands: dict[str, list[str]], cap_s: float, jobs: int,
+                     extra_env: dict[str, str] | None = None) -> Step:
+        """One step made of independent processes, at most `jobs` at a time, all stopped at the step's limit.
+
+        Each process writes to its own file; a finished (or stopped) process's output is appended to
+        session.log whole, so the log does not interleave them."""
+        if self.limit(cap_s) < MIN_STEP_S:
+            return self.skip(name, TOO_LITTLE_TIME)
+        limit, offset, start = self._begin(name, cap_s, f"{len(commands)} processes, {jobs} at a time")
+        pending = list(commands.items())
+        running: dict[str, tuple[subprocess.Popen, Path, float]] = {}
+        parts: list[dict] = []
+        with tempfile.TemporaryDirectory(prefix=f"{name}-") as scratch:
+            def finish(part: str, status: str) -> None:
+                process, output, started = running.pop(part)
+                with self.log.open("a") as log:
+                    log.write(f"\n===== {name} / {part}: {' '.join(process.args)}\n{output.read_text(errors='replace')}")
+                parts.append({"name": part, "status": status, "seconds": round(time.monotonic() - started, 1)})
+                print(f"   {part}: {status} ({parts[-1]['seconds']:.0f} s)", flush=True)
+
+            while pending or running:
+                while pending and len(running) < jobs:
+                    part, command = pending.pop(0)
+                    output = Path(scratch) / f"{len(commands) - len(pending)}.log"
+                    with output.open("w") as handle:
+                        process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                                   env=self.env | (extra_env or {}), start_new_session=True)
+                    running[part] = (process, output, time.monotonic())
+                for part, (process, _, _) in list(running.items()):
+                    if process.poll() is not None:
+                        finish(part, "ok" if process.returncode == 0 else f"failed (exit {process.returncode})")
+                if time.monotonic() - start >= limit:
+                    for part, (process, _, _) in list(running.items()):
+                        _stop_group(process)
+                        finish(part, f"timed out after {limit:.0f} s")
+                    parts += [{"name": part, "status": "not started", "seconds": 0.0} for part, _ in pending]
+                    pending = []
+                time.sleep(0.2)
+        print(_tail(self.log, offset, 12), flush=True)
+        unfinished = [p["name"] for p in parts if p["status"] != "ok"]
+        if not unfinished:
+            status = "ok"
+        elif any(p["status"].startswith(("timed out", "not started")) for p in parts):
+            status = f"timed out after {limit:.0f} s ({len(unfinished)} of {len(parts)} not ok: {', '.join(unfinished)})"
+        else:
+            status = f"failed ({len(unfinished)} of {len(parts)}: {', '.join(unfinished)})"
+        return self._record(Step(name, status, time.monotonic() - start, parts))
 
     def _record(self, step: Step) -> Step:
         self.steps.append(step)
@@ -173,6 +243,48 @@ def _tail(log: Path, offset: int, count: int) -> str:
         handle.seek(offset)
         text = handle.read().decode(errors="replace").replace("\r", "\n")
     return "\n".join([line for line in text.splitlines() if line.strip()][-count:])
+
+
+def default_test_jobs() -> int:
+    """Half the cores, at most 8 (the GPU tests are in 8 files): 8 on the 16-core GPU machine."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+PYTEST = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "gpu"]
+
+
+def gpu_test_files(session: Session) -> dict[str, list[str]]:
+    """{test file: its `gpu` test ids}, from pytest's collection (with the session's environment)."""
+    collected = subprocess.run([*PYTEST, "--collect-only", "-q"], cwd=REPO, env=session.env, capture_output=True,
+                               text=True, timeout=max(1.0, session.limit(COLLECT_TIMEOUT_S)))
+    if collected.returncode != 0:
+        raise RuntimeError(f"pytest could not collect the gpu tests (exit {collected.returncode}):\n"
+                           f"{collected.stdout[-2000:]}{collected.stderr[-2000:]}")
+    files: dict[str, list[str]] = {}
+    for line in collected.stdout.splitlines():
+        if "::" in line:
+            files.setdefault(line.partition("::")[0], []).append(line.strip())
+    return files
+
+
+def run_gpu_tests(session: Session, cap_s: float, jobs: int) -> Step:
+    """`pytest -m gpu`, one process per test file (most tests first), `jobs` at a time: see the module's step 2."""
+    if session.limit(cap_s) < MIN_STEP_S:
+        return session.skip("pytest-gpu", TOO_LITTLE_TIME)
+    start = time.monotonic()
+    try:
+        files = gpu_test_files(session)
+    except (RuntimeError, subprocess.TimeoutExpired) as err:
+        return session.fail("pytest-gpu", f"collection: {str(err).splitlines()[0]}", str(err),
+                            time.monotonic() - start)
+    if not files:
+        return session.skip("pytest-gpu", "pytest collected no gpu tests")
+    ordered = sorted(files, key=lambda path: -len(files[path]))
+    commands = {path: [*PYTEST, "-v", "-rs", "--durations=5", path] for path in ordered}
+    threads = {"TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 1) // min(jobs, len(commands))))}
+    print(f"== pytest-gpu: {sum(map(len, files.values()))} tests in {len(files)} files, collected in "
+          f"{time.monotonic() - start:.0f} s", flush=True)
+    return session.run_parallel("pytest-gpu", commands, cap_s - (time.monotonic() - start), jobs, threads)
 
 
 def kernels_choice(kernels_json: Path) -> tuple[str, str]:
@@ -303,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a TensorRT engine of sd-turbo built on this GPU model: adds the tensorrt backend")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny preset on the CPU: tests the plumbing")
     parser.add_argument("--sizes", nargs="+", type=int, help="whole sizes of the report (default: the settings')")
+    parser.add_argument("--test-jobs", type=int, default=default_test_jobs(),
+                        help=f"pytest processes at once in the pytest-gpu step (default {default_test_jobs()} here)")
     parser.add_argument("--cap", action="append", default=[], metavar="STEP=SECONDS",
                         help="override one step's time cap, e.g. --cap report=240 (repeatable)")
     args = parser.parse_args(argv)
@@ -318,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--cap {item}: expected STEP=SECONDS, e.g. --cap report=240")
         if not caps[step] > 0:
             parser.error(f"--cap {item}: the seconds must be positive")
+    if args.test_jobs < 1:
+        parser.error(f"--test-jobs {args.test_jobs}: must be >= 1")
     settings = replace(settings, caps=caps, sizes=tuple(args.sizes) if args.sizes else settings.sizes)
     out = args.out.resolve()
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
@@ -333,9 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, wheels)],
                      settings.caps["wheels"]).status == "ok":
         session.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), str(REPO), os.environ.get("PYTHONPATH")]))
-    session.run("pytest-gpu", [sys.executable, "-m", "pytest", "-v", "--durations=15", "-m", "gpu",
-                               "-p", "no:cacheprovider", "-rs"],
-                settings.caps["pytest-gpu"])
+    run_gpu_tests(session, settings.caps["pytest-gpu"], args.test_jobs)
     if settings.device != "cuda":
         session.skip("kernels-benchmark", "it needs CUDA")
     else:

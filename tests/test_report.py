@@ -195,6 +195,51 @@ def test_gpu_session_cpu_smoke(tmp_path):
     assert summary["report_complete"] is True and len(summary["checks"]) == 5
     assert (tmp_path / "report" / "report.md").is_file() and (tmp_path / "session.log").stat().st_size > 0
     assert "issue 7 targets" in result.stdout
+    gpu_tests = next(s for s in summary["steps"] if s["name"] == "pytest-gpu")  # skipped without CUDA, one file each
+    assert gpu_tests["status"] == "ok" and "tests/test_backends.py" in {p["name"] for p in gpu_tests["parts"]}
+    assert all(p["status"] == "ok" for p in gpu_tests["parts"])
+
+
+def _python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_parallel_step_keeps_each_outcome_and_each_output_whole(tmp_path, monkeypatch):
+    from runtime import gpu_session
+
+    monkeypatch.setattr(gpu_session, "MIN_STEP_S", 0)
+    session = gpu_session.Session(tmp_path, budget_s=60)
+    commands = {
+        "passes": _python("print('a1'); print('a2')"),
+        "sleeps": _python("import time; print('b1', flush=True); time.sleep(60)"),
+        "fails": _python("import sys; print('c1'); sys.exit(3)"),
+        "sleeps too": _python("import time; time.sleep(60)"),
+    }
+    start = time.monotonic()
+    step = session.run_parallel("tests", commands, cap_s=3, jobs=2)
+    assert time.monotonic() - start < 20  # stopped at the limit, not after the sleeps
+    outcome = {part["name"]: part["status"] for part in step.parts}
+    assert outcome == {"passes": "ok", "fails": "failed (exit 3)", "sleeps": "timed out after 3 s",
+                       "sleeps too": "timed out after 3 s"}
+    assert step.status.startswith("timed out after 3 s (3 of 4 not ok: ")
+    log = session.log.read_text()
+    assert "a1\na2\n" in log and "b1\n" in log and "c1\n" in log  # each process's output in one piece
+    assert log.index("===== tests / passes") < log.index("===== tests / fails")  # in the order they ended
+
+
+def test_parallel_step_names_what_never_started_and_what_failed(tmp_path, monkeypatch):
+    from runtime import gpu_session
+
+    monkeypatch.setattr(gpu_session, "MIN_STEP_S", 0)
+    session = gpu_session.Session(tmp_path, budget_s=60)
+    step = session.run_parallel("tests", {"sleeps": _python("import time; time.sleep(60)"),
+                                          "waits": _python("pass")}, cap_s=2, jobs=1)
+    assert [(p["name"], p["status"]) for p in step.parts] == [("sleeps", "timed out after 2 s"),
+                                                              ("waits", "not started")]
+    step = session.run_parallel("more", {"a": _python("pass"), "b": _python("raise SystemExit(1)")}, cap_s=30, jobs=4)
+    assert step.status == "failed (1 of 2: b)"
+    step = session.run_parallel("all", {"a": _python("pass"), "b": _python("pass")}, cap_s=30, jobs=4)
+    assert step.status == "ok" and [s.name for s in session.steps] == ["tests", "more", "all"]
 
 
 def test_warm_up_makes_at_least_the_calls_and_continues_until_the_time_is_spent():
@@ -210,6 +255,7 @@ def test_warm_up_makes_at_least_the_calls_and_continues_until_the_time_is_spent(
     (["--cap", "report=abc"], "--cap report=abc: expected STEP=SECONDS"),
     (["--cap", "report"], "--cap report: expected STEP=SECONDS"),
     (["--cap", "report=0"], "--cap report=0: the seconds must be positive"),
+    (["--test-jobs", "0"], "--test-jobs 0: must be >= 1"),
 ])
 def test_gpu_session_refuses_a_malformed_cap_before_any_step(argv, message, tmp_path, capsys):
     from runtime import gpu_session

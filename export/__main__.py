@@ -10,7 +10,8 @@ or --random-weights --preset tiny|sd-turbo (an untrained model: random base weig
 first, then needs TensorRT: without it, it exits with status 3, the install command and the command to rerun.
 `verify` also checks every engine found next to a graph (NAME.engine for NAME.onnx) when TensorRT
 is installed, and exits with status 1 if a comparison fails; an engine named with --engine is refused
-(status 1) when its metadata names another preset or checkpoint, and without TensorRT exits with status 3.
+(status 1) when its metadata names another preset or checkpoint or another graph than NAME.onnx (its
+sha256), and without TensorRT exits with status 3.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "verify":
-            check_verify_inputs(args)
+            args.graph_metadata = check_verify_inputs(args)
         model, weights = load_from_args(args)
         return args.run(args, model, weights)
     except (CheckpointError, BaseModelError, ValueError) as err:
@@ -145,8 +146,9 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def check_verify_inputs(args) -> None:
-    """Raise ValueError unless every file named on verify's command line exists and its metadata (engine, graph) reads."""
+def check_verify_inputs(args) -> dict[Path, dict[str, str]]:
+    """Raise ValueError unless every file named on verify's command line exists and its metadata (engine, graph) reads;
+    returns the metadata of each graph named (with --onnx, or NAME.onnx next to --engine)."""
     missing = [path for path in args.onnx or [] if not path.is_file()]
     if args.engine is not None:
         missing += [path for path in (args.engine, args.engine.with_suffix(".onnx"),
@@ -157,11 +159,15 @@ def check_verify_inputs(args) -> None:
     if args.engine is not None:
         engine_metadata.read(args.engine)
     graphs = list(args.onnx or []) + ([args.engine.with_suffix(".onnx")] if args.engine is not None else [])
-    for path in graphs:
-        try:
-            read_metadata(path)
-        except DecodeError as err:
-            raise ValueError(f"{path} is not a readable ONNX file: {err}") from err
+    return {path: read_graph_metadata(path) for path in graphs}
+
+
+def read_graph_metadata(path: Path) -> dict[str, str]:
+    """`read_metadata`, raising ValueError for a file that is not a readable ONNX file as well."""
+    try:
+        return read_metadata(path)
+    except DecodeError as err:
+        raise ValueError(f"{path} is not a readable ONNX file: {err}") from err
 
 
 def load_from_args(args) -> tuple[GuideSR, str]:
@@ -230,19 +236,20 @@ def _run_verify(args, model: GuideSR, weights: str) -> int:
     if not graphs:
         raise ValueError(f"no graphs for preset {preset} and tile {args.tile[0]}x{args.tile[1]} in {args.out_dir}; "
                          f"run `python -m export onnx` (make onnx) first")
+    graph_metadata = {path: args.graph_metadata.get(path) or read_graph_metadata(path) for path in graphs}
     engines = {path: path.with_suffix(".engine") for path in graphs if path.with_suffix(".engine").is_file()}
     if args.engine is not None:
         engines[args.engine.with_suffix(".onnx")] = args.engine
-        engine_metadata.check_model(engine_metadata.read(args.engine), preset, model.descriptor.checkpoint_sha256)
-        try:  # an engine asked for by name is checked or the command fails, as `engine` does without TensorRT
-            import_tensorrt()
-        except TensorRTUnavailableError as err:
-            print(f"error: cannot check {args.engine}: {err}", file=sys.stderr)
-            return EXIT_NO_TENSORRT
+        named = engine_metadata.read(args.engine)
+        engine_metadata.check_model(named, preset, model.descriptor.checkpoint_sha256)
+        engine_metadata.check_built_from(named, args.engine, args.engine.with_suffix(".onnx"))
     if engines:
         try:
             import_tensorrt()
-        except TensorRTUnavailableError:
+        except TensorRTUnavailableError as err:
+            if args.engine is not None:  # an engine asked for by name is checked or the command fails, as `engine` does
+                print(f"error: cannot check {args.engine}: {err}", file=sys.stderr)
+                return EXIT_NO_TENSORRT
             print(f"note: TensorRT is not installed; not checking {', '.join(e.name for e in engines.values())}")
             engines = {}
     print(f"reference: PyTorch, {weights}")
@@ -250,9 +257,9 @@ def _run_verify(args, model: GuideSR, weights: str) -> int:
     for path in graphs:
         engine = engines.get(path)
         print(f"\n{path.name}" + (f" and {engine.name}" if engine else ""))
-        if args.sizes and GraphSpec.from_json(read_metadata(path)["graph_spec"]).variant == "static":
+        if args.sizes and GraphSpec.from_json(graph_metadata[path]["graph_spec"]).variant == "static":
             print("  note: a static graph runs its own shape only; --sizes applies to dynamic graphs")
-        comparisons = compare(model, path, args.sizes, engine)
+        comparisons = compare(model, path, args.sizes, engine, graph_metadata[path])
         for comparison in comparisons:
             print("  " + comparison.describe())
             passed &= comparison.passed

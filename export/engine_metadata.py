@@ -4,6 +4,7 @@ A TensorRT engine runs only on the GPU model and TensorRT version that built it,
 weights of one checkpoint. `tensorrt_build.build_engine` writes this file next to the engine; the
 runtime calls `read` and `check_compatible` before deserializing, so a stale engine is refused with
 a message that says what differs, instead of failing inside TensorRT or silently running old weights.
+`check_built_from` refuses an engine next to a graph other than the one it was built from (its sha256).
 Nothing here imports TensorRT.
 """
 
@@ -26,7 +27,7 @@ class EngineMetadataError(ValueError):
 
 
 class EngineMismatchError(RuntimeError):
-    """The engine was built for another GPU, TensorRT version or checkpoint."""
+    """The engine was built for another GPU, TensorRT version or checkpoint, or from another ONNX graph."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,21 @@ def check_model(metadata: EngineMetadata, preset: str, checkpoint_sha256: str | 
         raise EngineMismatchError(f"the TensorRT engine for {metadata.onnx_file} holds another model: "
                                   + "; ".join(mismatches) + ". Pass the model it was built from, or rebuild it "
                                   "with `make engine` (or `python -m export engine`).")
+
+
+def check_built_from(metadata: EngineMetadata, engine_path: str | Path, onnx_path: str | Path) -> None:
+    """Raise EngineMismatchError unless the engine was built from the graph `onnx_path`: the sha256 of that file is
+    the one `tensorrt_build.build_engine` recorded."""
+    from guidesr.checkpoint import file_sha256  # guidesr imports diffusers (seconds): only when a graph is checked
+
+    onnx_sha256 = file_sha256(onnx_path)
+    if metadata.onnx_sha256 != onnx_sha256:
+        raise EngineMismatchError(
+            f"the TensorRT engine {engine_path} was built from {metadata.onnx_file} ({_short(metadata.onnx_sha256)}), "
+            f"not from the graph {onnx_path} ({_short(onnx_sha256)}); an engine is checked only against the graph it "
+            f"was built from. Rebuild it with `make engine` (or `python -m export engine` with the options that "
+            f"exported this graph), which exports the graph again and builds the engine from it."
+        )
 
 
 def _checkpoint_mismatch(metadata: EngineMetadata, checkpoint_sha256: str | None) -> list[str]:

@@ -18,6 +18,7 @@ its explicit fp32 islands, are what the engine computes in.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from types import ModuleType
 
@@ -42,8 +43,10 @@ class EngineBuildError(RuntimeError):
     """TensorRT rejected the graph or could not build an engine for it."""
 
 
+@functools.cache
 def import_tensorrt() -> ModuleType:
-    """The `tensorrt` module, or TensorRTUnavailableError naming the install command."""
+    """The `tensorrt` module, imported and checked once per process, or TensorRTUnavailableError naming the install
+    command (raised again on every call)."""
     try:
         import tensorrt as trt
     except ImportError as err:

@@ -127,10 +127,15 @@ def graph_shapes(spec: GraphSpec, sizes: list[tuple[int, int]] | None) -> list[t
 
 
 def compare(model: GuideSR, onnx_path: str | Path, sizes: list[tuple[int, int]] | None,
-            engine_path: str | Path | None = None) -> list[Comparison]:
-    """Run the reference, the ONNX graph on ONNX Runtime (and the engine) through Polygraphy."""
+            engine_path: str | Path | None = None, graph_metadata: dict[str, str] | None = None) -> list[Comparison]:
+    """Run the reference, the ONNX graph on ONNX Runtime (and the engine) through Polygraphy.
+
+    The engine is refused (EngineMismatchError) unless it was built from this graph file, before TensorRT is
+    imported, and then unless it fits this GPU, TensorRT and checkpoint. `graph_metadata`: the graph's
+    `read_metadata`, when the caller has read it already.
+    """
     onnx_path = Path(onnx_path)
-    metadata = read_metadata(onnx_path)
+    metadata = read_metadata(onnx_path) if graph_metadata is None else graph_metadata
     spec, precision = GraphSpec.from_json(metadata["graph_spec"]), metadata["precision"]
     expected = model.descriptor.checkpoint_sha256 or "none"
     if metadata["checkpoint_sha256"] != expected:
@@ -147,9 +152,10 @@ def compare(model: GuideSR, onnx_path: str | Path, sizes: list[tuple[int, int]] 
         from .tensorrt_build import current_gpu, import_tensorrt
         from .tensorrt_plugins import driver_ptx_isa
 
-        engine_metadata.check_compatible(engine_metadata.read(engine_path), *current_gpu(),
-                                         import_tensorrt().__version__, model.descriptor.checkpoint_sha256,
-                                         driver_ptx_isa())
+        built = engine_metadata.read(engine_path)
+        engine_metadata.check_built_from(built, engine_path, onnx_path)
+        engine_metadata.check_compatible(built, *current_gpu(), import_tensorrt().__version__,
+                                         model.descriptor.checkpoint_sha256, driver_ptx_isa())
         runners.append(TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))), name=Path(engine_path).name))
     results = Comparator.run(runners, data_loader=sample_images(shapes))
     pairs = [(0, i) for i in range(1, len(runners))] + ([(1, 2)] if len(runners) == 3 else [])

@@ -1,5 +1,6 @@
 """Issue 4, without a model: graph specs, engine metadata checks, TensorRT's operator list."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -221,3 +222,18 @@ def test_engine_metadata_with_unknown_fields_is_refused_clearly(tmp_path):
     engine_metadata.metadata_path(engine).write_text(json.dumps(data))
     with pytest.raises(EngineMetadataError, match=r"missing fields \[\], unknown fields \['written_by_a_newer_guidesr'\]"):
         engine_metadata.read(engine)
+
+
+def test_check_built_from_compares_the_graph_files_sha256(tmp_path):
+    graph, other = tmp_path / "tiny-static-b1-64x64-fp16.onnx", tmp_path / "re-exported.onnx"
+    graph.write_bytes(b"the graph the engine was built from")
+    other.write_bytes(b"another graph")
+    built_from, found = (hashlib.sha256(path.read_bytes()).hexdigest() for path in (graph, other))
+    engine = tmp_path / "tiny.engine"
+    built = _metadata(onnx_sha256=built_from)
+    engine_metadata.check_built_from(built, engine, graph)
+    with pytest.raises(EngineMismatchError) as err:
+        engine_metadata.check_built_from(built, engine, other)
+    assert str(err.value).startswith(
+        f"the TensorRT engine {engine} was built from tiny-static-b1-64x64-fp16.onnx (sha256 {built_from[:12]}…), "
+        f"not from the graph {other} (sha256 {found[:12]}…)")

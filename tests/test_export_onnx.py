@@ -18,13 +18,14 @@ import onnxruntime
 import pytest
 import torch
 
-from export.__main__ import EXIT_NO_TENSORRT, EXIT_USAGE, build_parser, load_from_args, main
+from export.__main__ import EXIT_FAILED, EXIT_NO_TENSORRT, EXIT_USAGE, build_parser, load_from_args, main
+from export.engine_metadata import EngineMismatchError
 from export.fp16 import FP32_ISLANDS
 from export.graphs import GraphSpec, guidesr_graph
 from export.onnx_export import OPSET, export_graphs, read_metadata
 from export.trt_supported_ops import tensorrt_problems
 from export.verify import compare
-from guidesr.checkpoint import CheckpointError
+from guidesr.checkpoint import CheckpointError, file_sha256
 from guidesr.loading import DEFAULT_CHECKPOINT
 from helpers import randomized_tiny
 
@@ -333,7 +334,8 @@ def test_verify_refuses_a_file_that_is_not_an_exported_graph(tmp_path, capsys, n
 
 
 def _engine_next_to(graph, folder: Path, **changes) -> Path:
-    """A stand-in NAME.engine (not a real one) with NAME.onnx and NAME.engine.json next to it."""
+    """A stand-in NAME.engine (not a real one) with NAME.onnx and NAME.engine.json next to it, its metadata
+    recording that it was built from that NAME.onnx."""
     from dataclasses import replace
 
     from export import engine_metadata
@@ -343,8 +345,63 @@ def _engine_next_to(graph, folder: Path, **changes) -> Path:
     onnx_path.write_bytes(graph.path.read_bytes())
     engine = onnx_path.with_suffix(".engine")
     engine.write_bytes(b"not an engine")
-    engine_metadata.write(replace(_metadata(), **changes), engine)
+    built_from = dict(onnx_file=onnx_path.name, onnx_sha256=file_sha256(onnx_path))
+    engine_metadata.write(replace(_metadata(), **{**built_from, **changes}), engine)
     return engine
+
+
+@pytest.fixture
+def no_tensorrt_import(monkeypatch):
+    def refuse():
+        raise AssertionError("TensorRT was imported before the engine was checked against its graph")
+
+    monkeypatch.setattr("export.__main__.import_tensorrt", refuse)
+    monkeypatch.setattr("export.tensorrt_build.import_tensorrt", refuse)
+
+
+def _reexport_over(engine: Path, graph) -> Path:
+    """NAME.onnx next to the engine replaced by another graph of the same preset, as a later export would."""
+    onnx_path = engine.with_suffix(".onnx")
+    onnx_path.write_bytes(graph.path.read_bytes())
+    return onnx_path
+
+
+def test_verify_refuses_an_engine_built_from_another_graph_before_importing_tensorrt(graphs, tmp_path, capsys,
+                                                                                     no_tensorrt_import):
+    built_from = graphs[("fp16", "static", SIZES[0])]
+    engine = _engine_next_to(built_from, tmp_path, preset="tiny", checkpoint_sha256="none")
+    onnx_path = _reexport_over(engine, graphs[("fp32", "static", SIZES[0])])
+    argv = ["verify", "--random-weights", "--preset", "tiny", "--tile", "64", "--engine", str(engine)]
+    assert main(argv) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert (f"error: the TensorRT engine {engine} was built from {built_from.path.name} "
+            f"(sha256 {file_sha256(built_from.path)[:12]}…), not from the graph {onnx_path} "
+            f"(sha256 {file_sha256(onnx_path)[:12]}…)") in err
+    assert "Rebuild it with `make engine` (or `python -m export engine`" in err
+
+
+def test_compare_refuses_an_engine_built_from_another_graph_before_importing_tensorrt(graphs, model, tmp_path,
+                                                                                      no_tensorrt_import):
+    engine = _engine_next_to(graphs[("fp16", "static", SIZES[0])], tmp_path)
+    onnx_path = _reexport_over(engine, graphs[("fp32", "static", SIZES[0])])
+    with pytest.raises(EngineMismatchError, match=f"the TensorRT engine {engine} was built from"):
+        compare(model, onnx_path, None, engine)
+
+
+def test_verify_reads_each_graphs_metadata_once(graphs, model, tmp_path, monkeypatch, capsys):
+    reads = []
+
+    def counted(path):
+        reads.append(Path(path).name)
+        return read_metadata(path)
+
+    monkeypatch.setattr("export.__main__.read_metadata", counted)
+    monkeypatch.setattr("export.verify.read_metadata", counted)
+    monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
+    graph = graphs[("fp32", "static", SIZES[0])].path
+    assert main(["verify", "--sizes", "64x64", "--onnx", str(graph)]) == 0
+    assert "a static graph runs its own shape only" in capsys.readouterr().out
+    assert reads == [graph.name]
 
 
 def test_verify_refuses_an_engine_of_another_model_without_needing_tensorrt(graphs, tmp_path, capsys):
@@ -365,3 +422,4 @@ def test_verify_of_a_named_engine_without_tensorrt_fails_with_the_install_hint(g
     assert main(argv) == EXIT_NO_TENSORRT
     err = capsys.readouterr().err
     assert f"error: cannot check {engine}" in err and "pip install tensorrt-cu12" in err
+    assert "was built from" not in err

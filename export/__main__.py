@@ -17,7 +17,6 @@ sha256), and without TensorRT exits with status 3.
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from guidesr.checkpoint import CheckpointError
 from guidesr.config import PRESETS, preset_config
 from guidesr.loading import DEFAULT_CHECKPOINT, BaseModelError, build_model, load_model
 from guidesr.model import GuideSR
+from runtime.arguments import bounded_float, bounded_int
 
 from . import engine_metadata
 from .engine_metadata import EngineMetadataError, EngineMismatchError
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     _shape_options(engine)
     engine.add_argument("--optimization-level", type=int, default=3, choices=range(6),
                         help="TensorRT builder optimisation level 0-5 (default 3)")
-    engine.add_argument("--workspace-gib", type=_positive_float,
+    engine.add_argument("--workspace-gib", type=bounded_float(0, exclusive_minimum=True),
                         help="TensorRT workspace limit in GiB (default: TensorRT's)")
     engine.add_argument("--timing-cache", type=Path,
                         help="timing cache file, loaded and saved (default OUT_DIR/tensorrt-timing.cache)")
@@ -118,32 +118,12 @@ def _command(commands, name: str, run, help_text: str) -> argparse.ArgumentParse
 
 
 def _shape_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--batch", type=_positive_int, default=1, help="batch size of static graphs (default 1)")
-    command.add_argument("--max-batch", type=_positive_int, default=4,
+    command.add_argument("--batch", type=bounded_int(1), default=1, help="batch size of static graphs (default 1)")
+    command.add_argument("--max-batch", type=bounded_int(1), default=4,
                          help="largest batch of dynamic graphs (default 4)")
     command.add_argument("--trt-plugins", action="store_true",
                          help="FCA channel attention as TensorRT plugin nodes (fused Triton kernels; TensorRT only) "
                               "(default: off)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
 
 
 def check_verify_inputs(args) -> dict[Path, dict[str, str]]:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from runtime.arguments import bounded_int, nearest_existing_folder
+
 from .config import PRESETS
 from .data import SAMPLE_EVAL, HRImageFolder, SampleImages, check_crop_sizes, eval_pairs
 from .degradations import DegradationConfig
@@ -115,9 +117,10 @@ def json_target_problem(path: Path) -> str | None:
     """Why the results cannot be written to `path` (checked before the evaluation runs), or None."""
     if path.is_dir():
         return "is a folder"
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is None or not parent.is_dir():
-        return f"{parent} is not a folder"
+    try:
+        parent = nearest_existing_folder(path.parent)
+    except OSError as error:
+        return str(error)
     if not os.access(parent, os.W_OK):
         return f"{parent} is not writable"
     return None
@@ -138,11 +141,10 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"side of the centre crop of each HR image, in HR pixels: a multiple of {scale}, at least "
                         f"{smallest_crop_size(scale)}; every image side must be over half of it (default 256)")
     p.add_argument("--seed", type=int, default=0, help="degradation seed (default 0)")
-    p.add_argument("--draws", type=int, default=4, help="degradations per image (default 4), each its own seed")
+    p.add_argument("--draws", type=bounded_int(1), default=4,
+                   help="degradations per image (default 4), each its own seed")
     p.add_argument("--json", type=Path, default=None, help="write the full results here (default: not written)")
     args = p.parse_args(argv)
-    if args.draws < 1:
-        p.error("--draws must be >= 1")
     problem = crop_size_problem(args.crop_size, border=scale)
     if problem is not None:
         p.error(f"--crop-size: {problem}")

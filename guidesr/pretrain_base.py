@@ -15,13 +15,14 @@ diffusers-format folder exactly like a user's SD-Turbo folder (unet/, vae/):
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from runtime.arguments import bounded_float, bounded_int, nearest_existing_folder
 
 from .config import tiny_config
 from .data import SampleImages, check_crop_sizes, random_crop_flip
@@ -74,29 +75,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="folder to write unet/ and vae/ into (required; files already there are replaced: "
                              "guidesr/weights/tiny-base is the embedded demo model's base)")
-    parser.add_argument("--steps", type=int, default=4000, help="VAE training steps (default 4000)")
-    parser.add_argument("--lr", type=float, default=1e-3,
+    parser.add_argument("--steps", type=bounded_int(1), default=4000, help="VAE training steps (default 4000)")
+    parser.add_argument("--lr", type=bounded_float(0, exclusive_minimum=True), default=1e-3,
                         help="peak learning rate of the one-cycle schedule (default 1e-3)")
     parser.add_argument("--crop", type=int, default=64,
                         help=f"training crop size (px), a multiple of {VAE_MULTIPLE} (default 64)")
-    parser.add_argument("--batch", type=int, default=8, help="crops per step (default 8)")
+    parser.add_argument("--batch", type=bounded_int(1), default=8, help="crops per step (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the crops (default 0)")
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        parser.error(f"--lr must be a positive number, got {args.lr}")
-    if args.batch < 1:
-        parser.error(f"--batch must be >= 1, got {args.batch}")
     if args.crop < VAE_MULTIPLE or args.crop % VAE_MULTIPLE:
         parser.error(f"--crop must be a positive multiple of {VAE_MULTIPLE} (the VAE's downsampling), got {args.crop}")
     try:
         check_crop_sizes(SampleImages("train").paths, args.crop)
     except ValueError as error:
         parser.error(f"--crop {args.crop}: {error}")
-    existing = next((p for p in (args.out, *args.out.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        parser.error(f"--out {args.out}: {existing} is not a folder")
+    try:
+        nearest_existing_folder(args.out)
+    except OSError as error:
+        parser.error(f"--out {args.out}: {error}")
     make_tiny_base(args.out, args.steps, args.seed, crop=args.crop, batch=args.batch, lr=args.lr)
 
 

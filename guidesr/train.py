@@ -34,6 +34,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from runtime.arguments import bounded_float, bounded_int
+
 from .checkpoint import CheckpointError, read_checkpoint_record, save_checkpoint
 from .config import preset_config
 from .data import HRImageFolder, PairConfig, SampleImages, TrainingPairs
@@ -145,15 +147,17 @@ def _unflatten_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, to
     optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
 
 
-def save_train_state(path: Path, step: int, model: GuideSR, discriminator: nn.Module | None,
+def save_train_state(path: Path, step: int, elapsed_s: float, model: GuideSR, discriminator: nn.Module | None,
                      optimizer: torch.optim.Optimizer, disc_optimizer: torch.optim.Optimizer | None,
                      config: TrainConfig) -> None:
+    """Writes the training state at `step` into `path`, with `elapsed_s`: the seconds of training up to that step,
+    summed over the runs that resumed it (metrics.jsonl's `time`)."""
     path.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.trained_state_dict().items()}
     opt_tensors, opt_groups = _flatten_optimizer(optimizer, "optimizer")
     tensors |= opt_tensors
-    record: dict[str, Any] = {"format": STATE_FORMAT, "step": step, "config": dataclasses.asdict(config),
-                              "optimizer": opt_groups}
+    record: dict[str, Any] = {"format": STATE_FORMAT, "step": step, "elapsed_s": elapsed_s,
+                              "config": dataclasses.asdict(config), "optimizer": opt_groups}
     if discriminator is not None and disc_optimizer is not None:
         tensors |= {f"discriminator.{k}": v.detach().cpu().contiguous() for k, v in discriminator.state_dict().items()}
         disc_tensors, disc_groups = _flatten_optimizer(disc_optimizer, "disc_optimizer")
@@ -206,7 +210,10 @@ def read_state_record(path: Path) -> dict[str, Any]:
 
 
 def load_train_state(path: Path, model: GuideSR, discriminator: nn.Module | None,
-                     optimizer: torch.optim.Optimizer, disc_optimizer: torch.optim.Optimizer | None) -> int:
+                     optimizer: torch.optim.Optimizer, disc_optimizer: torch.optim.Optimizer | None
+                     ) -> tuple[int, float]:
+    """Loads the state into the model, discriminator and optimisers; returns its step and elapsed seconds (0 for a
+    state from before the elapsed time was recorded)."""
     record = read_state_record(path)
     with safe_open(path / "state.safetensors", "pt") as handle:
         tensor_step = (handle.metadata() or {}).get("step")
@@ -224,7 +231,7 @@ def load_train_state(path: Path, model: GuideSR, discriminator: nn.Module | None
         disc = {k[len("discriminator."):]: v for k, v in tensors.items() if k.startswith("discriminator.")}
         discriminator.load_state_dict(disc)
         _unflatten_optimizer(disc_optimizer, tensors, record["disc_optimizer"], "disc_optimizer")
-    return int(record["step"])
+    return int(record["step"]), float(record.get("elapsed_s", 0.0))
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -261,8 +268,10 @@ class Trainer:
             disc_params = [p for p in self.discriminator.parameters() if p.requires_grad]
             self.disc_optimizer = torch.optim.AdamW(disc_params, lr=config.disc_lr, betas=(0.5, 0.999))
         self.step = 0
+        self.elapsed_s = 0.0  # seconds of training up to self.step, over every run of this folder since step 0
         if resuming:
-            self.step = load_train_state(state, self.model, self.discriminator, self.optimizer, self.disc_optimizer)
+            self.step, self.elapsed_s = load_train_state(state, self.model, self.discriminator, self.optimizer,
+                                                         self.disc_optimizer)
         self.saved_step = self.step  # the step of the last checkpoint, 0 before any
         pairs = PairConfig(batch_size=config.batch_size, crop_size=config.crop_size, degradation=config.degradation,
                            seed=config.seed, num_workers=config.num_workers)
@@ -332,7 +341,7 @@ class Trainer:
             save_checkpoint(self.model, self.out / f"rank{self.env.rank}" / "guidesr")
         if not self.env.is_main:
             return
-        save_train_state(self.out / "state", self.step, self.model, self.discriminator, self.optimizer,
+        save_train_state(self.out / "state", self.step, self.elapsed_s, self.model, self.discriminator, self.optimizer,
                          self.disc_optimizer, self.config)
         base = None if self.config.random_base else os.path.relpath(Path(self.config.base_model).resolve(), self.out.resolve())
         save_checkpoint(self.model, self.out / self.config.name, base_model=base,
@@ -367,15 +376,16 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         log_mode = "a" if self.step > 0 else "w"  # a fresh run (e.g. --no-resume) replaces the log at its first line
         bar = tqdm(total=until, initial=self.step, disable=not self.env.is_main, desc="train", dynamic_ncols=True)
-        start = time.time()
+        start = time.time() - self.elapsed_s
         while self.step < until:
             logs = self.train_step()
+            self.elapsed_s = time.time() - start
             history.append(logs)
             bar.update(1)
             if self.env.is_main and (self.step % self.config.log_every == 0 or self.step == until):
                 bar.set_postfix(loss=f"{logs['total']:.4f}", lr=f"{logs['lr']:.2e}")
                 with log_path.open(log_mode) as f:
-                    f.write(json.dumps({"step": self.step, "time": round(time.time() - start, 2), **logs}) + "\n")
+                    f.write(json.dumps({"step": self.step, "time": round(self.elapsed_s, 2), **logs}) + "\n")
                 log_mode = "a"
             if self.step % self.config.checkpoint_every == 0 or self.step == until:
                 self.save()
@@ -405,27 +415,12 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + (" (default: '')" if action.default == "" else " (default: %(default)s)")
 
 
-def _number(kind: type, low: float, low_inclusive: bool = True, high: float | None = None):
-    """An argparse type: a finite `kind` in [low, high] (or (low, high] when not low_inclusive)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(value) or value < low or (value == low and not low_inclusive) or (
-                high is not None and value > high):
-            bound = f"{'>=' if low_inclusive else '>'} {low:g}" + ("" if high is None else f" and <= {high:g}")
-            raise argparse.ArgumentTypeError(f"{text} must be {bound}")
-        return value
-    return parse
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m guidesr.train", description=__doc__, formatter_class=_HelpFormatter)
-    positive, count = _number(int, 1), _number(int, 0)
-    rate = _number(float, 0.0, low_inclusive=False)
-    weight, probability = _number(float, 0.0), _number(float, 0.0, high=1.0)
+    positive, count = bounded_int(1), bounded_int(0)
+    rate = bounded_float(0, exclusive_minimum=True)
+    weight, probability = bounded_float(0), bounded_float(0, 1)
     p.add_argument("--preset", default=defaults.preset, choices=["tiny", "sd-turbo"], help="model size")
     p.add_argument("--base-model", default=None, help="local diffusers folder with unet/ and vae/ (the preset's shapes)")
     p.add_argument("--random-base", action="store_true", help="random base weights (smoke tests only)")

@@ -66,6 +66,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .arguments import bounded_int, nearest_existing_folder
+
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"
 SITE = Path("/tmp/site")
@@ -415,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a TensorRT engine of sd-turbo built on this GPU model: adds the tensorrt backend")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny preset on the CPU: tests the plumbing")
     parser.add_argument("--sizes", nargs="+", type=int, help="whole sizes of the report (default: the settings')")
-    parser.add_argument("--test-jobs", type=int, default=default_test_jobs(),
+    parser.add_argument("--test-jobs", type=bounded_int(1), default=default_test_jobs(),
                         help=f"pytest processes at once in the pytest-gpu step (default {default_test_jobs()} here)")
     parser.add_argument("--cap", action="append", default=[], metavar="STEP=SECONDS",
                         help="override one step's time cap, e.g. --cap report=240 (repeatable)")
@@ -432,13 +434,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--cap {item}: expected STEP=SECONDS, e.g. --cap report=240")
         if not caps[step] > 0:
             parser.error(f"--cap {item}: the seconds must be positive")
-    if args.test_jobs < 1:
-        parser.error(f"--test-jobs {args.test_jobs}: must be >= 1")
     settings = replace(settings, caps=caps, sizes=tuple(args.sizes) if args.sizes else settings.sizes)
     out = args.out.resolve()
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        parser.error(f"--out {args.out}: {existing} is not a folder")
+    try:
+        nearest_existing_folder(out)
+    except OSError as error:
+        parser.error(f"--out {args.out}: {error}")
     out.mkdir(parents=True, exist_ok=True)
     session = Session(out, args.budget_s)
 

@@ -73,6 +73,7 @@ from export.graphs import size_argument
 from guidesr.metrics import psnr, ssim
 from guidesr.model import set_kernels_enabled
 
+from .arguments import bounded_float, bounded_int
 from .backends import BACKENDS, PRECISIONS, Backend, BackendError, create_backend, resolve_device
 from .tiling import BicubicSource, TilePlan, fit_to_shape, plan_tiles, run_tiled
 from .upscale import effective_tile
@@ -648,14 +649,16 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"whole-image output sizes, N or HxW (default {' '.join(DEFAULT_SIZES)})")
     run.add_argument("--tiled", nargs="*", type=parse_size, default=[parse_size(s) for s in DEFAULT_TILED],
                      help=f"tiled output sizes (default {' '.join(DEFAULT_TILED)}: 2048 square and a 4K UHD frame)")
-    run.add_argument("--tile", type=int, default=512, help="tile size for --tiled, output pixels (default 512)")
-    run.add_argument("--overlap", type=int, default=64, help="tile overlap, output pixels (default 64)")
-    run.add_argument("--tile-batch", type=int, default=1, help="tiles per backend call (default 1)")
-    run.add_argument("--warmup", type=int, default=3, help="untimed calls before timing, at least (default 3)")
-    run.add_argument("--warmup-s", type=float, default=1.0,
+    run.add_argument("--tile", type=bounded_int(1), default=512,
+                     help="tile size for --tiled, output pixels (default 512)")
+    run.add_argument("--overlap", type=bounded_int(0), default=64, help="tile overlap, output pixels (default 64)")
+    run.add_argument("--tile-batch", type=bounded_int(1), default=1, help="tiles per backend call (default 1)")
+    run.add_argument("--warmup", type=bounded_int(0), default=3,
+                     help="untimed calls before timing, at least (default 3)")
+    run.add_argument("--warmup-s", type=bounded_float(0), default=1.0,
                      help="... and more until the untimed calls add up to this many seconds (default 1.0)")
-    run.add_argument("--repeats", type=int, default=20, help="timed calls per whole size (default 20)")
-    run.add_argument("--tiled-repeats", type=int, default=3, help="timed passes per tiled size (default 3)")
+    run.add_argument("--repeats", type=bounded_int(1), default=20, help="timed calls per whole size (default 20)")
+    run.add_argument("--tiled-repeats", type=bounded_int(1), default=3, help="timed passes per tiled size (default 3)")
     run.add_argument("--onnx", type=Path,
                      help="an exported graph for the onnxruntime backend (default: it exports one per tile shape)")
     run.add_argument("--engine", type=Path, help="a TensorRT engine (python -m export engine) for the tensorrt backend")
@@ -683,11 +686,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"unknown backend {name!r}; registered: {', '.join(BACKENDS)}")
     if args.random_weights and (args.preset is None or args.checkpoint is not None or args.base_model is not None):
         parser.error("--random-weights needs --preset, and no --checkpoint or --base-model")
-    for option in ("repeats", "tiled_repeats", "tile", "tile_batch"):
-        if getattr(args, option) < 1:
-            parser.error(f"--{option.replace('_', '-')} must be >= 1")
-    if args.warmup < 0 or args.warmup_s < 0 or not 0 <= args.overlap < args.tile:
-        parser.error("--warmup and --warmup-s must be >= 0 and --overlap in [0, --tile)")
+    if args.overlap >= args.tile:
+        parser.error(f"--overlap {args.overlap} must be smaller than --tile {args.tile}")
     if not args.sizes and not args.tiled:
         parser.error("nothing to measure: give --sizes and/or --tiled")
 

@@ -38,6 +38,8 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .arguments import bounded_int
+
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -241,18 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=tuple(DTYPES), help="default: fp16 on CUDA, fp32 on the CPU")
     parser.add_argument("--size", type=parse_size, default=(512, 512), help="output size, N or HxW (default 512)")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=bounded_int(1), default=1)
     parser.add_argument("--triton-kernels", choices=("on", "off"), default="on",
                         help="the fused Triton ops (used on CUDA only; default on)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per stage on the CPU (default 10)")
-    parser.add_argument("--profile-compiled", type=int, default=0, metavar="N",
+    parser.add_argument("--repeats", type=bounded_int(1), default=10,
+                        help="timed calls per stage on the CPU (default 10)")
+    parser.add_argument("--profile-compiled", type=bounded_int(0), default=0, metavar="N",
                         help="CUDA: first profile N graph replays of the compiled backend at this size (default 0: no)")
     parser.add_argument("--json", type=Path, help="write the rows and settings here")
     args = parser.parse_args(argv)
     if args.random_weights and (args.preset is None or args.checkpoint is not None or args.base_model is not None):
         parser.error("--random-weights needs --preset, and no --checkpoint or --base-model")
-    if args.batch < 1 or args.repeats < 1 or args.profile_compiled < 0:
-        parser.error("--batch and --repeats must be >= 1, --profile-compiled >= 0")
     try:
         device = resolve_device(args.device)
     except BackendError as err:

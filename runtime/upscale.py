@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from .arguments import bounded_float, bounded_int
 from .backends import Backend, BackendError, available_backends, create_backend, resolve_device
 from .imageio import (
     DEFAULT_MAX_MEGAPIXELS,
@@ -337,12 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recursive", action="store_true", help="include images in subfolders (kept as subfolders)")
     parser.add_argument("--format", choices=sorted(set(FORMAT_EXTENSION)), default=None,
                         help="output format when OUT is a folder (default png)")
-    parser.add_argument("--scale", type=int, default=None, help="upscaling factor (default: the model's, 4)")
-    parser.add_argument("--tile", type=int, default=DEFAULT_TILE,
+    parser.add_argument("--scale", type=bounded_int(1), default=None, help="upscaling factor (default: the model's, 4)")
+    parser.add_argument("--tile", type=bounded_int(0), default=DEFAULT_TILE,
                         help=f"tile size in output pixels, 0 for the whole image (default {DEFAULT_TILE})")
-    parser.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP,
+    parser.add_argument("--overlap", type=bounded_int(0), default=DEFAULT_OVERLAP,
                         help=f"tile overlap in output pixels (default {DEFAULT_OVERLAP})")
-    parser.add_argument("--tile-batch", type=int, default=1, help="tiles per model call (default 1)")
+    parser.add_argument("--tile-batch", type=bounded_int(1), default=1, help="tiles per model call (default 1)")
     parser.add_argument("--backend", default="auto", choices=["auto", *available_backends()],
                         help="inference backend (default auto: the fastest available; it uses onnxruntime / "
                              "tensorrt only when --onnx / --engine is given)")
@@ -364,34 +365,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="GuideSR checkpoint (NAME.json; default: the embedded demo model, tiny preset)")
     parser.add_argument("--preset", default=None, help="model preset (tiny, sd-turbo)")
     parser.add_argument("--base-model", default=None, help="diffusers-format base model folder")
-    parser.add_argument("--jpeg-quality", type=int, default=95, help="JPEG and WebP quality, 1-100 (default 95)")
+    parser.add_argument("--jpeg-quality", type=bounded_int(1, 100), default=95,
+                        help="JPEG and WebP quality, 1-100 (default 95)")
     parser.add_argument("--validate", action="store_true",
                         help="also run the PyTorch fp32 reference on the same tiles, report PSNR / SSIM / max-abs "
                              "per image, and fail (write nothing) below --min-psnr")
     parser.add_argument("--min-psnr", type=float, default=None, metavar="DB",
                         help=f"--validate threshold (default {DEFAULT_MIN_PSNR['fp16']:g} dB for fp16 backends, "
                              f"{DEFAULT_MIN_PSNR['fp32']:g} dB for fp32 ones)")
-    parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
+    parser.add_argument("--max-megapixels", type=bounded_float(0), default=DEFAULT_MAX_MEGAPIXELS,
                         help=f"refuse inputs larger than this (decompression-bomb guard, default "
                              f"{DEFAULT_MAX_MEGAPIXELS:g}); 0 for no limit")
     return parser
 
 
 def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.tile < 0:
-        parser.error("--tile must be >= 0")
-    if args.overlap < 0:
-        parser.error("--overlap must be >= 0")
     if args.tile and args.overlap >= args.tile:
         parser.error(f"--overlap {args.overlap} must be smaller than --tile {args.tile}")
-    if args.tile_batch < 1:
-        parser.error("--tile-batch must be >= 1")
-    if args.scale is not None and args.scale < 1:
-        parser.error("--scale must be >= 1")
-    if not 1 <= args.jpeg_quality <= 100:
-        parser.error("--jpeg-quality must be in 1..100")
-    if args.max_megapixels < 0:
-        parser.error("--max-megapixels must be >= 0")
     if args.min_psnr is not None and not args.validate:
         parser.error("--min-psnr is the --validate threshold; add --validate")
     recomputed = (args.tile / (args.tile - args.overlap)) ** 2 if args.tile else 1.0

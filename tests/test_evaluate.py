@@ -44,7 +44,7 @@ def test_draws_below_one_are_refused_before_the_model_loads(capsys, monkeypatch)
     monkeypatch.setattr(evaluate_module, "load_model", no_model)
     with pytest.raises(SystemExit) as exit_info:
         main(["--draws", "0"])
-    assert exit_info.value.code == 2 and "--draws must be >= 1" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --draws: 0 must be >= 1" in capsys.readouterr().err
 
 
 def test_unusable_images_are_an_argparse_error_naming_each_file(tmp_path, capsys):

@@ -255,7 +255,7 @@ def test_warm_up_makes_at_least_the_calls_and_continues_until_the_time_is_spent(
     (["--cap", "report=abc"], "--cap report=abc: expected STEP=SECONDS"),
     (["--cap", "report"], "--cap report: expected STEP=SECONDS"),
     (["--cap", "report=0"], "--cap report=0: the seconds must be positive"),
-    (["--test-jobs", "0"], "--test-jobs 0: must be >= 1"),
+    (["--test-jobs", "0"], "argument --test-jobs: 0 must be >= 1"),
 ])
 def test_gpu_session_refuses_a_malformed_cap_before_any_step(argv, message, tmp_path, capsys):
     from runtime import gpu_session

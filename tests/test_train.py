@@ -189,6 +189,23 @@ def test_resumed_log_drops_lines_after_the_checkpoint(tmp_path):
     assert log[-1]["total"] != 1.0
 
 
+def test_resumed_log_time_continues_from_the_state(tmp_path):
+    """The log's time counts the seconds of every run since step 0; a state written before it was recorded
+    counts as 0."""
+    config = small_config(tmp_path, loss=LossConfig(w_lpips=0.0, w_gan=0.0), steps=2, checkpoint_every=2)
+    Trainer(config).fit(until=1)
+    Trainer(config).fit()
+    state = tmp_path / "state" / "state.json"
+    record = json.loads(state.read_text())
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2]
+    assert 0 < log[0]["time"] < log[1]["time"] == round(record["elapsed_s"], 2)
+    del record["elapsed_s"]
+    state.write_text(json.dumps(record))
+    resumed = Trainer(config)
+    assert resumed.step == 2 and resumed.elapsed_s == 0.0
+
+
 def test_finished_run_rewrites_a_missing_checkpoint_and_a_torn_state_is_refused(tmp_path):
     config = small_config(tmp_path, loss=LossConfig(w_lpips=0.0, w_gan=0.0), steps=2, checkpoint_every=2)
     Trainer(config).fit()
@@ -230,10 +247,10 @@ def test_a_fresh_run_keeps_the_old_log_until_its_first_step(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("argv, message", [
     ([], "the following arguments are required: --out"),
-    (["--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--steps", "-1"], "--steps must be >= 1, got -1"),
-    (["--lr", "nan"], "--lr must be a positive number, got nan"),
-    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--steps", "0"], "argument --steps: 0 must be >= 1"),
+    (["--steps", "-1"], "argument --steps: -1 must be >= 1"),
+    (["--lr", "nan"], "argument --lr: nan must be > 0"),
+    (["--batch", "0"], "argument --batch: 0 must be >= 1"),
     (["--crop", "13"], "--crop must be a positive multiple of 8"),
     (["--crop", "1024"], "is too small"),
 ])

@@ -1,0 +1,51 @@
+"""Command-line helpers shared by guidesr, export and runtime: argparse types for bounded numbers, and the check
+that an output folder can be made where a command line puts it. Standard library only: runtime.gpu_session uses it
+before the wheels it installs (diffusers among them) are there."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+
+def bounded_int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum` (and <= `maximum` when given)."""
+    return _bounded(int, "an integer", minimum, maximum, exclusive_minimum=False)
+
+
+def bounded_float(minimum: float, maximum: float | None = None, *,
+                  exclusive_minimum: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number >= `minimum` (> `minimum` with `exclusive_minimum`), and <= `maximum` when
+    given."""
+    return _bounded(float, "a number", minimum, maximum, exclusive_minimum=exclusive_minimum)
+
+
+def _bounded(kind: type, noun: str, minimum: float, maximum: float | None, *, exclusive_minimum: bool):
+    form = "d" if kind is int else "g"
+    bound = f"{'>' if exclusive_minimum else '>='} {minimum:{form}}"
+    if maximum is not None:
+        bound += f" and <= {maximum:{form}}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        above_minimum = value > minimum if exclusive_minimum else value >= minimum
+        if not (math.isfinite(value) and above_minimum and (maximum is None or value <= maximum)):
+            raise argparse.ArgumentTypeError(f"{text} must be {bound}")
+        return value
+    return parse
+
+
+def nearest_existing_folder(path: Path) -> Path:
+    """The nearest of `path` and the folders above it that exists: where `path.mkdir(parents=True)` would start.
+    NotADirectoryError ("X is not a folder") when that is a file; FileNotFoundError when none of them exists."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise NotADirectoryError(f"{candidate} is not a folder")
+            return candidate
+    raise FileNotFoundError(f"neither {path} nor any folder above it exists")

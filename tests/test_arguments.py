@@ -1,0 +1,57 @@
+"""runtime.arguments: the argparse types for bounded numbers and the output-folder check of the command lines."""
+
+import argparse
+import re
+
+import pytest
+
+from runtime.arguments import bounded_float, bounded_int, nearest_existing_folder
+
+
+@pytest.mark.parametrize("parse, text, value", [
+    (bounded_int(1), "1", 1),
+    (bounded_int(0), "0", 0),
+    (bounded_int(1, 100), "100", 100),
+    (bounded_float(0), "0", 0.0),
+    (bounded_float(0, exclusive_minimum=True), "1e-3", 1e-3),
+    (bounded_float(0, 1), "1", 1.0),
+])
+def test_numbers_within_the_bounds_are_accepted(parse, text, value):
+    assert parse(text) == value and type(parse(text)) is type(value)
+
+
+@pytest.mark.parametrize("parse, text, message", [
+    (bounded_int(1), "0", "0 must be >= 1"),
+    (bounded_int(0), "-1", "-1 must be >= 0"),
+    (bounded_int(1, 100), "101", "101 must be >= 1 and <= 100"),
+    (bounded_int(1), "1.5", "'1.5' is not an integer"),
+    (bounded_int(1), "two", "'two' is not an integer"),
+    (bounded_float(0, exclusive_minimum=True), "0", "0 must be > 0"),
+    (bounded_float(0), "-0.5", "-0.5 must be >= 0"),
+    (bounded_float(0, 1), "1.5", "1.5 must be >= 0 and <= 1"),
+    (bounded_float(0.5, 2.5), "3", "3 must be >= 0.5 and <= 2.5"),
+    (bounded_float(0), "nan", "nan must be >= 0"),
+    (bounded_float(0), "inf", "inf must be >= 0"),
+    (bounded_float(0), "x", "'x' is not a number"),
+])
+def test_numbers_outside_the_bounds_are_argparse_errors_naming_the_bound(parse, text, message):
+    with pytest.raises(argparse.ArgumentTypeError) as caught:
+        parse(text)
+    assert str(caught.value) == message
+
+
+def test_an_argparse_error_names_the_option_the_value_and_the_bound(capsys):
+    parser = argparse.ArgumentParser(prog="tool")
+    parser.add_argument("--repeats", type=bounded_int(1))
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--repeats", "0"])
+    assert exit_info.value.code == 2 and "tool: error: argument --repeats: 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_nearest_existing_folder_is_where_mkdir_would_start(tmp_path):
+    assert nearest_existing_folder(tmp_path) == tmp_path
+    assert nearest_existing_folder(tmp_path / "a" / "b") == tmp_path
+    (tmp_path / "file").write_text("")
+    for below_a_file in (tmp_path / "file", tmp_path / "file" / "out"):
+        with pytest.raises(NotADirectoryError, match=f"^{re.escape(str(tmp_path / 'file'))} is not a folder$"):
+            nearest_existing_folder(below_a_file)

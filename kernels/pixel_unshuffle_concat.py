@@ -60,12 +60,13 @@ def pixel_unshuffle_concat(h: torch.Tensor, f: torch.Tensor, s: int, use_kernel:
     The Triton op runs only with `use_kernel` on CUDA tensors of one dtype, outside ONNX export
     and when no gradient is needed (the op is inference only).
     """
-    if use_kernel and _triton_applies(h, f):
+    if use_kernel and fused_op_applies(h, f):
         return torch.ops.guidesr.pixel_unshuffle_concat(h, f, s)
     return pixel_unshuffle_concat_reference(h, f, s)
 
 
-def _triton_applies(h: torch.Tensor, f: torch.Tensor) -> bool:
+def fused_op_applies(h: torch.Tensor, f: torch.Tensor) -> bool:
+    """The Triton op runs on 4-D CUDA tensors of one dtype, outside ONNX export, when no gradient is needed."""
     return (
         triton is not None
         and h.is_cuda

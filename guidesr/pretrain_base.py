@@ -15,6 +15,7 @@ diffusers-format folder exactly like a user's SD-Turbo folder (unet/, vae/):
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -64,8 +65,10 @@ def make_tiny_base(out: Path, steps: int, seed: int, *, crop: int, batch: int, l
     images = list(SampleImages("train"))
     train_vae(vae, images, steps, crop, batch, lr, generator)
     out.mkdir(parents=True, exist_ok=True)
-    vae.save_pretrained(out / "vae")
-    unet.save_pretrained(out / "unet")
+    for name, model in (("vae", vae), ("unet", unet)):
+        model.save_pretrained(out / name)
+        for weights in (out / name).glob("*.safetensors"):  # safetensors writes 0600; config.json has the umask's mode
+            shutil.copymode(out / name / "config.json", weights)
     print(f"wrote {out}")
 
 

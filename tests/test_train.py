@@ -277,6 +277,25 @@ def test_pretrain_base_refuses_an_out_below_a_file(tmp_path, capsys, monkeypatch
     assert exit_info.value.code == 2 and f"{tmp_path / 'file'} is not a folder" in capsys.readouterr().err
 
 
+def test_pretrain_base_writes_a_loadable_base_with_ordinary_file_modes(tmp_path):
+    """safetensors creates its files 0600; the base's weights get the mode the umask gives config.json."""
+    import os
+
+    from diffusers import AutoencoderKL
+
+    import guidesr.pretrain_base as pretrain_base
+
+    umask = os.umask(0o022)
+    try:
+        pretrain_base.make_tiny_base(tmp_path / "base", steps=1, seed=0, crop=32, batch=1, lr=1e-4)
+    finally:
+        os.umask(umask)
+    weights = sorted((tmp_path / "base").glob("*/*.safetensors"))
+    assert [w.parent.name for w in weights] == ["unet", "vae"]
+    assert {w.stat().st_mode & 0o777 for w in weights} == {0o644}
+    AutoencoderKL.from_pretrained(tmp_path / "base" / "vae", use_safetensors=True)
+
+
 def test_learning_rate_reaches_the_peak_after_warm_up_and_ends_at_the_floor():
     config = TrainConfig(lr=1e-3, warmup_steps=10, steps=110, min_lr_ratio=0.1)
     assert learning_rate(config, 10) == pytest.approx(1e-3)  # the first step after warm-up: the peak, not above

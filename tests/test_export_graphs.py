@@ -30,16 +30,19 @@ def test_dynamic_spec_declares_axes_and_profile():
     assert spec.dynamic_axes == {name: {0: "batch", 2: "height", 3: "width"} for name in ("image", "r1")}
     assert spec.profile["image"] == ((1, 3, 64, 64), (1, 3, 512, 384), (4, 3, 1024, 768))
     assert spec.inputs[0].dims == ("batch", 3, "height", "width")
-    spec.check_input_shape((2, 3, 128, 576))
-    for bad in [(1, 3, 96, 64), (5, 3, 64, 64), (1, 3, 1088, 64), (1, 3, 64)]:
+    for good in [(2, 3, 128, 576), (1, 3, 64, 64), (4, 3, 1024, 768)]:
+        spec.check_input_shape(good)
+    for bad in [(1, 3, 96, 64), (1, 3, 64, 96), (5, 3, 64, 64), (1, 3, 1088, 64), (1, 3, 64)]:
         with pytest.raises(ValueError, match="multiples of 64"):
             spec.check_input_shape(bad)
 
 
-def test_spec_json_round_trip():
-    for variant in ("static", "dynamic"):
-        spec = guidesr_graph(16, (48, 80), variant)
-        assert GraphSpec.from_json(spec.to_json()) == spec
+@pytest.mark.parametrize("trt_plugins", [False, True])
+@pytest.mark.parametrize("variant", ["static", "dynamic"])
+def test_spec_json_round_trip(variant, trt_plugins):
+    spec = guidesr_graph(16, (48, 80), variant, trt_plugins=trt_plugins)
+    assert GraphSpec.from_json(spec.to_json()) == spec
+    assert ("trt_plugins" in json.loads(spec.to_json())) == trt_plugins
 
 
 def test_spec_rejects_tiles_off_the_size_multiple():
@@ -49,6 +52,11 @@ def test_spec_rejects_tiles_off_the_size_multiple():
         guidesr_graph(16, (64, 64), "ragged")
     with pytest.raises(ValueError, match="batch must be >= 1, got 0"):
         guidesr_graph(16, (64, 64), "static", batch=0)
+    with pytest.raises(ValueError, match="max_batch must be >= 1, got 0"):
+        guidesr_graph(16, (64, 64), "dynamic", max_batch=0)
+    for tile in [(0, 64), (64, 0), (-16, 64)]:
+        with pytest.raises(ValueError, match="positive multiples"):
+            guidesr_graph(16, tile, "dynamic")
 
 
 def test_parse_tile():

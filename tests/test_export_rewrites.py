@@ -3,12 +3,13 @@
 import copy
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime
 import pytest
 import torch
 
-from export.fp16 import add_fp32_islands
+from export.fp16 import FP32_ISLANDS, add_fp32_islands
 from export.graphs import guidesr_graph
 from export.merge import lora_layer_names, merged_copy
 from export.onnx_export import prepare_for_export, trace
@@ -179,3 +180,133 @@ def test_fp32_islands_leave_an_fp32_graph_alone(traced):
     nodes = len(model.graph)
     assert add_fp32_islands(model) == 0
     assert len(model.graph) == nodes
+
+
+def fp16_graph(nodes, output: str = "y") -> ir.Model:
+    """An fp16 graph on x [2, 4, 3, 5] with fp16 norm parameters, types inferred."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    initializers = [numpy_helper.from_array(array, name) for name, array in fp16_parameters().items()]
+    initializers.append(numpy_helper.from_array(np.array([2, 3], np.int64), "axes"))
+    graph = helper.make_graph(
+        [helper.make_node(*node[:3], **node[3]) if len(node) > 3 else helper.make_node(*node) for node in nodes],
+        "islands", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 4, 3, 5])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT16, None)], initializers)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    fold_constants(model)
+    return model
+
+
+def fp16_parameters() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {name: rng.standard_normal(size).astype(np.float16)
+            for name, size in (("in_scale", 4), ("in_bias", 4), ("ln_scale", 5), ("ln_bias", 5))}
+
+
+ISLAND_NODES = [
+    ("InstanceNormalization", ["x", "in_scale", "in_bias"], ["normed"], {"epsilon": 1e-5}),
+    ("Softmax", ["normed"], ["soft"], {"axis": -1}),
+    ("ReduceMean", ["x", "axes"], ["mean"], {"keepdims": 1}),
+    ("LayerNormalization", ["x", "ln_scale", "ln_bias"], ["layer"], {"axis": -1, "epsilon": 1e-5}),
+    ("Add", ["soft", "mean"], ["sum"]),
+    ("Add", ["sum", "layer"], ["y"]),
+]
+
+
+def islands_reference(x: np.ndarray) -> np.ndarray:
+    """ISLAND_NODES in float64."""
+    p = {name: a.astype(np.float64) for name, a in fp16_parameters().items()}
+
+    def normalise(v, axes):
+        return (v - v.mean(axes, keepdims=True)) / np.sqrt(v.var(axes, keepdims=True) + 1e-5)
+
+    normed = normalise(x, (2, 3)) * p["in_scale"][:, None, None] + p["in_bias"][:, None, None]
+    soft = np.exp(normed - normed.max(-1, keepdims=True))
+    soft /= soft.sum(-1, keepdims=True)
+    layer = normalise(x, (-1,)) * p["ln_scale"] + p["ln_bias"]
+    return soft + x.mean((2, 3), keepdims=True) + layer
+
+
+def test_fp32_islands_compute_each_listed_op_in_fp32_between_casts():
+    """Every input of an island op is fp32 (one shared Cast per fp16 value), every output goes through a Cast to fp16."""
+    model = fp16_graph(ISLAND_NODES)
+    assert add_fp32_islands(model) == 4
+    assert [node.op_type for node in model.graph if node.inputs and node.inputs[0].name == "x"] == ["Cast"]
+    for node in model.graph:
+        if node.op_type in FP32_ISLANDS:
+            floating = [v for v in node.inputs if v is not None and v.dtype != ir.DataType.INT64]
+            assert {v.dtype for v in (*floating, *node.outputs)} == {ir.DataType.FLOAT}, node.op_type
+            assert [(user.op_type, user.outputs[0].dtype) for user, _ in node.outputs[0].uses()] == [
+                ("Cast", ir.DataType.FLOAT16)]
+            assert all(v.shape is not None for user, _ in node.outputs[0].uses() for v in user.outputs)
+    fold_constants(model)
+    proto = ir.to_proto(model)
+    onnx.checker.check_model(proto, full_check=True)
+    x = (np.random.default_rng(1).standard_normal((2, 4, 3, 5)) * 3).astype(np.float16)
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": x})
+    assert y.dtype == np.float16
+    np.testing.assert_allclose(y.astype(np.float64), islands_reference(x.astype(np.float64)), atol=2e-2)
+
+
+@pytest.mark.parametrize("nodes, output, message", [
+    ([("Softmax", ["x"], ["y"], {"axis": -1})], "y", "graph output"),
+    ([("Softmax", ["x"], ["soft"], {"axis": -1}), ("Relu", ["soft"], ["y"])], "y", "unknown type"),
+])
+def test_fp32_islands_refuse_graph_outputs_and_untyped_values(nodes, output, message):
+    """An island op may not produce a graph output, and needs inferred output types."""
+    model = fp16_graph(nodes, output)
+    if message == "unknown type":
+        next(iter(model.graph)).outputs[0].dtype = None
+    with pytest.raises(ValueError, match=message):
+        add_fp32_islands(model)
+
+
+def test_fp32_islands_leave_other_domains_alone():
+    """An op of another domain named like an island op (a plugin) keeps its fp16 types."""
+    model = fp16_graph([("Softmax", ["x"], ["soft"], {"axis": -1}), ("Relu", ["soft"], ["y"])])
+    softmax = next(iter(model.graph))
+    softmax.domain = "guidesr"
+    nodes = len(model.graph)
+    assert add_fp32_islands(model) == 0
+    assert len(model.graph) == nodes and softmax.outputs[0].dtype == ir.DataType.FLOAT16
+
+
+def test_merged_weights_are_base_plus_b_times_a_in_float64(model):
+    """W' = W + B A for every LoRA layer (the paper's Delta W = B A: lora_alpha = r, so alpha / r = 1)."""
+    from peft.tuners.lora import LoraLayer
+
+    unmerged = copy.deepcopy(model).double()
+    merged = dict(merged_copy(unmerged).named_modules())
+    layers = [(name, m) for name, m in unmerged.named_modules() if isinstance(m, LoraLayer)]
+    assert {type(m.base_layer) for _, m in layers} == {torch.nn.Conv2d, torch.nn.Linear}
+    for name, layer in layers:
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        delta = torch.einsum("or,r...->o...", b.flatten(1), a)
+        expected = layer.base_layer.weight + delta
+        assert torch.allclose(merged[name].weight, expected, rtol=0, atol=1e-12), name
+
+
+def test_merged_copy_refuses_lora_layers_left_after_the_merge(model, monkeypatch):
+    """A merge that leaves peft LoRA layers in the copy is an error, not a silently unmerged export."""
+    monkeypatch.setattr(type(model), "merge_lora", lambda self: None)
+    with pytest.raises(RuntimeError, match="LoRA layers survived"):
+        merged_copy(model)
+
+
+def test_inference_copy_is_frozen_eval_typed_channels_last(model):
+    """inference_copy: merged, no gradients, eval mode, the asked dtype, channels_last 4-D weights; model unchanged."""
+    from export.merge import inference_copy
+
+    model.train()
+    try:
+        prepared = inference_copy(model, torch.device("cpu"), torch.float64)
+        assert model.training and lora_layer_names(model)
+    finally:
+        model.eval()
+    assert not lora_layer_names(prepared) and not prepared.training
+    assert not any(module.training for module in prepared.modules())
+    parameters = list(prepared.parameters())
+    assert all(p.dtype == torch.float64 and not p.requires_grad for p in parameters)
+    weights = [p for p in parameters if p.dim() == 4 and p.shape[2:] != (1, 1)]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)

@@ -10,6 +10,7 @@ from torch import nn
 from guidesr.config import preset_config, sd_turbo_config, tiny_config
 from guidesr.diffusion import vae_encode
 from guidesr.guidance import GuidanceBranch
+from guidesr.injection import build_injections
 from guidesr.model import GuideSR, pad_to_multiple
 from helpers import randomize_trainable
 
@@ -196,3 +197,61 @@ def test_descriptor(tiny):
     d = tiny.descriptor
     assert (d.scale, d.size_multiple, d.preset) == (4, 16, "tiny")
     assert d.input_range == (-1.0, 1.0)
+
+
+def injected(injection, hidden: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    """Paper eq. 3 written out: h + P(cat(h, PixelUnshuffle(narrow(F_r), s)))."""
+    narrowed = guidance if isinstance(injection.narrow, nn.Identity) else F.conv2d(
+        guidance, injection.narrow.weight, injection.narrow.bias)
+    joined = torch.cat([hidden, F.pixel_unshuffle(narrowed, injection.scale)], dim=1)
+    return hidden + F.conv2d(joined, injection.project.weight, injection.project.bias)
+
+
+def test_trained_forward_equals_diffusers_forwards_with_injections_and_skips():
+    """R1 = Dec(F_m + F_l) at t_f through diffusers' own forwards, with hooks adding eq. 3 at every UNet down-block
+    input (also its skip) and zero-conv(encoder down-block input) at the mirrored decoder up-block input (float64)."""
+    torch.manual_seed(0)
+    model = randomize_trainable(GuideSR(tiny_config()), 3).double().eval()
+    vae, unet, cfg = model.vae, model.unet, model.config
+    x = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 2 - 1
+    encoder_inputs, hooks = [], []
+    with torch.no_grad():
+        guidance, _ = model.guidance(x)
+        first, later = model.injections[0], model.injections[1:]
+        hooks.append(unet.conv_in.register_forward_hook(lambda m, a, out: injected(first, out, guidance)))
+        for block, injection in zip(unet.down_blocks, later):
+            def inject_after(m, a, out, injection=injection):
+                h = injected(injection, out[0], guidance)
+                return h, (*out[1][:-1], h)
+            hooks.append(block.register_forward_hook(inject_after))
+        hooks += [block.register_forward_pre_hook(lambda m, a: encoder_inputs.append(a[0]))
+                  for block in vae.encoder.down_blocks]
+        for block, conv, skip_index in zip(vae.decoder.up_blocks, model.vae_skips.convs, range(3, -1, -1)):
+            hooks.append(block.register_forward_pre_hook(lambda m, a, conv=conv, i=skip_index: (
+                a[0] + F.conv2d(encoder_inputs[i], conv.weight, conv.bias), *a[1:])))
+        try:
+            latent = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+            residual = unet(latent, cfg.timestep, encoder_hidden_states=model.prompt(x)).sample
+            expected = vae.decode((latent + residual) / vae.config.scaling_factor).sample.clamp(-1, 1)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        r1 = model(x).r1
+    assert len(encoder_inputs) == 4 and all(c.weight.abs().max() > 0 for c in model.vae_skips.convs)
+    torch.testing.assert_close(r1, expected, rtol=0, atol=1e-10)
+
+
+def test_injection_widths_follow_the_unet_and_the_unshuffle_budget():
+    """Each F'_r is injection_channels wide (c_s = injection_channels / s^2, at most 2C, at least 1); no narrowing
+    conv where c_s = 2C (sd-turbo's first scale); P maps [h, F'_r] back to the width of its down block's input."""
+    with torch.device("meta"):
+        model = GuideSR(sd_turbo_config())
+    inputs = [block.resnets[0].in_channels for block in model.unet.down_blocks]
+    assert inputs == [320, 320, 640, 1280]
+    widths = [(m.scale, getattr(m.narrow, "out_channels", None), m.project.in_channels, m.project.out_channels)
+              for m in model.injections]
+    assert widths == [(8, None, 320 + 4096, 320), (16, 16, 320 + 4096, 320), (32, 4, 640 + 4096, 640),
+                      (64, 1, 1280 + 4096, 1280)]
+    assert isinstance(model.injections[0].narrow, nn.Identity)
+    small = build_injections(8, [4, 6], [2, 4], injection_channels=8)
+    assert [(m.narrow.out_channels, m.project.in_channels) for m in small] == [(2, 4 + 2 * 4), (1, 4 + 16)]

@@ -70,6 +70,14 @@ def test_rejects_mismatched_shapes():
         pixel_unshuffle_concat_triton(h, f[..., :-1], 2)
     with pytest.raises(ValueError):
         pixel_unshuffle_concat_triton(h, f.half(), 2)
+    with pytest.raises(ValueError):
+        pixel_unshuffle_concat_triton(h, torch.cat([f, f]), 2)
+    shape = (1, 2 + 3 * 4, 4, 5)
+    for out in (torch.empty(shape, dtype=torch.float16, device=DEVICE),
+                torch.empty(shape[::-1], device=DEVICE).permute(3, 2, 1, 0)):
+        assert out.shape == shape
+        with pytest.raises(ValueError, match="out must be"):
+            pixel_unshuffle_concat_triton(h, f, 2, out=out)
 
 
 def test_custom_op_registered_with_fake_impl():

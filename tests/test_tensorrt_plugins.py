@@ -142,6 +142,18 @@ def test_plugin_block_computes_what_the_fca_block_computes():
     torch.testing.assert_close(FCAPluginBlock(block)(x), block(x), rtol=1e-12, atol=1e-12)
 
 
+def test_plugin_nodes_context_swaps_blocks_and_puts_the_originals_back():
+    """Inside fca_plugin_nodes every FCABlock (nested too) is an FCAPluginBlock; after it, even on an error, the originals."""
+    from export.plugin_nodes import fca_plugin_nodes
+
+    blocks = [FCABlock(4, use_kernel=False) for _ in range(3)]
+    module = torch.nn.Sequential(blocks[0], torch.nn.Sequential(torch.nn.Identity(), blocks[1]), blocks[2])
+    with pytest.raises(RuntimeError, match="inside"), fca_plugin_nodes(module):
+        assert [type(m) for m in (module[0], module[1][1], module[2])] == [FCAPluginBlock] * 3
+        raise RuntimeError("inside")
+    assert module[0] is blocks[0] and module[1][1] is blocks[1] and module[2] is blocks[2]
+
+
 def test_plugin_export_leaves_the_model_unchanged(graphs, model):
     assert fca_blocks(model) == 4 and all(type(m).__name__ != "FCAPluginBlock" for m in model.modules())
 
@@ -427,3 +439,34 @@ def test_plugin_engine_matches_pytorch(graphs, model, key, tmp_path):
 if __name__ == "__main__":
     for case in AOT_CASES:
         compile_and_check(*case)
+
+
+def test_type_plugin_outputs_types_each_node_from_the_image_and_the_biases():
+    """z is [B, C, H, W] in conv1's bias type, the gate [B, C] fp32, the partial sums [B, C, ?] fp32; C from the bias."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.plugin_nodes import type_plugin_outputs
+
+    channels, plugin = 6, {"plugin_namespace": PLUGIN_NAMESPACE, "aot": 1}
+    initializers = [numpy_helper.from_array(np.zeros(shape, dtype), name) for name, shape, dtype in [
+        ("y_bias", (channels,), np.float16), ("weight", (channels, channels, 1, 1), np.float16),
+        ("bias", (channels,), np.float16)]]
+    nodes = [helper.make_node("Relu", ["image"], ["y"]),
+             helper.make_node(GELU_PARTIAL_SUM, ["y", "y_bias"], ["partial"], domain=DOMAIN, **plugin),
+             helper.make_node(CHANNEL_GATE, ["partial", "weight", "bias", "y"], ["gate"], domain=DOMAIN, **plugin),
+             helper.make_node(GATED_GELU, ["y", "y_bias", "gate"], ["z"], domain=DOMAIN, **plugin)]
+    graph = helper.make_graph(nodes, "plugins", [helper.make_tensor_value_info("image", TensorProto.FLOAT16,
+                                                                               ["batch", 3, 64, 48])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT16, None)], initializers)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                                  helper.make_opsetid(DOMAIN, 1)]))
+    assert type_plugin_outputs(model) == 3
+    outputs = {node.op_type: node.outputs[0] for node in model.graph}
+    batch = model.graph.inputs[0].shape[0]
+    expected = {GATED_GELU: (ir.DataType.FLOAT16, [batch, channels, 64, 48]),
+                CHANNEL_GATE: (ir.DataType.FLOAT, [batch, channels]),
+                GELU_PARTIAL_SUM: (ir.DataType.FLOAT, [batch, channels, None])}
+    for op, (dtype, dims) in expected.items():
+        assert (outputs[op].dtype, outputs[op].shape) == (dtype, ir.Shape(dims)), op

@@ -82,11 +82,15 @@ def test_score_matrix_size_decides_the_form():
 
 
 def test_swap_only_touches_heads_wider_than_flash_takes():
-    model = nn.ModuleDict({"wide": vae_attention(FLASH_MAX_HEAD_DIM + 8), "narrow": vae_attention(FLASH_MAX_HEAD_DIM)})
-    narrow_processor = model["narrow"].processor
-    assert use_wide_head_attention(model) == 1
+    """Head width, not the total width of several heads, decides; the swap passes its score-matrix limit on."""
+    model = nn.ModuleDict({"wide": vae_attention(FLASH_MAX_HEAD_DIM + 8), "narrow": vae_attention(FLASH_MAX_HEAD_DIM),
+                           "many_heads": Attention(512, heads=8, dim_head=64)})
+    kept = {name: model[name].processor for name in ("narrow", "many_heads")}
+    assert head_dim(model["many_heads"]) == 64
+    assert use_wide_head_attention(model, max_score_bytes=12345) == 1
     assert isinstance(model["wide"].processor, WideHeadAttnProcessor)
-    assert model["narrow"].processor is narrow_processor
+    assert model["wide"].processor.max_score_bytes == 12345
+    assert all(model[name].processor is processor for name, processor in kept.items())
 
 
 def test_the_sd_turbo_vae_has_two_wide_head_attentions():
@@ -116,3 +120,15 @@ def test_score_bytes_of_cross_attention_count_the_keys():
     """Keys come from the encoder states (6 here), not the queries (9)."""
     attn, (x, context) = case_inputs("cross_3d")
     assert WideHeadAttnProcessor().score_bytes(attn, x, context) == 2 * 2 * 9 * 6 * 8  # batch, heads, T, T_kv, fp64
+
+
+@pytest.mark.parametrize("latent, form", [(128, "scores"), (256, "sdpa")])
+def test_default_limit_keeps_the_score_form_up_to_a_1024_output(latent, form):
+    """fp16, one 512-wide head: a 1024x1024 output (512 MB of scores, the measured win) uses them, 2048x2048 (8 GB) SDPA."""
+    processor, chosen = WideHeadAttnProcessor(), []
+    processor.with_scores = lambda *args: chosen.append("scores")
+    processor.with_sdpa = lambda *args: chosen.append("sdpa")
+    with torch.device("meta"):
+        attn = Attention(512, heads=1, dim_head=512)
+        processor(attn, torch.empty(1, 512, latent, latent, dtype=torch.float16))
+    assert chosen == [form]

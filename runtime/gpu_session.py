@@ -66,7 +66,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .arguments import bounded_int, nearest_existing_folder
+from .arguments import bounded_float, bounded_int, nearest_existing_folder
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "artifacts/gpu-session")),
                         help="output folder (default $OUT, else artifacts/gpu-session)")
-    parser.add_argument("--budget-s", type=float, default=BUDGET_S, help=f"the whole session (default {BUDGET_S})")
+    parser.add_argument("--budget-s", type=bounded_float(0, exclusive_minimum=True), default=BUDGET_S, help=f"the whole session (default {BUDGET_S})")
     parser.add_argument("--autotune", choices=("none", "aten", "full"), default="none",
                         help="the compiled backend's torch.compile autotuning (default none: see above)")
     parser.add_argument("--triton-kernels", choices=("auto", "on", "off"), default="auto",
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", type=Path,
                         help="a TensorRT engine of sd-turbo built on this GPU model: adds the tensorrt backend")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny preset on the CPU: tests the plumbing")
-    parser.add_argument("--sizes", nargs="+", type=int, help="whole sizes of the report (default: the settings')")
+    parser.add_argument("--sizes", nargs="+", type=bounded_int(1), help="whole sizes of the report (default: the settings')")
     parser.add_argument("--test-jobs", type=bounded_int(1), default=default_test_jobs(),
                         help=f"pytest processes at once in the pytest-gpu step (default {default_test_jobs()} here)")
     parser.add_argument("--cap", action="append", default=[], metavar="STEP=SECONDS",

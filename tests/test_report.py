@@ -256,6 +256,8 @@ def test_warm_up_makes_at_least_the_calls_and_continues_until_the_time_is_spent(
     (["--cap", "report"], "--cap report: expected STEP=SECONDS"),
     (["--cap", "report=0"], "--cap report=0: the seconds must be positive"),
     (["--test-jobs", "0"], "argument --test-jobs: 0 must be >= 1"),
+    (["--budget-s", "0"], "argument --budget-s: 0 must be > 0"),
+    (["--sizes", "512", "-1"], "argument --sizes: -1 must be >= 1"),
 ])
 def test_gpu_session_refuses_a_malformed_cap_before_any_step(argv, message, tmp_path, capsys):
     from runtime import gpu_session

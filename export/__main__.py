@@ -27,7 +27,7 @@ from guidesr.checkpoint import CheckpointError
 from guidesr.config import PRESETS, preset_config
 from guidesr.loading import DEFAULT_CHECKPOINT, BaseModelError, build_model, load_model
 from guidesr.model import GuideSR
-from runtime.arguments import bounded_float, bounded_int
+from runtime.cli import bounded_float, bounded_int
 
 from . import engine_metadata
 from .engine_metadata import EngineMetadataError, EngineMismatchError

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.arguments import bounded_int, nearest_existing_folder
+from runtime.cli import bounded_int, nearest_existing_folder
 
 from .config import PRESETS
 from .data import SAMPLE_EVAL, HRImageFolder, SampleImages, check_crop_sizes, eval_pairs

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from runtime.arguments import bounded_float, bounded_int, nearest_existing_folder
+from runtime.cli import bounded_float, bounded_int, nearest_existing_folder
 
 from .config import tiny_config
 from .data import SampleImages, check_crop_sizes, random_crop_flip

@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from runtime.arguments import bounded_float, bounded_int
+from runtime.cli import bounded_float, bounded_int
 
 from .checkpoint import CheckpointError, read_checkpoint_record, save_checkpoint
 from .config import preset_config

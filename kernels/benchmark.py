@@ -40,7 +40,6 @@ after printing the table of what was measured.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import time
@@ -49,6 +48,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from runtime.cli import write_json
 
 SIZES = (512, 1024, 2048)
 BATCHES = (1, 4)
@@ -437,14 +438,6 @@ def print_graph_comparison(results: list[dict], section: str, keys: tuple[str, .
     for r in rows:
         graph = [r["graph_ms"][key] for key in keys]
         print(f"  {r['shape']}: {' / '.join(f'{ms:.3f}' for ms in graph)}   {detail(r, graph)}")
-
-
-def write_json(data: dict, path: Path) -> None:
-    """Into a temporary file then renamed: a run killed while writing leaves the previous complete file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text(json.dumps(data, indent=2))
-    temporary.replace(path)
 
 
 def main() -> None:

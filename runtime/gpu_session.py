@@ -66,7 +66,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .arguments import bounded_float, bounded_int, nearest_existing_folder
+from .cli import bounded_float, bounded_int, nearest_existing_folder
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"

@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import math
 import os
 import platform
@@ -73,7 +72,7 @@ from export.graphs import size_argument
 from guidesr.metrics import psnr, ssim
 from guidesr.model import set_kernels_enabled
 
-from .arguments import bounded_float, bounded_int
+from .cli import bounded_float, bounded_int, write_json
 from .backends import BACKENDS, PRECISIONS, Backend, BackendError, create_backend, resolve_device
 from .tiling import BicubicSource, TilePlan, fit_to_shape, plan_tiles, run_tiled
 from .upscale import effective_tile
@@ -398,13 +397,6 @@ def quality_scores(restored: torch.Tensor, hr: torch.Tensor, border: int) -> dic
 def torch_settings() -> dict:
     return {"cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
             "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32, "threads": torch.get_num_threads()}
-
-
-def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    temporary.replace(path)
 
 
 # -------------------------------------------------------------------------------------- environment

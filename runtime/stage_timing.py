@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .arguments import bounded_int
+from .cli import bounded_int
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .arguments import bounded_float, bounded_int
+from .cli import bounded_float, bounded_int
 from .backends import Backend, BackendError, available_backends, create_backend, resolve_device
 from .imageio import (
     DEFAULT_MAX_MEGAPIXELS,

@@ -259,7 +259,7 @@ def test_warm_up_makes_at_least_the_calls_and_continues_until_the_time_is_spent(
     (["--budget-s", "0"], "argument --budget-s: 0 must be > 0"),
     (["--sizes", "512", "-1"], "argument --sizes: -1 must be >= 1"),
 ])
-def test_gpu_session_refuses_a_malformed_cap_before_any_step(argv, message, tmp_path, capsys):
+def test_gpu_session_refuses_malformed_arguments_before_any_step(argv, message, tmp_path, capsys):
     from runtime import gpu_session
 
     with pytest.raises(SystemExit) as exit_info:

@@ -1,11 +1,11 @@
-"""runtime.arguments: the argparse types for bounded numbers and the output-folder check of the command lines."""
+"""runtime.cli: the argparse types for bounded numbers and the output-folder check of the command lines."""
 
 import argparse
 import re
 
 import pytest
 
-from runtime.arguments import bounded_float, bounded_int, nearest_existing_folder
+from runtime.cli import bounded_float, bounded_int, nearest_existing_folder
 
 
 @pytest.mark.parametrize("parse, text, value", [

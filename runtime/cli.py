@@ -1,10 +1,11 @@
-"""Command-line helpers shared by guidesr, export and runtime: argparse types for bounded numbers, and the check
-that an output folder can be made where a command line puts it. Standard library only: runtime.gpu_session uses it
-before the wheels it installs (diffusers among them) are there."""
+"""Command-line helpers shared by guidesr, export, kernels and runtime: argparse types for bounded numbers, the check
+that an output folder can be made where a command line puts it, and the atomic write of a command's JSON results.
+Standard library only: runtime.gpu_session uses it before the wheels it installs (diffusers among them) are there."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -49,3 +50,11 @@ def nearest_existing_folder(path: Path) -> Path:
                 raise NotADirectoryError(f"{candidate} is not a folder")
             return candidate
     raise FileNotFoundError(f"neither {path} nor any folder above it exists")
+
+
+def write_json(data: dict, path: Path) -> None:
+    """Into PATH.partial, then renamed: a run killed while writing leaves the previous complete file (no NaN/inf)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    temporary.replace(path)

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -164,8 +165,9 @@ def save_train_state(path: Path, step: int, elapsed_s: float, model: GuideSR, di
         tensors |= disc_tensors
         record["disc_optimizer"] = disc_groups
     save_file(tensors, path / "state.safetensors.tmp", metadata={"step": str(step)})
-    os.replace(path / "state.safetensors.tmp", path / "state.safetensors")
     (path / "state.json.tmp").write_text(json.dumps(record, indent=2, default=str))
+    shutil.copymode(path / "state.json.tmp", path / "state.safetensors.tmp")  # safetensors writes 0600
+    os.replace(path / "state.safetensors.tmp", path / "state.safetensors")
     os.replace(path / "state.json.tmp", path / "state.json")
 
 

@@ -1,5 +1,6 @@
-"""Command-line helpers shared by guidesr, export, kernels and runtime: argparse types for bounded numbers, the check
-that an output folder can be made where a command line puts it, and the atomic write of a command's JSON results.
+"""Command-line helpers shared by guidesr, export, kernels and runtime: argparse types for bounded numbers, the model
+arguments of the measuring commands, the check that an output folder can be made where a command line puts it, and the
+atomic write of a command's JSON results.
 Standard library only: runtime.gpu_session uses it before the wheels it installs (diffusers among them) are there."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -39,6 +40,23 @@ def _bounded(kind: type, noun: str, minimum: float, maximum: float | None, *, ex
             raise argparse.ArgumentTypeError(f"{text} must be {bound}")
         return value
     return parse
+
+
+def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, presets: Iterable[str]) -> None:
+    """--checkpoint, --preset, --base-model and --random-weights, as runtime.report and runtime.stage_timing take them
+    (runtime.report.load_model_from_args loads the model they name); check them with `check_model_arguments`."""
+    parser.add_argument("--checkpoint", help="checkpoint JSON (default: the embedded demo model)")
+    parser.add_argument("--preset", choices=sorted(presets),
+                        help="must match the checkpoint's; required with --random-weights (default: the checkpoint's)")
+    parser.add_argument("--base-model", help="local diffusers-format base folder")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="an untrained model of --preset with random base weights (labelled in every output)")
+
+
+def check_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit through `parser.error` when --random-weights comes without --preset or with weights to load."""
+    if args.random_weights and (args.preset is None or args.checkpoint is not None or args.base_model is not None):
+        parser.error("--random-weights needs --preset, and no --checkpoint or --base-model")
 
 
 def nearest_existing_folder(path: Path) -> Path:

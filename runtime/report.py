@@ -69,10 +69,11 @@ import torch
 from tqdm import tqdm
 
 from export.graphs import size_argument
+from guidesr.config import PRESETS
 from guidesr.metrics import psnr, ssim
 from guidesr.model import set_kernels_enabled
 
-from .cli import bounded_float, bounded_int, write_json
+from .cli import add_model_arguments, bounded_float, bounded_int, check_model_arguments, write_json
 from .backends import BACKENDS, PRECISIONS, Backend, BackendError, create_backend, resolve_device
 from .tiling import BicubicSource, TilePlan, fit_to_shape, plan_tiles, run_tiled
 from .upscale import effective_tile
@@ -625,12 +626,7 @@ def plot_accuracy(data: dict, path: Path) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_argument_group("model (default: the embedded demo checkpoint)")
-    model.add_argument("--checkpoint", help="checkpoint JSON")
-    model.add_argument("--preset", help="tiny or sd-turbo")
-    model.add_argument("--base-model", help="local diffusers-format base folder")
-    model.add_argument("--random-weights", action="store_true",
-                       help="an untrained model of --preset with random base weights (labelled in every output)")
+    add_model_arguments(parser.add_argument_group("model (default: the embedded demo checkpoint)"), PRESETS)
     run = parser.add_argument_group("what to measure")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--backends", nargs="+", help="default: every registered backend that can run on the device")
@@ -676,8 +672,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     for name in (args.backends or []) + (args.tiled_backends or []):
         if name not in BACKENDS:
             parser.error(f"unknown backend {name!r}; registered: {', '.join(BACKENDS)}")
-    if args.random_weights and (args.preset is None or args.checkpoint is not None or args.base_model is not None):
-        parser.error("--random-weights needs --preset, and no --checkpoint or --base-model")
+    check_model_arguments(parser, args)
     if args.overlap >= args.tile:
         parser.error(f"--overlap {args.overlap} must be smaller than --tile {args.tile}")
     if not args.sizes and not args.tiled:

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cli import bounded_int
+from .cli import add_model_arguments, bounded_int, check_model_arguments
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
@@ -235,11 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m runtime.stage_timing", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="checkpoint JSON (default: the embedded demo model)")
-    parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="must match the checkpoint's; required with --random-weights (default: the checkpoint's)")
-    parser.add_argument("--base-model", help="local diffusers-format base folder")
-    parser.add_argument("--random-weights", action="store_true", help="untrained --preset (timing needs no weights)")
+    add_model_arguments(parser, PRESETS)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=tuple(DTYPES), help="default: fp16 on CUDA, fp32 on the CPU")
     parser.add_argument("--size", type=parse_size, default=(512, 512), help="output size, N or HxW (default 512)")
@@ -252,8 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="CUDA: first profile N graph replays of the compiled backend at this size (default 0: no)")
     parser.add_argument("--json", type=Path, help="write the rows and settings here")
     args = parser.parse_args(argv)
-    if args.random_weights and (args.preset is None or args.checkpoint is not None or args.base_model is not None):
-        parser.error("--random-weights needs --preset, and no --checkpoint or --base-model")
+    check_model_arguments(parser, args)
     try:
         device = resolve_device(args.device)
     except BackendError as err:

@@ -1,11 +1,12 @@
-"""runtime.cli: the argparse types for bounded numbers and the output-folder check of the command lines."""
+"""runtime.cli: the argparse types for bounded numbers, the model arguments and the output-folder check of the command
+lines."""
 
 import argparse
 import re
 
 import pytest
 
-from runtime.cli import bounded_float, bounded_int, nearest_existing_folder
+from runtime.cli import add_model_arguments, bounded_float, bounded_int, check_model_arguments, nearest_existing_folder
 
 
 @pytest.mark.parametrize("parse, text, value", [
@@ -55,3 +56,22 @@ def test_nearest_existing_folder_is_where_mkdir_would_start(tmp_path):
     for below_a_file in (tmp_path / "file", tmp_path / "file" / "out"):
         with pytest.raises(NotADirectoryError, match=f"^{re.escape(str(tmp_path / 'file'))} is not a folder$"):
             nearest_existing_folder(below_a_file)
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--preset", "tiny", "--random-weights"], None),
+    (["--checkpoint", "m.json"], None),
+    (["--random-weights"], "--random-weights needs --preset"),
+    (["--preset", "tiny", "--random-weights", "--checkpoint", "m.json"], "--random-weights needs --preset"),
+    (["--preset", "tiny", "--random-weights", "--base-model", "base"], "--random-weights needs --preset"),
+    (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+])
+def test_model_arguments_refuse_random_weights_without_a_preset_or_with_weights(argv, error, capsys):
+    parser = argparse.ArgumentParser(prog="measure")
+    add_model_arguments(parser, ("tiny", "sd-turbo"))
+    if error is None:
+        check_model_arguments(parser, parser.parse_args(argv))
+        return
+    with pytest.raises(SystemExit):
+        check_model_arguments(parser, parser.parse_args(argv))
+    assert f"measure: error: {error}" in capsys.readouterr().err

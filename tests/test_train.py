@@ -211,6 +211,8 @@ def test_finished_run_rewrites_a_missing_checkpoint_and_a_torn_state_is_refused(
     Trainer(config).fit()
     weights = load_file(tmp_path / "guidesr.safetensors")
     assert (tmp_path / "guidesr.safetensors").stat().st_mode == (tmp_path / "guidesr.json").stat().st_mode
+    state = tmp_path / "state"
+    assert (state / "state.safetensors").stat().st_mode == (state / "state.json").stat().st_mode
     (tmp_path / "guidesr.json").unlink()
     (tmp_path / "guidesr.safetensors").unlink()
     assert Trainer(config).fit() == []  # nothing left to train ...

@@ -113,7 +113,8 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, verify_hash: bool 
         raise CheckpointError(
             f"checkpoint {path} is for preset {saved.get('preset')!r}, the model is preset {expected['preset']!r}"
         )
-    differing = sorted(k for k in set(saved) | set(expected) if k != "use_triton_kernels" and saved.get(k) != expected.get(k))
+    differing = sorted(k for k in set(saved) | set(expected)
+                       if k != "use_triton_kernels" and saved.get(k) != expected.get(k))
     if differing:
         details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs model {expected.get(k)!r}" for k in differing)
         raise CheckpointError(f"checkpoint {path} was trained with another config: {details}")

@@ -76,7 +76,9 @@ UNET_LORA_TARGETS = [
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
     "conv1", "conv2", "conv_shortcut", "conv", "conv_in", "conv_out",
 ]
-VAE_LORA_TARGETS = ["conv1", "conv2", "conv_shortcut", "conv", "conv_in", "conv_out", "to_q", "to_k", "to_v", "to_out.0"]
+VAE_LORA_TARGETS = [
+    "conv1", "conv2", "conv_shortcut", "conv", "conv_in", "conv_out", "to_q", "to_k", "to_v", "to_out.0",
+]
 
 
 @dataclass

@@ -189,7 +189,8 @@ def _pad_to(image: torch.Tensor, size: int) -> torch.Tensor:
     if pad_h == 0 and pad_w == 0:
         return image
     if not _fits_crop(h, w, size):
-        raise ValueError(f"image of {h}x{w} is too small for {size}x{size} crops (needs at least {size // 2 + 1} px a side)")
+        raise ValueError(f"image of {h}x{w} is too small for {size}x{size} crops "
+                         f"(needs at least {size // 2 + 1} px a side)")
     return F.pad(image.unsqueeze(0), (0, pad_w, 0, pad_h), mode="reflect").squeeze(0)
 
 
@@ -268,7 +269,8 @@ def _to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images * 2.0 - 1.0
 
 
-def make_pairs(hr: torch.Tensor, degradation: DegradationConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def make_pairs(hr: torch.Tensor, degradation: DegradationConfig,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """HR batch in [0, 1] -> (bicubic-upsampled degraded input, HR), both in [-1, 1]."""
     lr = degrade(hr, degradation, generator)
     lq = upsample_lr(lr, hr.shape[-2:])
@@ -307,7 +309,8 @@ class TrainingPairs:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         hr = next(self._batches).to(self.device, non_blocking=True)
-        generator = torch.Generator(device=self.device).manual_seed(batch_seed(self.config.seed + 1, self.rank, self.index))
+        generator = torch.Generator(device=self.device).manual_seed(
+            batch_seed(self.config.seed + 1, self.rank, self.index))
         self.index += 1
         return make_pairs(hr, self.config.degradation, generator)
 

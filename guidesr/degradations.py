@@ -272,7 +272,8 @@ def rgb_to_gray(images: torch.Tensor) -> torch.Tensor:
     return (images * weights).sum(dim=1, keepdim=True)
 
 
-def gaussian_noise(images: torch.Tensor, sigma: torch.Tensor, gray: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def gaussian_noise(images: torch.Tensor, sigma: torch.Tensor, gray: torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
     """Additive white Gaussian noise with std `sigma[b]` / 255, grey (one field for all
     channels) where `gray[b]`, else independent per channel."""
     b, c, h, w = images.shape
@@ -289,13 +290,15 @@ def _shot_noise(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     levels = torch.clamp((images * 255.0).round(), 0, 255)
     quantised = levels / 255.0
     histogram = torch.zeros(b, 256, device=images.device)
-    histogram.scatter_add_(1, levels.reshape(b, -1).long(), torch.ones_like(levels.reshape(b, -1), dtype=histogram.dtype))
+    histogram.scatter_add_(1, levels.reshape(b, -1).long(),
+                           torch.ones_like(levels.reshape(b, -1), dtype=histogram.dtype))
     distinct = (histogram > 0).sum(dim=1).to(images.dtype)
     counts = (2.0 ** torch.ceil(torch.log2(distinct))).view(b, 1, 1, 1)
     return torch.poisson(quantised * counts, generator=generator) / counts - quantised
 
 
-def poisson_noise(images: torch.Tensor, scale: torch.Tensor, gray: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def poisson_noise(images: torch.Tensor, scale: torch.Tensor, gray: torch.Tensor,
+                  generator: torch.Generator) -> torch.Tensor:
     """Signal-dependent (shot) noise times `scale[b]`, of the luma where `gray[b]`, else of
     each colour channel."""
     b, c, h, w = images.shape
@@ -444,7 +447,8 @@ def resize(images: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tens
     return F.interpolate(images, size=size, mode=mode, align_corners=align)
 
 
-def _random_scale(resize_prob: tuple[float, float, float], resize_range: tuple[float, float], generator: torch.Generator) -> float:
+def _random_scale(resize_prob: tuple[float, float, float], resize_range: tuple[float, float],
+                  generator: torch.Generator) -> float:
     kind = int(_categorical(1, resize_prob, generator).item())
     u = float(torch.rand(1, generator=generator, device=generator.device).item())
     low, high = resize_range
@@ -456,7 +460,8 @@ def _random_scale(resize_prob: tuple[float, float, float], resize_range: tuple[f
 
 
 def _random_mode(generator: torch.Generator) -> str:
-    return RESIZE_MODES[int(torch.randint(len(RESIZE_MODES), (1,), generator=generator, device=generator.device).item())]
+    return RESIZE_MODES[int(torch.randint(len(RESIZE_MODES), (1,), generator=generator,
+                                          device=generator.device).item())]
 
 
 def degrade(hr: torch.Tensor, config: DegradationConfig, generator: torch.Generator) -> torch.Tensor:
@@ -476,7 +481,8 @@ def degrade(hr: torch.Tensor, config: DegradationConfig, generator: torch.Genera
     out = filter2d(hr, kernels)
     s = _random_scale(config.resize_prob, config.resize_range, generator)
     out = resize(out, (max(1, int(h * s)), max(1, int(w * s))), _random_mode(generator))
-    out = random_noise(out, config.gaussian_noise_prob, config.noise_range, config.poisson_scale_range, config.gray_noise_prob, generator)
+    out = random_noise(out, config.gaussian_noise_prob, config.noise_range, config.poisson_scale_range,
+                       config.gray_noise_prob, generator)
     out = random_jpeg(out, config.jpeg_range, generator)
 
     # Second stage (at probability 1 no draw decides it, so the random stream is Real-ESRGAN's).

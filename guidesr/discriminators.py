@@ -112,7 +112,8 @@ class CLIPDiscriminator(nn.Module):
         self.backbone.requires_grad_(False)
         config = self.backbone.config
         depth = config.num_hidden_layers
-        self.layers = layers if layers is not None else tuple(sorted({max(1, round(depth * k / 4)) for k in range(1, 5)}))
+        self.layers = (layers if layers is not None
+                       else tuple(sorted({max(1, round(depth * k / 4)) for k in range(1, 5)})))
         if any(not 0 <= i <= depth for i in self.layers):
             raise ValueError(f"clip_layers {self.layers} outside 0..{depth} for this {depth}-layer backbone")
         self.image_size = config.image_size
@@ -129,7 +130,8 @@ class CLIPDiscriminator(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images + 1.0) / 2.0
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                          antialias=True)
         x = (x - self.mean) / self.std
         hidden = self.backbone(pixel_values=x.to(self.backbone.dtype), output_hidden_states=True).hidden_states
         return torch.cat([head(hidden[i].to(x.dtype)) for head, i in zip(self.heads, self.layers)], dim=1)

@@ -60,7 +60,8 @@ def evaluation_images(data: str, crop_size: int) -> tuple[SampleImages | HRImage
     return folder, [str(p.relative_to(folder.root)) for p in folder.paths]
 
 
-def evaluation_set(data: str, crop_size: int, seed: int, draws: int = 1) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def evaluation_set(data: str, crop_size: int, seed: int,
+                   draws: int = 1) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(names, LR-upsampled inputs, HR) in [-1, 1], `draws` fixed-seed degradations per image, image-major."""
     images, names = evaluation_images(data, crop_size)
     lq, hr = eval_pairs(images, crop_size=crop_size, degradation=DegradationConfig(), seed=seed, draws=draws)

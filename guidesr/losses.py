@@ -34,7 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # torchvision's VGG16 `features` layout: conv channel widths, "M" for a 2x2 max-pool.
-_VGG16_LAYOUT: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+_VGG16_LAYOUT: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+                                        512, 512, 512)
 # Indices in `features` of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3: LPIPS's five taps.
 _LPIPS_TAPS: tuple[int, ...] = (3, 8, 15, 22, 29)
 _LPIPS_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 512)
@@ -130,11 +131,13 @@ class LPIPS(nn.Module):
         wanted = self.features.state_dict().keys()
         missing = [f"features.{k}" for k in wanted if f"features.{k}" not in vgg]
         if missing:
-            raise ValueError(_lpips_weights_help(f"{vgg_file} is not a torchvision VGG16 checkpoint (missing {missing[:4]}...)"))
+            raise ValueError(_lpips_weights_help(f"{vgg_file} is not a torchvision VGG16 checkpoint "
+                                                 f"(missing {missing[:4]}...)"))
         self.features.load_state_dict({k: vgg[f"features.{k}"] for k in wanted}, assign=True)
         linear = _load_state_dict(linear_file)
         try:
-            self.lins.load_state_dict({f"{i}.weight": linear[f"lin{i}.model.1.weight"] for i in range(len(self.lins))}, assign=True)
+            self.lins.load_state_dict({f"{i}.weight": linear[f"lin{i}.model.1.weight"]
+                                       for i in range(len(self.lins))}, assign=True)
         except KeyError as error:
             raise ValueError(_lpips_weights_help(f"{linear_file} has no LPIPS linear layer {error}")) from error
         self.requires_grad_(False)
@@ -194,7 +197,9 @@ class GuideSRLoss(nn.Module):
         self.config = config
         self.lpips = LPIPS(config.lpips_vgg_path, config.lpips_linear_path) if config.w_lpips > 0 else None
 
-    def branch_loss(self, restored: torch.Tensor, target: torch.Tensor, discriminator: nn.Module | None) -> dict[str, torch.Tensor]:
+    def branch_loss(
+        self, restored: torch.Tensor, target: torch.Tensor, discriminator: nn.Module | None
+    ) -> dict[str, torch.Tensor]:
         """Eq. 6 for one branch: its weighted total under "total" and each unweighted term."""
         c = self.config
         terms = {"mse": F.mse_loss(restored, target)}
@@ -225,7 +230,8 @@ class GuideSRLoss(nn.Module):
         return total, log
 
 
-def discriminator_loss(discriminator: nn.Module, real: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
+def discriminator_loss(discriminator: nn.Module, real: torch.Tensor, r1: torch.Tensor,
+                       r2: torch.Tensor) -> torch.Tensor:
     """The discriminator step: HR images are real, both branches' outputs fake. The fakes
     are detached, so this trains only the discriminator. All three are scored in one
     batched call (the discriminators have no batch statistics, so this equals three)."""

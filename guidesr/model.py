@@ -74,7 +74,8 @@ class GuideSR(nn.Module):
         for name, (module, rank, targets) in settings.items():
             if rank <= 0:
                 continue
-            lora_config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights="gaussian")
+            lora_config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets),
+                                     init_lora_weights="gaussian")
             tuners[name] = LoraModel(module, lora_config, "default")
         return tuners
 

@@ -262,7 +262,8 @@ class Trainer:
                                  seed=config.seed, prompt_init=self.prompt_start(config)).to(self.device)
         self.model.train()
         self.criterion = GuideSRLoss(config.loss).to(self.device)  # fails here, at start, without LPIPS weights
-        self.discriminator = build_discriminator(config.discriminator).to(self.device) if config.loss.w_gan > 0 else None
+        self.discriminator = (build_discriminator(config.discriminator).to(self.device)
+                              if config.loss.w_gan > 0 else None)
         params = [p for _, p in self.model.trainable_parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.disc_optimizer = None
@@ -345,7 +346,8 @@ class Trainer:
             return
         save_train_state(self.out / "state", self.step, self.elapsed_s, self.model, self.discriminator, self.optimizer,
                          self.disc_optimizer, self.config)
-        base = None if self.config.random_base else os.path.relpath(Path(self.config.base_model).resolve(), self.out.resolve())
+        base = (None if self.config.random_base
+                else os.path.relpath(Path(self.config.base_model).resolve(), self.out.resolve()))
         save_checkpoint(self.model, self.out / self.config.name, base_model=base,
                         extra={"training": {"step": self.step, "config": dataclasses.asdict(self.config)}})
         self.saved_step = self.step
@@ -424,7 +426,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
     rate = bounded_float(0, exclusive_minimum=True)
     weight, probability = bounded_float(0), bounded_float(0, 1)
     p.add_argument("--preset", default=defaults.preset, choices=["tiny", "sd-turbo"], help="model size")
-    p.add_argument("--base-model", default=None, help="local diffusers folder with unet/ and vae/ (the preset's shapes)")
+    p.add_argument("--base-model", default=None,
+                   help="local diffusers folder with unet/ and vae/ (the preset's shapes)")
     p.add_argument("--random-base", action="store_true", help="random base weights (smoke tests only)")
     p.add_argument("--data", default=defaults.data, help="'sample' or a folder of HR images (recursive)")
     p.add_argument("--out", default=defaults.out,
@@ -440,7 +443,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
     p.add_argument("--seed", type=count, default=defaults.seed, help="seeds every draw: data, crops, degradations")
     p.add_argument("--checkpoint-every", type=positive, default=defaults.checkpoint_every,
                    help="steps between checkpoints (and at the end)")
-    p.add_argument("--log-every", type=positive, default=defaults.log_every, help="steps between lines of metrics.jsonl")
+    p.add_argument("--log-every", type=positive, default=defaults.log_every,
+                   help="steps between lines of metrics.jsonl")
     p.add_argument("--num-workers", type=count, default=defaults.num_workers, help="DataLoader workers reading images")
     p.add_argument("--lr", type=rate, default=defaults.lr, help="peak learning rate (AdamW)")
     p.add_argument("--weight-decay", type=weight, default=defaults.weight_decay, help="AdamW weight decay")
@@ -461,7 +465,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
     p.add_argument("--w-gan", type=weight, default=defaults.loss.w_gan,
                    help="weight of the adversarial term (0 trains without a discriminator)")
     p.add_argument("--lpips-vgg", default=None, help="torchvision VGG16 weights file for LPIPS (vgg16-397923af.pth)")
-    p.add_argument("--lpips-linear", default=None, help="LPIPS v0.1 linear-layer weights (default: the lpips package's)")
+    p.add_argument("--lpips-linear", default=None,
+                   help="LPIPS v0.1 linear-layer weights (default: the lpips package's)")
     p.add_argument("--second-order-prob", type=probability, default=defaults.degradation.second_order_prob,
                    help="probability of the degradation's second stage, per batch (1.0: Real-ESRGAN x4plus; "
                         "ResShift's configs, which the paper follows, use 0.5)")

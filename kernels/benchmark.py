@@ -269,7 +269,8 @@ def thin_conv_case(in_channels: int, out_channels: int, size: int, padded: int =
     at 512²: the VAE's conv_in and conv_out, the guidance branch's first convolution, the IGN's three),
     channels_last fp16, as cuDNN runs it and with the thin side zero-padded to `padded` channels (the
     same result: zero input channels add nothing, extra output channels are sliced off)."""
-    x = torch.randn(1, in_channels, size, size, device=DEVICE, dtype=DTYPE).contiguous(memory_format=torch.channels_last)
+    x = (torch.randn(1, in_channels, size, size, device=DEVICE, dtype=DTYPE)
+         ).contiguous(memory_format=torch.channels_last)
     weight = (torch.randn(out_channels, in_channels, 3, 3, device=DEVICE, dtype=DTYPE) / (9 * in_channels) ** 0.5
               ).contiguous(memory_format=torch.channels_last)
     bias = torch.randn(out_channels, device=DEVICE, dtype=DTYPE)
@@ -279,7 +280,8 @@ def thin_conv_case(in_channels: int, out_channels: int, size: int, padded: int =
         b_pad = bias
     else:
         x_pad = x
-        w_pad = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, padded - out_channels)).contiguous(memory_format=torch.channels_last)
+        w_pad = (F.pad(weight, (0, 0, 0, 0, 0, 0, 0, padded - out_channels))
+                 ).contiguous(memory_format=torch.channels_last)
         b_pad = F.pad(bias, (0, padded - out_channels))
     calls = {"cudnn": lambda: F.conv2d(x, weight, bias, padding=1),
              f"padded_{padded}": lambda: F.conv2d(x_pad, w_pad, b_pad, padding=1)[:, :out_channels]}
@@ -351,7 +353,8 @@ def plan(compiled: Compiled) -> list[tuple[str, Callable[[], dict]]]:
             for s, cf, ch in INJECTION_SCALES:
                 if (s, batch, size) != (8, 1, 1024):
                     grid.append((f"unshuffle_concat s={s} {batch}x{size}",
-                                 lambda s=s, cf=cf, ch=ch, b=batch, n=size: unshuffle_concat_case(compiled, s, cf, ch, b, n)))
+                                 lambda s=s, cf=cf, ch=ch, b=batch, n=size:
+                                     unshuffle_concat_case(compiled, s, cf, ch, b, n)))
     return first + grid + [("guidance_branch 1x1024", lambda: guidance_branch_case(1, 1024))]
 
 
@@ -383,8 +386,10 @@ def print_table(results: list[dict], copy_gbs: float) -> None:
         print("\nguidance branch (sd-turbo preset, channels_last; ms): eager / eager+triton / compile / compile+triton")
         for r in branches:
             t, g, first = r["ms"], r["graph_ms"], r["first_call_s"]
-            print(f"  {r['shape']}: {t['eager']:.3f} / {t['triton']:.3f} / {t['compile']:.3f} / {t['compile_triton']:.3f}"
-                  f"   CUDA graph: {g['eager']:.3f} / {g['triton']:.3f} / {g['compile']:.3f} / {g['compile_triton']:.3f}"
+            print(f"  {r['shape']}: {t['eager']:.3f} / {t['triton']:.3f} / {t['compile']:.3f} / "
+                  f"{t['compile_triton']:.3f}"
+                  f"   CUDA graph: {g['eager']:.3f} / {g['triton']:.3f} / {g['compile']:.3f} / "
+                  f"{g['compile_triton']:.3f}"
                   f"   first compiled call: {first['compile']:.1f} s / {first['compile_triton']:.1f} s")
     for r in results:
         if "erf_gelu" in r:

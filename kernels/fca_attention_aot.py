@@ -71,7 +71,8 @@ class PluginKernel:
     constexprs: dict[str, Any]
 
     def source(self) -> ASTSource:
-        return ASTSource(self.fn, self.signature | {k: "constexpr" for k in self.constexprs}, constexprs=self.constexprs)
+        return ASTSource(self.fn, self.signature | {k: "constexpr" for k in self.constexprs},
+                         constexprs=self.constexprs)
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ def plugin_launches(batch: Any, channels: int, hw: Any, cdiv: Callable[[Any, Any
 
 
 def plugin_kernels(dtype: str, channels: int) -> dict[str, PluginKernel]:
-    """Each plugin kernel with its argument types and constexprs, for tensors of Triton type `dtype` and C = `channels`."""
+    """Each plugin kernel with its argument types and constexprs, for tensors of Triton type `dtype`
+    and C = `channels`."""
     if dtype not in PLUGIN_DTYPES:
         raise ValueError(f"dtype must be one of {PLUGIN_DTYPES}, not {dtype!r}")
     y = f"*{dtype}"

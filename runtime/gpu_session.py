@@ -191,7 +191,8 @@ class Session:
             def finish(part: str, status: str) -> None:
                 process, output, started = running.pop(part)
                 with self.log.open("a") as log:
-                    log.write(f"\n===== {name} / {part}: {' '.join(process.args)}\n{output.read_text(errors='replace')}")
+                    log.write(f"\n===== {name} / {part}: {' '.join(process.args)}\n"
+                              f"{output.read_text(errors='replace')}")
                 parts.append({"name": part, "status": status, "seconds": round(time.monotonic() - started, 1)})
                 print(f"   {part}: {status} ({parts[-1]['seconds']:.0f} s)", flush=True)
 
@@ -218,7 +219,8 @@ class Session:
         if not unfinished:
             status = "ok"
         elif any(p["status"].startswith(("timed out", "not started")) for p in parts):
-            status = f"timed out after {limit:.0f} s ({len(unfinished)} of {len(parts)} not ok: {', '.join(unfinished)})"
+            status = (f"timed out after {limit:.0f} s "
+                      f"({len(unfinished)} of {len(parts)} not ok: {', '.join(unfinished)})")
         else:
             status = f"failed ({len(unfinished)} of {len(parts)}: {', '.join(unfinished)})"
         return self._record(Step(name, status, time.monotonic() - start, parts))
@@ -408,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "artifacts/gpu-session")),
                         help="output folder (default $OUT, else artifacts/gpu-session)")
-    parser.add_argument("--budget-s", type=bounded_float(0, exclusive_minimum=True), default=BUDGET_S, help=f"the whole session (default {BUDGET_S})")
+    parser.add_argument("--budget-s", type=bounded_float(0, exclusive_minimum=True), default=BUDGET_S,
+                        help=f"the whole session (default {BUDGET_S})")
     parser.add_argument("--autotune", choices=("none", "aten", "full"), default="none",
                         help="the compiled backend's torch.compile autotuning (default none: see above)")
     parser.add_argument("--triton-kernels", choices=("auto", "on", "off"), default="auto",
@@ -416,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", type=Path,
                         help="a TensorRT engine of sd-turbo built on this GPU model: adds the tensorrt backend")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny preset on the CPU: tests the plumbing")
-    parser.add_argument("--sizes", nargs="+", type=bounded_int(1), help="whole sizes of the report (default: the settings')")
+    parser.add_argument("--sizes", nargs="+", type=bounded_int(1),
+                        help="whole sizes of the report (default: the settings')")
     parser.add_argument("--test-jobs", type=bounded_int(1), default=default_test_jobs(),
                         help=f"pytest processes at once in the pytest-gpu step (default {default_test_jobs()} here)")
     parser.add_argument("--cap", action="append", default=[], metavar="STEP=SECONDS",

@@ -200,8 +200,10 @@ def format_profile(profile: dict, top: int = 40) -> str:
     lines += ["", "| kernel | category | ms per forward | launches per forward |", "|---|---|---|---|"]
     lines += [f"| {k['name'][:100]} | {k['category']} | {k['ms']:.3f} | {k['launches']:g} |"
               for k in profile["kernels"][:top]]
-    lines += ["", "| op (outside the graph) | input shapes | GPU ms per forward | calls per forward |", "|---|---|---|---|"]
-    lines += [f"| {op['op']} | {op['shapes'][:120]} | {op['ms']:.3f} | {op['calls']:g} |" for op in profile["ops"][:top]]
+    lines += ["", "| op (outside the graph) | input shapes | GPU ms per forward | calls per forward |",
+              "|---|---|---|---|"]
+    lines += [f"| {op['op']} | {op['shapes'][:120]} | {op['ms']:.3f} | {op['calls']:g} |"
+              for op in profile["ops"][:top]]
     memsets = profile["memset_launchers"]
     lines += ["", f"memsets per forward outside the graph: {sum(memsets.values()):g}"
               + "".join(f"; {op} {n:g}" for op, n in memsets.items())]

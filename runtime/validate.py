@@ -110,7 +110,8 @@ class Validator:
         return report
 
 
-def compare_images(output: np.ndarray, reference: np.ndarray, band_rows: int = BAND_ROWS) -> tuple[float, float | None, float]:
+def compare_images(output: np.ndarray, reference: np.ndarray,
+                   band_rows: int = BAND_ROWS) -> tuple[float, float | None, float]:
     """PSNR (dB, peak 1), SSIM and max-abs of two [H, W, C] images in [0, 1], computed band by band.
 
     A band of `band_rows` rows plus the SSIM window's 10 rows below it gives exactly the SSIM map
@@ -126,7 +127,8 @@ def compare_images(output: np.ndarray, reference: np.ndarray, band_rows: int = B
     squared_error, worst = 0.0, 0.0
     ssim_sum, ssim_positions = 0.0, 0
     for start in range(0, height, band_rows):
-        band, band_reference = _as_batch(output[start : start + band_rows]), _as_batch(reference[start : start + band_rows])
+        band, band_reference = (_as_batch(output[start : start + band_rows]),
+                                _as_batch(reference[start : start + band_rows]))
         squared_error += (band.double() - band_reference.double()).square().sum().item()
         worst = max(worst, metrics.max_abs(band, band_reference))
         if start + reach < height and width > reach:

@@ -169,7 +169,8 @@ def test_pickled_base_weights_are_refused(base_dir, tmp_path):
     UNet2DConditionModel(**config.unet).save_pretrained(tmp_path / "unet", safe_serialization=False)
     (tmp_path / "vae").symlink_to(base_dir / "vae")
     assert (tmp_path / "unet" / "diffusion_pytorch_model.bin").is_file()
-    with pytest.raises(BaseModelError, match=r"cannot load unet weights from .*unet: .*only pickled .bin weights, which guidesr does not load"):
+    with pytest.raises(BaseModelError, match=r"cannot load unet weights from .*unet: "
+                                             r".*only pickled .bin weights, which guidesr does not load"):
         load_base_modules(config, tmp_path)
 
 

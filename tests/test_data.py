@@ -25,7 +25,8 @@ from guidesr.degradations import DegradationConfig
 
 def gradient_image(h: int, w: int) -> np.ndarray:
     y, x = np.mgrid[0:h, 0:w]
-    return np.stack([x * 255 // max(1, w - 1), y * 255 // max(1, h - 1), np.full_like(x, 128)], axis=-1).astype(np.uint8)
+    return np.stack([x * 255 // max(1, w - 1), y * 255 // max(1, h - 1), np.full_like(x, 128)],
+                    axis=-1).astype(np.uint8)
 
 
 def test_folder_finds_png_jpeg_webp_recursively(tmp_path):

@@ -34,7 +34,8 @@ def photo(name: str = "astronaut", size: tuple[int, int] = (64, 64), top: int = 
 def high_frequency_energy(images: torch.Tensor) -> float:
     """Spectral energy above a quarter of the sampling rate; mean removed and Hann-windowed
     so that the FFT's wrap-around edge does not count as detail."""
-    window = torch.outer(torch.hann_window(images.shape[-2], periodic=False), torch.hann_window(images.shape[-1], periodic=False))
+    window = torch.outer(torch.hann_window(images.shape[-2], periodic=False),
+                         torch.hann_window(images.shape[-1], periodic=False))
     spectrum = torch.fft.fft2((images - images.mean(dim=(-2, -1), keepdim=True)) * window).abs() ** 2
     fy = torch.fft.fftfreq(images.shape[-2]).abs().view(-1, 1)
     fx = torch.fft.fftfreq(images.shape[-1]).abs().view(1, -1)
@@ -65,7 +66,8 @@ def test_default_config_is_real_esrgan_x4plus():
     assert (c.sinc_prob, c.sinc_prob2, c.second_blur_prob, c.final_sinc_prob) == (0.1, 0.1, 0.8, 0.8)
     assert (c.blur_sigma, c.blur_sigma2) == ((0.2, 3.0), (0.2, 1.5))
     assert (c.resize_prob, c.resize_range, c.resize_range2) == ((0.2, 0.7, 0.1), (0.15, 1.5), (0.3, 1.2))
-    assert (c.noise_range, c.noise_range2, c.poisson_scale_range, c.poisson_scale_range2) == ((1, 30), (1, 25), (0.05, 3), (0.05, 2.5))
+    assert ((c.noise_range, c.noise_range2, c.poisson_scale_range, c.poisson_scale_range2)
+            == ((1, 30), (1, 25), (0.05, 3), (0.05, 2.5)))
     assert (c.jpeg_range, c.jpeg_range2, c.scale, c.second_order_prob) == ((30, 95), (30, 95), 4, 1.0)
     with pytest.raises(ValueError, match="odd"):
         DegradationConfig(kernel_sizes=(8,))
@@ -75,7 +77,8 @@ def test_default_config_is_real_esrgan_x4plus():
 
 def test_kernels_sum_to_one_and_respect_their_size():
     g = torch.Generator().manual_seed(0)
-    kernels = random_blur_kernels(64, (7,), DegradationConfig().kernel_types, DegradationConfig().kernel_prob, 0.1, (0.2, 3.0), (0.5, 4.0), (1.0, 2.0), g)
+    kernels = random_blur_kernels(64, (7,), DegradationConfig().kernel_types, DegradationConfig().kernel_prob, 0.1,
+                                  (0.2, 3.0), (0.5, 4.0), (1.0, 2.0), g)
     assert kernels.shape == (64, 21, 21)
     torch.testing.assert_close(kernels.sum(dim=(1, 2)), torch.ones(64, dtype=torch.float64))
     outside = torch.ones(21, 21, dtype=torch.bool)
@@ -165,7 +168,8 @@ def test_jpeg_leaves_8x8_block_artifacts():
 
 
 def hr_batch() -> torch.Tensor:
-    return torch.cat([photo("astronaut", top=100, left=180), photo("coffee", top=100, left=200), photo("chelsea", top=80, left=150)])
+    return torch.cat([photo("astronaut", top=100, left=180), photo("coffee", top=100, left=200),
+                      photo("chelsea", top=80, left=150)])
 
 
 def test_degrade_shapes_range_and_8bit_values():
@@ -305,7 +309,8 @@ def test_second_stage_resizes_relative_to_the_lr_size(monkeypatch):
 
     sizes = []
     real_resize = degradations.resize
-    monkeypatch.setattr(degradations, "resize", lambda images, size, mode: sizes.append(size) or real_resize(images, size, mode))
+    monkeypatch.setattr(degradations, "resize",
+                        lambda images, size, mode: sizes.append(size) or real_resize(images, size, mode))
     keep = DegradationConfig(resize_prob=(0, 0, 1), resize_prob2=(0, 0, 1))
     degrade(photo(size=(64, 48)).repeat(2, 1, 1, 1), keep, torch.Generator().manual_seed(0))
     assert sizes == [(64, 48), (16, 12), (16, 12)]
@@ -320,8 +325,10 @@ def test_second_blur_happens_at_its_probability():
         config = DegradationConfig(sinc_prob2=0.0, kernel_types=("iso",) * 6, **changes)
         return degrade(hr, config, torch.Generator().manual_seed(5))
 
-    assert torch.equal(run(second_blur_prob=0.0, blur_sigma2=(0.2, 0.3)), run(second_blur_prob=0.0, blur_sigma2=(1.4, 1.5)))
-    assert not torch.equal(run(second_blur_prob=1.0, blur_sigma2=(0.2, 0.3)), run(second_blur_prob=1.0, blur_sigma2=(1.4, 1.5)))
+    assert torch.equal(run(second_blur_prob=0.0, blur_sigma2=(0.2, 0.3)),
+                       run(second_blur_prob=0.0, blur_sigma2=(1.4, 1.5)))
+    assert not torch.equal(run(second_blur_prob=1.0, blur_sigma2=(0.2, 0.3)),
+                           run(second_blur_prob=1.0, blur_sigma2=(1.4, 1.5)))
 
 
 def test_grey_poisson_noise_is_the_shot_noise_of_the_luma():

@@ -32,7 +32,8 @@ def test_a_crop_size_the_evaluation_cannot_use_is_an_argparse_error(crop, capsys
     with pytest.raises(SystemExit) as exit_info:
         main(["--crop-size", crop])
     assert exit_info.value.code == 2
-    assert "--crop-size: the crop size must be a multiple of 4 (the degradation scale) and at least 20" in capsys.readouterr().err
+    assert ("--crop-size: the crop size must be a multiple of 4 (the degradation scale) and at least 20"
+            in capsys.readouterr().err)
 
 
 def test_draws_below_one_are_refused_before_the_model_loads(capsys, monkeypatch):
@@ -96,7 +97,8 @@ def test_a_json_target_that_cannot_be_written_is_refused_before_the_model_loads(
 
     monkeypatch.setattr(evaluate_module, "load_model", no_model)
     (tmp_path / "file").write_text("")
-    for target, message in [(tmp_path, "is a folder"), (tmp_path / "file" / "out.json", f"{tmp_path / 'file'} is not a folder")]:
+    for target, message in [(tmp_path, "is a folder"),
+                            (tmp_path / "file" / "out.json", f"{tmp_path / 'file'} is not a folder")]:
         with pytest.raises(SystemExit) as exit_info:
             main(["--json", str(target)])
         assert exit_info.value.code == 2 and f"--json {target}: {message}" in capsys.readouterr().err

@@ -219,7 +219,8 @@ def test_check_model_names_another_preset_or_checkpoint():
     engine_metadata.check_model(_metadata(checkpoint_sha256=engine_metadata.NO_CHECKPOINT), "tiny", None)
     with pytest.raises(EngineMismatchError, match="it is preset 'tiny', the model is preset 'sd-turbo'"):
         engine_metadata.check_model(_metadata(), "sd-turbo", "ab" * 32)
-    with pytest.raises(EngineMismatchError, match="holds another model: it holds the weights of checkpoint sha256 abab"):
+    with pytest.raises(EngineMismatchError,
+                       match="holds another model: it holds the weights of checkpoint sha256 abab"):
         engine_metadata.check_model(_metadata(), "tiny", "ef" * 32)
 
 
@@ -228,7 +229,8 @@ def test_engine_metadata_with_unknown_fields_is_refused_clearly(tmp_path):
     data = json.loads(_metadata().to_json())
     data["written_by_a_newer_guidesr"] = 1
     engine_metadata.metadata_path(engine).write_text(json.dumps(data))
-    with pytest.raises(EngineMetadataError, match=r"missing fields \[\], unknown fields \['written_by_a_newer_guidesr'\]"):
+    with pytest.raises(EngineMetadataError,
+                       match=r"missing fields \[\], unknown fields \['written_by_a_newer_guidesr'\]"):
         engine_metadata.read(engine)
 
 

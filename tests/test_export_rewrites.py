@@ -228,7 +228,8 @@ def islands_reference(x: np.ndarray) -> np.ndarray:
 
 
 def test_fp32_islands_compute_each_listed_op_in_fp32_between_casts():
-    """Every input of an island op is fp32 (one shared Cast per fp16 value), every output goes through a Cast to fp16."""
+    """Every input of an island op is fp32 (one shared Cast per fp16 value), every output goes
+    through a Cast to fp16."""
     model = fp16_graph(ISLAND_NODES)
     assert add_fp32_islands(model) == 4
     assert [node.op_type for node in model.graph if node.inputs and node.inputs[0].name == "x"] == ["Cast"]

@@ -50,20 +50,23 @@ def compile_for_hopper(fn, signature: dict[str, str], constexprs: dict[str, int]
 def compile_fca_attention(dtype: str, layout: str, fast_gelu: bool, has_y_bias: bool) -> None:
     from kernels import fca_attention
 
-    y_strides = {"stride_yb": "i64", "stride_yc": "i64"} if layout == "nchw" else {"stride_yb": "i64", "stride_yhw": "i64"}
-    o_strides = {"stride_ob": "i64", "stride_oc": "i64"} if layout == "nchw" else {"stride_ob": "i64", "stride_ohw": "i64"}
+    y_strides = ({"stride_yb": "i64", "stride_yc": "i64"} if layout == "nchw"
+                 else {"stride_yb": "i64", "stride_yhw": "i64"})
+    o_strides = ({"stride_ob": "i64", "stride_oc": "i64"} if layout == "nchw"
+                 else {"stride_ob": "i64", "stride_ohw": "i64"})
     unit = {"stride_yhw": 1} if layout == "nchw" else {"stride_yc": 1}
     unit_out = {"stride_ohw": 1} if layout == "nchw" else {"stride_oc": 1}
     blocks = {"BLOCK_C": 1, "BLOCK_HW": 2048} if layout == "nchw" else {"BLOCK_C": 64, "BLOCK_HW": 32}
     blocks |= {"HAS_Y_BIAS": has_y_bias, "FAST_GELU": fast_gelu}
     compile_for_hopper(
         fca_attention._gelu_partial_sum_kernel,
-        {"y_ptr": f"*{dtype}", "y_bias_ptr": f"*{dtype}", "partial_ptr": "*fp32", "C": "i32", "HW": "i32", "n_chunks": "i32", "chunk": "i32"}
+        {"y_ptr": f"*{dtype}", "y_bias_ptr": f"*{dtype}", "partial_ptr": "*fp32", "C": "i32", "HW": "i32",
+         "n_chunks": "i32", "chunk": "i32"}
         | y_strides, unit | blocks)
     compile_for_hopper(
         fca_attention._gated_gelu_kernel,
-        {"y_ptr": f"*{dtype}", "y_bias_ptr": f"*{dtype}", "gate_ptr": "*fp32", "out_ptr": f"*{dtype}", "C": "i32", "HW": "i32",
-         "n_hw_blocks": "i32"} | y_strides | o_strides, unit | unit_out | blocks)
+        {"y_ptr": f"*{dtype}", "y_bias_ptr": f"*{dtype}", "gate_ptr": "*fp32", "out_ptr": f"*{dtype}",
+         "C": "i32", "HW": "i32", "n_hw_blocks": "i32"} | y_strides | o_strides, unit | unit_out | blocks)
     # H·W arrives as i32 from a direct launch and as i64 from Inductor's generated code.
     for hw_type in ("i32", "i64"):
         compile_for_hopper(

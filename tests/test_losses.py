@@ -42,7 +42,8 @@ def lpips_files(tmp_path_factory):
         vgg[f"features.{index}.bias"] = torch.zeros(out)
     vgg["classifier.6.weight"] = torch.zeros(10, 4)  # the real file has a classifier too; it is ignored
     torch.save(vgg, folder / "vgg16-397923af.pth")
-    linear = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate((64, 128, 256, 512, 512))}
+    linear = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
+              for i, c in enumerate((64, 128, 256, 512, 512))}
     torch.save(linear, folder / "vgg.pth")
     return folder / "vgg16-397923af.pth", folder / "vgg.pth"
 
@@ -105,7 +106,8 @@ def test_lpips_is_a_frozen_differentiable_distance(lpips_files):
     assert y.grad is not None and y.grad.abs().sum() > 0
 
 
-@pytest.mark.skipif(default_lpips_linear_path() is None, reason="the lpips package (source of the LPIPS linear weights) is not installed")
+@pytest.mark.skipif(default_lpips_linear_path() is None,
+                    reason="the lpips package (source of the LPIPS linear weights) is not installed")
 def test_lpips_reads_the_linear_layers_shipped_with_the_lpips_package(lpips_files):
     vgg, _ = lpips_files
     shipped = torch.load(default_lpips_linear_path(), map_location="cpu", weights_only=True)
@@ -144,7 +146,8 @@ def test_lpips_computes_what_the_lpips_package_computes(lpips_files, monkeypatch
     vgg, _ = lpips_files
     vgg_state = torch.load(vgg, weights_only=True)
     # The package splits `features` into slice1..slice5 keeping torchvision's indices.
-    reference.net.load_state_dict({key: vgg_state[f"features.{key.split('.', 1)[1]}"] for key in reference.net.state_dict()})
+    reference.net.load_state_dict({key: vgg_state[f"features.{key.split('.', 1)[1]}"]
+                                   for key in reference.net.state_dict()})
 
     ours = LPIPS(vgg)
     x = images(0, n=3)
@@ -202,7 +205,8 @@ def test_gan_needs_a_discriminator_and_lpips_can_be_switched_off():
 
 
 def tiny_clip_vision_config() -> CLIPVisionConfig:
-    return CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=32, patch_size=8)
 
 
 def test_clip_discriminator_freezes_the_backbone_and_trains_the_heads(tmp_path):
@@ -232,7 +236,8 @@ def test_clip_discriminator_freezes_the_backbone_and_trains_the_heads(tmp_path):
 
 
 def test_clip_discriminator_accepts_a_full_clip_model_folder(tmp_path):
-    text = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 100}
+    text = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "vocab_size": 100}
     config = CLIPConfig(text_config=text, vision_config=tiny_clip_vision_config().to_dict(), projection_dim=16)
     CLIPModel(config).save_pretrained(tmp_path / "clip")
     disc = CLIPDiscriminator(tmp_path / "clip", layers=(2,), head_channels=8)
@@ -253,7 +258,8 @@ def test_discriminator_configuration_errors(tmp_path):
 def test_every_weight_of_eq6_is_applied():
     disc = PatchDiscriminator(channels=8).eval()  # eval: spectral norm does no power iteration per call
     hr, r1, r2 = images(0), images(1), images(2)
-    total, log = GuideSRLoss(LossConfig(w_mse=2.5, w_lpips=0.0, w_gan=0.3, w_diffusion=0.7, w_guidance=0.2))(r1, r2, hr, disc)
+    total, log = GuideSRLoss(LossConfig(w_mse=2.5, w_lpips=0.0, w_gan=0.3, w_diffusion=0.7,
+                                        w_guidance=0.2))(r1, r2, hr, disc)
     for branch, restored in (("r1", r1), ("r2", r2)):
         mse, gan = F.mse_loss(restored, hr), F.softplus(-disc(restored)).mean()
         torch.testing.assert_close(log[f"{branch}/mse"], mse)

@@ -148,7 +148,8 @@ def test_pad_to_multiple_replicates_where_the_pad_equals_the_size():
 
 def guidance_reference(branch: GuidanceBranch, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Paper §3.1 written out with F.conv2d on the branch's weights: FCA x + conv2(g * sigmoid(W mean(g) + b)),
-    g = GELU(conv1(x)); FRB skip(x) + tail(FCA...(x)); IGN F_r = F_d + V(F_d) * sigmoid(A(C(F_d) + I)), R2 = O(F_r) + I."""
+    g = GELU(conv1(x)); FRB skip(x) + tail(FCA...(x));
+    IGN F_r = F_d + V(F_d) * sigmoid(A(C(F_d) + I)), R2 = O(F_r) + I."""
     def conv(module: nn.Conv2d, t: torch.Tensor) -> torch.Tensor:
         return F.conv2d(t, module.weight, module.bias, stride=module.stride, padding=module.padding)
 

@@ -80,7 +80,8 @@ def test_profile_compiled_accounts_for_the_forward():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--checkpoint", "/nonexistent/model.json", "--device", "cpu"], "checkpoint description /nonexistent/model.json does not exist"),
+    (["--checkpoint", "/nonexistent/model.json", "--device", "cpu"],
+     "checkpoint description /nonexistent/model.json does not exist"),
     (["--preset", "bogus", "--random-weights", "--device", "cpu"], "argument --preset: invalid choice: 'bogus'"),
     (["--preset", "tiny", "--random-weights", "--device", "cuda:x"], "is not a device"),
 ] + ([] if torch.cuda.is_available() else

@@ -143,7 +143,8 @@ def test_plugin_block_computes_what_the_fca_block_computes():
 
 
 def test_plugin_nodes_context_swaps_blocks_and_puts_the_originals_back():
-    """Inside fca_plugin_nodes every FCABlock (nested too) is an FCAPluginBlock; after it, even on an error, the originals."""
+    """Inside fca_plugin_nodes every FCABlock (nested too) is an FCAPluginBlock; after it, even on an error,
+    the originals."""
     from export.plugin_nodes import fca_plugin_nodes
 
     blocks = [FCABlock(4, use_kernel=False) for _ in range(3)]
@@ -224,7 +225,8 @@ def test_trimming_drops_unread_trailing_params_and_refuses_read_ones():
     ptx = PTX_WITH_SCRATCH.replace("BODY", "")
     trimmed = trim_entry_params(ptx, "k", 2)
     declared = trimmed[trimmed.index("(") + 1 : trimmed.index(")")]
-    assert [line.split()[-1].rstrip(",") for line in declared.splitlines() if line.strip()] == ["k_param_0", "k_param_1"]
+    assert ([line.split()[-1].rstrip(",") for line in declared.splitlines() if line.strip()]
+            == ["k_param_0", "k_param_1"])
     assert trimmed[trimmed.index(")") :] == ptx[ptx.index(")") :]  # the body is untouched
     assert trim_entry_params(ptx, "k", 4) == ptx  # nothing to drop: the text comes back as it was
     reads_scratch = PTX_WITH_SCRATCH.replace("BODY", "ld.param.u64 \t%rd3, [k_param_3];")
@@ -442,7 +444,8 @@ if __name__ == "__main__":
 
 
 def test_type_plugin_outputs_types_each_node_from_the_image_and_the_biases():
-    """z is [B, C, H, W] in conv1's bias type, the gate [B, C] fp32, the partial sums [B, C, ?] fp32; C from the bias."""
+    """z is [B, C, H, W] in conv1's bias type, the gate [B, C] fp32, the partial sums [B, C, ?] fp32;
+    C from the bias."""
     import numpy as np
     import onnx_ir as ir
     from onnx import TensorProto, helper, numpy_helper

@@ -124,7 +124,8 @@ def test_score_bytes_of_cross_attention_count_the_keys():
 
 @pytest.mark.parametrize("latent, form", [(128, "scores"), (256, "sdpa")])
 def test_default_limit_keeps_the_score_form_up_to_a_1024_output(latent, form):
-    """fp16, one 512-wide head: a 1024x1024 output (512 MB of scores, the measured win) uses them, 2048x2048 (8 GB) SDPA."""
+    """fp16, one 512-wide head: a 1024x1024 output (512 MB of scores, the measured win) uses them,
+    2048x2048 (8 GB) SDPA."""
     processor, chosen = WideHeadAttnProcessor(), []
     processor.with_scores = lambda *args: chosen.append("scores")
     processor.with_sdpa = lambda *args: chosen.append("sdpa")

@@ -19,6 +19,7 @@ def bench(f, n=20000):
     t = time.perf_counter()
     for _ in range(n): f()
     return (time.perf_counter() - t) / n * 1e6
-for name, f in [("triton_op", lambda: torch.ops.s7test.noop(y, w, b, yb)), ("custom_op", lambda: torch.ops.s7test.noop2(y, w, b, yb)),
+for name, f in [("triton_op", lambda: torch.ops.s7test.noop(y, w, b, yb)),
+                ("custom_op", lambda: torch.ops.s7test.noop2(y, w, b, yb)),
                 ("plain", lambda: plain(y, w, b, yb)), ("conv2d 4ch", lambda: torch.nn.functional.conv2d(y, w))]:
     print(name, round(bench(f), 2), "us/call")

@@ -23,4 +23,5 @@ for name, pk in plugin_kernels("fp16", 64).items():
         module_map = backend.get_module_map()
         m = src.make_ir(target, options, codegen_fns, module_map, context)
         print(name, i, round((time.perf_counter()-t)*1e3, 1), "ms TTIR")
-    t = time.perf_counter(); triton.compile(src, target=target, options={"num_warps": 4}); print(name, "full compile", round((time.perf_counter()-t)*1e3,1), "ms")
+    t = time.perf_counter(); triton.compile(src, target=target, options={"num_warps": 4})
+    print(name, "full compile", round((time.perf_counter()-t)*1e3,1), "ms")

@@ -57,4 +57,6 @@ for step in range(1, a.steps + 1):
     opt.zero_grad(); loss.backward(); opt.step(); sched.step()
     run = 0.98 * run + 0.02 * loss.item()
     if step % 250 == 0 or step == a.steps:
-        m, b = ev(); print(f"{a.tag} step {step} loss {run:.4f} model {m:.2f} bic {b:.2f} gain {m-b:+.2f} t {time.time()-t0:.0f}s", flush=True)
+        m, b = ev()
+        print(f"{a.tag} step {step} loss {run:.4f} model {m:.2f} bic {b:.2f} gain {m-b:+.2f} t {time.time()-t0:.0f}s",
+              flush=True)

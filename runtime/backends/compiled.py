@@ -161,7 +161,8 @@ class CompiledBackend(Backend):
         self.descriptor = model.descriptor
         multiple = self.descriptor.size_multiple
         if tile[0] <= 0 or tile[1] <= 0 or tile[0] % multiple or tile[1] % multiple:
-            raise BackendError(f"tile {tile[0]}x{tile[1]} must be positive multiples of the model's size multiple {multiple}")
+            raise BackendError(f"tile {tile[0]}x{tile[1]} must be positive multiples "
+                               f"of the model's size multiple {multiple}")
         if batch < 1:
             raise BackendError(f"batch must be >= 1, got {batch}")
         self.name = "compiled"

@@ -124,7 +124,8 @@ class ONNXRuntimeBackend(Backend):
         except Exception as err:  # ONNX Runtime's own exception classes derive from Exception directly
             raise BackendError(f"ONNX Runtime cannot load {path}: {err}") from err
         if self.device.type == "cuda" and session.get_providers()[0] != CUDA_PROVIDER:
-            raise BackendError(f"ONNX Runtime could not start its CUDA provider (it fell back to {session.get_providers()}); "
+            raise BackendError(f"ONNX Runtime could not start its CUDA provider "
+                               f"(it fell back to {session.get_providers()}); "
                                f"check that the CUDA and cuDNN libraries onnxruntime-gpu needs are installed")
         return session
 

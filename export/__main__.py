@@ -11,7 +11,7 @@ first, then needs TensorRT: without it, it exits with status 3, the install comm
 `verify` also checks every engine found next to a graph (NAME.engine for NAME.onnx) when TensorRT
 is installed, and exits with status 1 if a comparison fails; an engine named with --engine is refused
 (status 1) when its metadata names another preset or checkpoint or another graph than NAME.onnx (its
-sha256), and without TensorRT exits with status 3.
+sha256, with its external data), and without TensorRT exits with status 3.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from guidesr.model import GuideSR
 from runtime.cli import bounded_float, bounded_int
 
 from . import engine_metadata
-from .engine_metadata import EngineMetadataError, EngineMismatchError
+from .engine_metadata import EngineMetadata, EngineMetadataError, EngineMismatchError
 from .graphs import VARIANTS, GraphSpec, guidesr_graph, size_argument
 from .onnx_export import PRECISIONS, export_graphs, graph_filename, read_metadata
 from .tensorrt_build import EngineBuildError, TensorRTUnavailableError, build_engine, import_tensorrt
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "verify":
-            args.graph_metadata = check_verify_inputs(args)
+            args.graph_metadata, args.engine_metadata = check_verify_inputs(args)
         model, weights = load_from_args(args)
         return args.run(args, model, weights)
     except (CheckpointError, BaseModelError, ValueError) as err:
@@ -126,9 +126,10 @@ def _shape_options(command: argparse.ArgumentParser) -> None:
                               "(default: off)")
 
 
-def check_verify_inputs(args) -> dict[Path, dict[str, str]]:
+def check_verify_inputs(args) -> tuple[dict[Path, dict[str, str]], EngineMetadata | None]:
     """Raise ValueError unless every file named on verify's command line exists and its metadata (engine, graph) reads;
-    returns the metadata of each graph named (with --onnx, or NAME.onnx next to --engine)."""
+    returns the metadata of each graph named (with --onnx, or NAME.onnx next to --engine) and that of the engine
+    named with --engine (None without one)."""
     missing = [path for path in args.onnx or [] if not path.is_file()]
     if args.engine is not None:
         missing += [path for path in (args.engine, args.engine.with_suffix(".onnx"),
@@ -136,10 +137,9 @@ def check_verify_inputs(args) -> dict[Path, dict[str, str]]:
     if missing:
         raise ValueError(f"no such file: {', '.join(str(path) for path in missing)} (given with --onnx or --engine; "
                          f"an engine needs its graph NAME.onnx and its metadata NAME.engine.json next to it)")
-    if args.engine is not None:
-        engine_metadata.read(args.engine)
+    named_engine = engine_metadata.read(args.engine) if args.engine is not None else None
     graphs = list(args.onnx or []) + ([args.engine.with_suffix(".onnx")] if args.engine is not None else [])
-    return {path: read_graph_metadata(path) for path in graphs}
+    return {path: read_graph_metadata(path) for path in graphs}, named_engine
 
 
 def read_graph_metadata(path: Path) -> dict[str, str]:
@@ -220,9 +220,8 @@ def _run_verify(args, model: GuideSR, weights: str) -> int:
     engines = {path: path.with_suffix(".engine") for path in graphs if path.with_suffix(".engine").is_file()}
     if args.engine is not None:
         engines[args.engine.with_suffix(".onnx")] = args.engine
-        named = engine_metadata.read(args.engine)
-        engine_metadata.check_model(named, preset, model.descriptor.checkpoint_sha256)
-        engine_metadata.check_built_from(named, args.engine, args.engine.with_suffix(".onnx"))
+        engine_metadata.check_model(args.engine_metadata, preset, model.descriptor.checkpoint_sha256)
+        engine_metadata.check_built_from(args.engine_metadata, args.engine, args.engine.with_suffix(".onnx"))
     if engines:
         try:
             import_tensorrt()
@@ -239,7 +238,8 @@ def _run_verify(args, model: GuideSR, weights: str) -> int:
         print(f"\n{path.name}" + (f" and {engine.name}" if engine else ""))
         if args.sizes and GraphSpec.from_json(graph_metadata[path]["graph_spec"]).variant == "static":
             print("  note: a static graph runs its own shape only; --sizes applies to dynamic graphs")
-        comparisons = compare(model, path, args.sizes, engine, graph_metadata[path])
+        checked_engine = args.engine_metadata if engine == args.engine else None
+        comparisons = compare(model, path, args.sizes, engine, graph_metadata[path], checked_engine)
         for comparison in comparisons:
             print("  " + comparison.describe())
             passed &= comparison.passed

@@ -4,12 +4,13 @@ A TensorRT engine runs only on the GPU model and TensorRT version that built it,
 weights of one checkpoint. `tensorrt_build.build_engine` writes this file next to the engine; the
 runtime calls `read` and `check_compatible` before deserializing, so a stale engine is refused with
 a message that says what differs, instead of failing inside TensorRT or silently running old weights.
-`check_built_from` refuses an engine next to a graph other than the one it was built from (its sha256).
-Nothing here imports TensorRT.
+`check_built_from` refuses an engine next to a graph other than the one it was built from (`graph_sha256`:
+the .onnx file and the external data files its weights are kept in). Nothing here imports TensorRT.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 from .graphs import GraphSpec
 
 FORMAT = "guidesr-tensorrt-engine"
-FORMAT_VERSION = 2  # 2: plugin_ptx_isa
+FORMAT_VERSION = 3  # 2: plugin_ptx_isa; 3: graph_sha256 (with the external data) replaces onnx_sha256
 NO_CHECKPOINT = "none"  # checkpoint_sha256 of a model with untrained (random) weights
 
 
@@ -45,7 +46,7 @@ class EngineMetadata:
     profiles: tuple[dict[str, dict[str, list[int]]], ...]  # per profile: input -> {"min", "opt", "max"}
     graph_spec: str  # GraphSpec JSON of the ONNX graph the engine was built from
     onnx_file: str  # name of the ONNX file the engine was built from
-    onnx_sha256: str  # ... and the sha256 of that .onnx file
+    graph_sha256: str  # ... and its graph_sha256
     builder_optimization_level: int
     guidesr_version: str
     plugin_ptx_isa: int | None = None  # the PTX ISA of the embedded plugin kernels (e.g. 87 for 8.7); None: no plugins
@@ -85,7 +86,8 @@ def read(engine_path: str | Path) -> EngineMetadata:
         raise EngineMetadataError(f"{path} is not a GuideSR engine description (format {FORMAT!r} expected)")
     if data.get("format_version") != FORMAT_VERSION:
         raise EngineMetadataError(
-            f"{path} has format version {data.get('format_version')}, this guidesr reads version {FORMAT_VERSION}"
+            f"{path} has format version {data.get('format_version')}, this guidesr reads version {FORMAT_VERSION}; "
+            f"rebuild the engine with `make engine` (or `python -m export engine`)"
         )
     names = {f.name for f in fields(EngineMetadata)}
     missing, unknown = sorted(names - set(data)), sorted(set(data) - names)
@@ -149,18 +151,41 @@ def check_model(metadata: EngineMetadata, preset: str, checkpoint_sha256: str | 
                                   "with `make engine` (or `python -m export engine`).")
 
 
-def check_built_from(metadata: EngineMetadata, engine_path: str | Path, onnx_path: str | Path) -> None:
-    """Raise EngineMismatchError unless the engine was built from the graph `onnx_path`: the sha256 of that file is
-    the one `tensorrt_build.build_engine` recorded."""
-    from guidesr.checkpoint import file_sha256  # guidesr imports diffusers (seconds): only when a graph is checked
+def graph_sha256(onnx_path: str | Path) -> str:
+    """The sha256 of an ONNX graph with its weights: the sha256 of the hex sha256 of the .onnx file followed by those of
+    the external data files its tensors name, in the order of their locations. Raises ValueError naming a missing
+    data file."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
-    onnx_sha256 = file_sha256(onnx_path)
-    if metadata.onnx_sha256 != onnx_sha256:
+    from guidesr.checkpoint import file_sha256  # guidesr imports diffusers (seconds): only when a graph is hashed
+
+    onnx_path = Path(onnx_path)
+    tensor_of_location: dict[str, str] = {}
+    for tensor in _get_all_tensors(onnx.load(str(onnx_path), load_external_data=False)):
+        if uses_external_data(tensor):
+            tensor_of_location.setdefault(ExternalDataInfo(tensor).location, tensor.name)
+    files = [onnx_path]
+    for location, tensor_name in sorted(tensor_of_location.items()):
+        data_path = onnx_path.parent / location
+        if not data_path.is_file():
+            raise ValueError(f"{data_path} does not exist: the graph {onnx_path} keeps its tensor {tensor_name!r} "
+                             f"there (ONNX external data); export the graph again")
+        files.append(data_path)
+    return hashlib.sha256("".join(file_sha256(path) for path in files).encode()).hexdigest()
+
+
+def check_built_from(metadata: EngineMetadata, engine_path: str | Path, onnx_path: str | Path) -> None:
+    """Raise EngineMismatchError unless the engine was built from the graph `onnx_path`: its `graph_sha256` is the one
+    `tensorrt_build.build_engine` recorded."""
+    found = graph_sha256(onnx_path)
+    if metadata.graph_sha256 != found:
         raise EngineMismatchError(
-            f"the TensorRT engine {engine_path} was built from {metadata.onnx_file} ({_short(metadata.onnx_sha256)}), "
-            f"not from the graph {onnx_path} ({_short(onnx_sha256)}); an engine is checked only against the graph it "
-            f"was built from. Rebuild it with `make engine` (or `python -m export engine` with the options that "
-            f"exported this graph), which exports the graph again and builds the engine from it."
+            f"the TensorRT engine {engine_path} was built from {metadata.onnx_file} ({_short(metadata.graph_sha256)}), "
+            f"not from the graph {onnx_path} ({_short(found)}); the sha256 covers the .onnx file and its external "
+            f"data, and an engine is checked only against the graph it was built from. Rebuild it with `make engine` "
+            f"(or `python -m export engine` with the options that exported this graph), which exports the graph "
+            f"again and builds the engine from it."
         )
 
 

@@ -24,9 +24,7 @@ from types import ModuleType
 
 import torch
 
-from guidesr.checkpoint import file_sha256
-
-from .engine_metadata import EngineMetadata, write
+from .engine_metadata import EngineMetadata, graph_sha256, write
 from .graphs import GraphSpec
 from .onnx_export import read_metadata
 from .tensorrt_plugins import PluginRegistrationError, plugin_ptx_isa, register_fca_plugins
@@ -83,11 +81,13 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, optimization_le
     """Build NAME.engine from an exported GuideSR graph and write NAME.engine.json; returns the metadata.
 
     `timing_cache` is loaded when the file exists and saved (updated) after the build, so later
-    builds of the same layers on the same GPU and TensorRT skip the tactic timing.
+    builds of the same layers on the same GPU and TensorRT skip the tactic timing. The graph and its
+    external data are hashed (`graph_sha256`) before TensorRT parses them.
     """
     trt = import_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     graph_metadata = read_metadata(onnx_path)
+    graph_digest = graph_sha256(onnx_path)
     spec = GraphSpec.from_json(graph_metadata["graph_spec"])
     gpu_name, capability = current_gpu()
     ptx_isa = None
@@ -151,7 +151,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, optimization_le
         profiles=tuple(profiles),
         graph_spec=spec.to_json(),
         onnx_file=onnx_path.name,
-        onnx_sha256=file_sha256(onnx_path),
+        graph_sha256=graph_digest,
         builder_optimization_level=optimization_level,
         guidesr_version=graph_metadata["guidesr_version"],
         plugin_ptx_isa=ptx_isa,

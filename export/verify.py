@@ -41,6 +41,7 @@ from polygraphy.datatype import DataType
 
 from guidesr.model import GuideSR
 
+from . import engine_metadata
 from .graphs import INPUT_NAME, OUTPUT_NAME, GraphSpec
 from .onnx_export import read_metadata
 
@@ -127,12 +128,14 @@ def graph_shapes(spec: GraphSpec, sizes: list[tuple[int, int]] | None) -> list[t
 
 
 def compare(model: GuideSR, onnx_path: str | Path, sizes: list[tuple[int, int]] | None,
-            engine_path: str | Path | None = None, graph_metadata: dict[str, str] | None = None) -> list[Comparison]:
+            engine_path: str | Path | None = None, graph_metadata: dict[str, str] | None = None,
+            checked_engine: engine_metadata.EngineMetadata | None = None) -> list[Comparison]:
     """Run the reference, the ONNX graph on ONNX Runtime (and the engine) through Polygraphy.
 
-    The engine is refused (EngineMismatchError) unless it was built from this graph file, before TensorRT is
-    imported, and then unless it fits this GPU, TensorRT and checkpoint. `graph_metadata`: the graph's
-    `read_metadata`, when the caller has read it already.
+    The engine is refused (EngineMismatchError) unless it was built from this graph (`check_built_from`), before
+    TensorRT is imported, and then unless it fits this GPU, TensorRT and checkpoint. `graph_metadata`: the graph's
+    `read_metadata`, when the caller has read it already; `checked_engine`: the engine's metadata, when the caller
+    has read it and checked it with `check_built_from` already.
     """
     onnx_path = Path(onnx_path)
     metadata = read_metadata(onnx_path) if graph_metadata is None else graph_metadata
@@ -148,12 +151,13 @@ def compare(model: GuideSR, onnx_path: str | Path, sizes: list[tuple[int, int]] 
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-        from . import engine_metadata
         from .tensorrt_build import current_gpu, import_tensorrt
         from .tensorrt_plugins import driver_ptx_isa
 
-        built = engine_metadata.read(engine_path)
-        engine_metadata.check_built_from(built, engine_path, onnx_path)
+        built = checked_engine
+        if built is None:
+            built = engine_metadata.read(engine_path)
+            engine_metadata.check_built_from(built, engine_path, onnx_path)
         engine_metadata.check_compatible(built, *current_gpu(), import_tensorrt().__version__,
                                          model.descriptor.checkpoint_sha256, driver_ptx_isa())
         runners.append(TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))), name=Path(engine_path).name))

@@ -220,7 +220,7 @@ def write_engine_metadata(engine: Path, model, **changes) -> Path:
         tensorrt_version="10.13.3.9", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", precision="fp16",
         checkpoint_sha256=model.descriptor.checkpoint_sha256, preset="tiny", scale=4, size_multiple=16,
         input_names=("image",), output_names=("r1",), profiles=(), graph_spec=spec.to_json(),
-        onnx_file="tiny-static-b1-64x64-fp16.onnx", onnx_sha256="0" * 64, builder_optimization_level=3,
+        onnx_file="tiny-static-b1-64x64-fp16.onnx", graph_sha256="0" * 64, builder_optimization_level=3,
         guidesr_version="0.1.0",
     ) | changes
     return engine_metadata.write(engine_metadata.EngineMetadata(**fields), engine)

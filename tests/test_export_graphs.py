@@ -1,13 +1,13 @@
 """Issue 4, without a model: graph specs, engine metadata checks, TensorRT's operator list."""
 
-import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from export import engine_metadata
 from export.engine_metadata import EngineMetadata, EngineMetadataError, EngineMismatchError, check_compatible
@@ -82,7 +82,7 @@ def _metadata(**changes) -> EngineMetadata:
         tensorrt_version="10.15.1.29", gpu_name=H100, compute_capability="9.0",
         precision="fp16", checkpoint_sha256="ab" * 32, preset="tiny", scale=4, size_multiple=16,
         input_names=("image",), output_names=("r1",), profiles=(), graph_spec=spec.to_json(),
-        onnx_file="tiny-static-b1-64x64-fp16.onnx", onnx_sha256="cd" * 32, builder_optimization_level=3,
+        onnx_file="tiny-static-b1-64x64-fp16.onnx", graph_sha256="cd" * 32, builder_optimization_level=3,
         guidesr_version="0.1.0",
     )
     fields.update(changes)
@@ -234,16 +234,89 @@ def test_engine_metadata_with_unknown_fields_is_refused_clearly(tmp_path):
         engine_metadata.read(engine)
 
 
-def test_check_built_from_compares_the_graph_files_sha256(tmp_path):
+def _weighted_graph(weight: float = 0.0) -> onnx.ModelProto:
+    """r1 = image + w0 + w1, w0 and w1 filled with `weight` and `weight` + 1."""
+    shape = [1, 3, 4, 4]
+    weights = [numpy_helper.from_array(np.full(shape, weight + i, np.float32), f"w{i}") for i in range(2)]
+    nodes = [helper.make_node("Add", ["image", "w0"], ["t"]), helper.make_node("Add", ["t", "w1"], ["r1"])]
+    image, r1 = (helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name in ("image", "r1"))
+    return helper.make_model(helper.make_graph(nodes, "weighted", [image], [r1], initializer=weights))
+
+
+def _save_with_external_data(folder: Path, one_file: bool = True) -> Path:
+    """graph.onnx with its weights in graph.onnx.data (one_file) or in one file per tensor (w0, w1)."""
+    path = folder / "graph.onnx"
+    onnx.save_model(_weighted_graph(), path, save_as_external_data=True, all_tensors_to_one_file=one_file,
+                    location="graph.onnx.data", size_threshold=0)
+    return path
+
+
+def _change_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_check_built_from_compares_the_graphs_sha256(tmp_path):
     graph, other = tmp_path / "tiny-static-b1-64x64-fp16.onnx", tmp_path / "re-exported.onnx"
-    graph.write_bytes(b"the graph the engine was built from")
-    other.write_bytes(b"another graph")
-    built_from, found = (hashlib.sha256(path.read_bytes()).hexdigest() for path in (graph, other))
+    onnx.save_model(_weighted_graph(0.0), graph)
+    onnx.save_model(_weighted_graph(1.0), other)
+    built_from, found = engine_metadata.graph_sha256(graph), engine_metadata.graph_sha256(other)
     engine = tmp_path / "tiny.engine"
-    built = _metadata(onnx_sha256=built_from)
+    built = _metadata(graph_sha256=built_from)
     engine_metadata.check_built_from(built, engine, graph)
     with pytest.raises(EngineMismatchError) as err:
         engine_metadata.check_built_from(built, engine, other)
     assert str(err.value).startswith(
         f"the TensorRT engine {engine} was built from tiny-static-b1-64x64-fp16.onnx (sha256 {built_from[:12]}…), "
-        f"not from the graph {other} (sha256 {found[:12]}…)")
+        f"not from the graph {other} (sha256 {found[:12]}…); the sha256 covers the .onnx file and its external data")
+
+
+@pytest.mark.parametrize("one_file", [True, False], ids=["one-data-file", "a-data-file-per-tensor"])
+def test_graph_sha256_covers_every_external_data_file(tmp_path, one_file):
+    graph = _save_with_external_data(tmp_path, one_file)
+    data_files = sorted(set(tmp_path.iterdir()) - {graph})
+    assert [path.name for path in data_files] == (["graph.onnx.data"] if one_file else ["w0", "w1"])
+    unchanged, onnx_bytes = engine_metadata.graph_sha256(graph), graph.read_bytes()
+    assert engine_metadata.graph_sha256(graph) == unchanged
+    for data in data_files:
+        original = data.read_bytes()
+        _change_last_byte(data)
+        assert engine_metadata.graph_sha256(graph) != unchanged, data.name
+        data.write_bytes(original)
+    assert graph.read_bytes() == onnx_bytes and engine_metadata.graph_sha256(graph) == unchanged
+
+
+def test_check_built_from_refuses_a_graph_whose_external_data_changed(tmp_path):
+    graph = _save_with_external_data(tmp_path)
+    engine = tmp_path / "graph.engine"
+    built = _metadata(onnx_file=graph.name, graph_sha256=engine_metadata.graph_sha256(graph))
+    engine_metadata.check_built_from(built, engine, graph)
+    _change_last_byte(tmp_path / "graph.onnx.data")
+    with pytest.raises(EngineMismatchError) as err:
+        engine_metadata.check_built_from(built, engine, graph)
+    assert str(err.value).startswith(
+        f"the TensorRT engine {engine} was built from graph.onnx (sha256 {built.graph_sha256[:12]}…), "
+        f"not from the graph {graph} (sha256 {engine_metadata.graph_sha256(graph)[:12]}…); "
+        f"the sha256 covers the .onnx file and its external data")
+
+
+def test_graph_sha256_names_a_missing_external_data_file(tmp_path):
+    graph = _save_with_external_data(tmp_path, one_file=False)
+    (tmp_path / "w1").unlink()
+    with pytest.raises(ValueError) as err:
+        engine_metadata.graph_sha256(graph)
+    assert str(err.value) == (f"{tmp_path / 'w1'} does not exist: the graph {graph} keeps its tensor 'w1' there "
+                              f"(ONNX external data); export the graph again")
+
+
+def test_engine_metadata_of_the_previous_format_asks_for_a_rebuild(tmp_path):
+    """Format 2 recorded onnx_sha256, the sha256 of the .onnx file alone: its engines are refused, not re-checked."""
+    engine = tmp_path / "model.engine"
+    data = json.loads(_metadata().to_json())
+    data["format_version"], data["onnx_sha256"] = 2, data.pop("graph_sha256")
+    engine_metadata.metadata_path(engine).write_text(json.dumps(data))
+    with pytest.raises(EngineMetadataError) as err:
+        engine_metadata.read(engine)
+    assert str(err.value) == (f"{engine_metadata.metadata_path(engine)} has format version 2, this guidesr reads "
+                              f"version 3; rebuild the engine with `make engine` (or `python -m export engine`)")

@@ -6,8 +6,10 @@ three tile sizes and one dynamic graph.
 """
 
 import argparse
+import collections
 import importlib.util
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +21,13 @@ import pytest
 import torch
 
 from export.__main__ import EXIT_FAILED, EXIT_NO_TENSORRT, EXIT_USAGE, build_parser, load_from_args, main
-from export.engine_metadata import EngineMismatchError
+from export.engine_metadata import EngineMismatchError, graph_sha256
 from export.fp16 import FP32_ISLANDS
 from export.graphs import GraphSpec, guidesr_graph
 from export.onnx_export import OPSET, export_graphs, read_metadata
 from export.trt_supported_ops import tensorrt_problems
 from export.verify import compare
-from guidesr.checkpoint import CheckpointError, file_sha256
+from guidesr.checkpoint import CheckpointError
 from guidesr.loading import DEFAULT_CHECKPOINT
 from helpers import randomized_tiny
 
@@ -333,19 +335,36 @@ def test_verify_refuses_a_file_that_is_not_an_exported_graph(tmp_path, capsys, n
     assert f"{tmp_path / 'notes.onnx'} is not a readable ONNX file" in capsys.readouterr().err
 
 
+def _external_data(onnx_path: Path) -> Path:
+    return onnx_path.with_name(onnx_path.name + ".data")
+
+
+@pytest.fixture(scope="module")
+def external_data_graph(model, tmp_path_factory):
+    """The fp32 static graph of SIZES[0] with its weights in NAME.onnx.data, as export saves sd-turbo's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("export.onnx_export.EXTERNAL_DATA_BYTES", 0)
+        (graph,) = export_graphs(model, tmp_path_factory.mktemp("external"), [guidesr_graph(16, SIZES[0], "static")],
+                                 ["fp32"], weights="test: random tiny")
+    assert _external_data(graph.path).is_file()
+    return graph
+
+
 def _engine_next_to(graph, folder: Path, **changes) -> Path:
-    """A stand-in NAME.engine (not a real one) with NAME.onnx and NAME.engine.json next to it, its metadata
-    recording that it was built from that NAME.onnx."""
+    """A stand-in NAME.engine (not a real one) with NAME.onnx (and its NAME.onnx.data, if any) and NAME.engine.json
+    next to it, its metadata recording that it was built from that NAME.onnx."""
     from dataclasses import replace
 
     from export import engine_metadata
     from test_export_graphs import _metadata
 
     onnx_path = folder / graph.path.name
-    onnx_path.write_bytes(graph.path.read_bytes())
+    shutil.copyfile(graph.path, onnx_path)
+    if _external_data(graph.path).is_file():
+        shutil.copyfile(_external_data(graph.path), _external_data(onnx_path))
     engine = onnx_path.with_suffix(".engine")
     engine.write_bytes(b"not an engine")
-    built_from = dict(onnx_file=onnx_path.name, onnx_sha256=file_sha256(onnx_path))
+    built_from = dict(onnx_file=onnx_path.name, graph_sha256=graph_sha256(onnx_path))
     engine_metadata.write(replace(_metadata(), **{**built_from, **changes}), engine)
     return engine
 
@@ -375,9 +394,78 @@ def test_verify_refuses_an_engine_built_from_another_graph_before_importing_tens
     assert main(argv) == EXIT_FAILED
     err = capsys.readouterr().err
     assert (f"error: the TensorRT engine {engine} was built from {built_from.path.name} "
-            f"(sha256 {file_sha256(built_from.path)[:12]}…), not from the graph {onnx_path} "
-            f"(sha256 {file_sha256(onnx_path)[:12]}…)") in err
+            f"(sha256 {graph_sha256(built_from.path)[:12]}…), not from the graph {onnx_path} "
+            f"(sha256 {graph_sha256(onnx_path)[:12]}…)") in err
     assert "Rebuild it with `make engine` (or `python -m export engine`" in err
+
+
+def test_verify_refuses_an_engine_whose_graphs_external_data_changed(external_data_graph, tmp_path, capsys,
+                                                                      no_tensorrt_import):
+    engine = _engine_next_to(external_data_graph, tmp_path, preset="tiny", checkpoint_sha256="none")
+    onnx_path = engine.with_suffix(".onnx")
+    built_from = graph_sha256(onnx_path)
+    data = bytearray(_external_data(onnx_path).read_bytes())
+    data[-1] ^= 1
+    _external_data(onnx_path).write_bytes(bytes(data))
+    argv = ["verify", "--random-weights", "--preset", "tiny", "--tile", "64", "--engine", str(engine)]
+    assert main(argv) == EXIT_FAILED
+    assert (f"error: the TensorRT engine {engine} was built from {onnx_path.name} (sha256 {built_from[:12]}…), "
+            f"not from the graph {onnx_path} (sha256 {graph_sha256(onnx_path)[:12]}…); the sha256 covers the .onnx "
+            f"file and its external data") in capsys.readouterr().err
+
+
+def test_verify_names_a_missing_external_data_file(external_data_graph, tmp_path, capsys, no_tensorrt_import):
+    engine = _engine_next_to(external_data_graph, tmp_path, preset="tiny", checkpoint_sha256="none")
+    onnx_path = engine.with_suffix(".onnx")
+    _external_data(onnx_path).unlink()
+    argv = ["verify", "--random-weights", "--preset", "tiny", "--tile", "64", "--engine", str(engine)]
+    assert main(argv) == EXIT_USAGE
+    assert (f"error: {_external_data(onnx_path)} does not exist: the graph {onnx_path} keeps its tensor "
+            in capsys.readouterr().err)
+
+
+def _count_engine_checks(monkeypatch) -> collections.Counter:
+    """Counts the calls of engine_metadata.read (the NAME.engine.json reads) and graph_sha256 (the graph hashes)."""
+    from export import engine_metadata
+
+    calls = collections.Counter()
+
+    def counted(function):
+        def count_and_call(*args):
+            calls[function.__name__] += 1
+            return function(*args)
+        return count_and_call
+
+    for name in ("read", "graph_sha256"):
+        monkeypatch.setattr(engine_metadata, name, counted(getattr(engine_metadata, name)))
+    return calls
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_verify_of_a_named_engine_reads_its_metadata_once_and_hashes_its_graph_once(graphs, model, tmp_path,
+                                                                                     monkeypatch):
+    engine = _engine_next_to(graphs[("fp16", "static", SIZES[0])], tmp_path, preset="tiny", checkpoint_sha256="none")
+    monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
+    calls = _count_engine_checks(monkeypatch)
+    assert main(["verify", "--tile", "64", "--out-dir", str(tmp_path), "--engine", str(engine)]) == EXIT_NO_TENSORRT
+    assert calls == {"read": 1, "graph_sha256": 1}
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_verify_with_tensorrt_reads_a_named_engines_metadata_once_and_hashes_its_graph_once(graphs, model, tmp_path,
+                                                                                            monkeypatch):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install tensorrt-cu12)")
+    from export.tensorrt_build import build_engine
+
+    onnx_path = tmp_path / graphs[("fp16", "static", SIZES[0])].path.name
+    shutil.copyfile(graphs[("fp16", "static", SIZES[0])].path, onnx_path)
+    engine = onnx_path.with_suffix(".engine")
+    build_engine(onnx_path, engine, timing_cache=tmp_path / "timing.cache")
+    monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
+    calls = _count_engine_checks(monkeypatch)
+    assert main(["verify", "--tile", "64", "--out-dir", str(tmp_path), "--engine", str(engine)]) == 0
+    assert calls == {"read": 1, "graph_sha256": 1}
 
 
 def test_compare_refuses_an_engine_built_from_another_graph_before_importing_tensorrt(graphs, model, tmp_path,

@@ -17,6 +17,7 @@ sha256, with its external data), and without TensorRT exits with status 3.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ from guidesr.checkpoint import CheckpointError
 from guidesr.config import PRESETS, preset_config
 from guidesr.loading import DEFAULT_CHECKPOINT, BaseModelError, build_model, load_model
 from guidesr.model import GuideSR
-from runtime.cli import bounded_float, bounded_int
+from runtime.cli import bounded_float, bounded_int, nearest_existing_folder
 
 from . import engine_metadata
 from .engine_metadata import EngineMetadata, EngineMetadataError, EngineMismatchError
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "verify":
             args.graph_metadata, args.engine_metadata = check_verify_inputs(args)
+        else:
+            check_out_dir(args.out_dir)
         model, weights = load_from_args(args)
         return args.run(args, model, weights)
     except (CheckpointError, BaseModelError, ValueError) as err:
@@ -140,6 +143,16 @@ def check_verify_inputs(args) -> tuple[dict[Path, dict[str, str]], EngineMetadat
     named_engine = engine_metadata.read(args.engine) if args.engine is not None else None
     graphs = list(args.onnx or []) + ([args.engine.with_suffix(".onnx")] if args.engine is not None else [])
     return {path: read_graph_metadata(path) for path in graphs}, named_engine
+
+
+def check_out_dir(path: Path) -> None:
+    """Raise ValueError unless `path` is a writable folder or one that can be made there."""
+    try:
+        parent = nearest_existing_folder(path)
+    except OSError as err:
+        raise ValueError(f"--out-dir {path}: {err}") from err
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out-dir {path}: {parent} is not writable")
 
 
 def read_graph_metadata(path: Path) -> dict[str, str]:

@@ -93,6 +93,10 @@ def read_checkpoint_record(path: str | Path) -> tuple[dict[str, Any], Path]:
         raise CheckpointError(f"{json_path}: 'tensors' must name the safetensors file next to it, got {tensors!r}")
     if not isinstance(config, dict):
         raise CheckpointError(f"{json_path}: 'config' must be an object of the model's settings, got {config!r}")
+    base_model = record.get("base_model")
+    if base_model is not None and not isinstance(base_model, str):
+        raise CheckpointError(f"{json_path}: 'base_model' must be the base model folder's path or null, "
+                              f"got {base_model!r}")
     return record, json_path.parent / tensors
 
 

@@ -88,9 +88,12 @@ def evaluate(model: GuideSR, data: str = "sample", crop_size: int = 256, seed: i
     rows = []
     for i, name in enumerate(names):
         scores = []
-        for x, y in zip(lq[i * draws : (i + 1) * draws], hr[i * draws : (i + 1) * draws]):
+        for draw, (x, y) in enumerate(zip(lq[i * draws : (i + 1) * draws], hr[i * draws : (i + 1) * draws])):
             x, y = x.unsqueeze(0), y.unsqueeze(0)
-            scores.append({"model": _scores(model(x).r1, y, border), "bicubic": _scores(x.clamp(-1, 1), y, border)})
+            restored = model(x).r1
+            if not torch.isfinite(restored).all():
+                raise FloatingPointError(f"the model's output for {name} (draw {draw + 1} of {draws}) has NaN/Inf")
+            scores.append({"model": _scores(restored, y, border), "bicubic": _scores(x.clamp(-1, 1), y, border)})
         rows.append({"image": name, **_mean(scores), "draws": scores})
     return {"images": rows, "mean": _mean(rows), "crop_size": crop_size, "degradation_seed": seed, "draws": draws,
             "data": data, "preset": model.config.preset, "checkpoint_sha256": model.checkpoint_sha256}
@@ -159,7 +162,10 @@ def main(argv: list[str] | None = None) -> None:
         model = load_model(args.checkpoint, args.preset, args.base_model)
     except ValueError as error:
         p.exit(2, f"{p.prog}: error: {error}\n")
-    results = evaluate(model, args.data, args.crop_size, args.seed, args.draws)
+    try:
+        results = evaluate(model, args.data, args.crop_size, args.seed, args.draws)
+    except FloatingPointError as error:
+        p.exit(1, f"{p.prog}: error: {error}; no results written\n")
     print(format_table(results), flush=True)  # first: the results are not lost if --json cannot be written
     if args.json is not None:
         try:

@@ -73,7 +73,8 @@ from guidesr.config import PRESETS
 from guidesr.metrics import psnr, ssim
 from guidesr.model import set_kernels_enabled
 
-from .cli import add_model_arguments, bounded_float, bounded_int, check_model_arguments, write_json
+from .cli import (add_model_arguments, bounded_float, bounded_int, check_model_arguments, nearest_existing_folder,
+                  write_json)
 from .backends import BACKENDS, PRECISIONS, Backend, BackendError, create_backend, resolve_device
 from .tiling import BicubicSource, TilePlan, fit_to_shape, plan_tiles, run_tiled
 from .upscale import effective_tile
@@ -677,6 +678,21 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--overlap {args.overlap} must be smaller than --tile {args.tile}")
     if not args.sizes and not args.tiled:
         parser.error("nothing to measure: give --sizes and/or --tiled")
+    if args.quality:
+        from guidesr.degradations import DegradationConfig
+        from guidesr.evaluate import crop_size_problem, evaluation_images
+
+        problem = crop_size_problem(args.quality_crop, border=DegradationConfig().scale)
+        if problem is not None:
+            parser.error(f"--quality-crop: {problem}")
+        try:
+            evaluation_images(args.quality, args.quality_crop)
+        except (ValueError, OSError) as error:
+            parser.error(f"--quality {args.quality}: {error}")
+    try:
+        nearest_existing_folder(args.out)
+    except OSError as error:
+        parser.error(f"--out {args.out}: {error}")
 
 
 def load_model_from_args(args: argparse.Namespace):

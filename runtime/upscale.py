@@ -302,8 +302,13 @@ def collect_jobs(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
             jobs.append(Job(path, output / (path.stem + extension)))
         else:
             failures.append(f"{path}: no such file or folder")
+    sources = {job.source.resolve() for job in jobs}
     by_output: dict[Path, list[Job]] = {}
     for job in sorted(set(jobs), key=lambda j: str(j.source)):
+        if job.output.resolve() in sources:
+            failures.append(f"{job.source}: its output {job.output} is an input; the input is never replaced, "
+                            f"even with --overwrite (give another -o or --format)")
+            continue
         by_output.setdefault(job.output, []).append(job)
     unique = []
     for destination, group in by_output.items():
@@ -370,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--validate", action="store_true",
                         help="also run the PyTorch fp32 reference on the same tiles, report PSNR / SSIM / max-abs "
                              "per image, and fail (write nothing) below --min-psnr")
-    parser.add_argument("--min-psnr", type=float, default=None, metavar="DB",
+    parser.add_argument("--min-psnr", type=bounded_float(0), default=None, metavar="DB",
                         help=f"--validate threshold (default {DEFAULT_MIN_PSNR['fp16']:g} dB for fp16 backends, "
                              f"{DEFAULT_MIN_PSNR['fp32']:g} dB for fp32 ones)")
     parser.add_argument("--max-megapixels", type=bounded_float(0), default=DEFAULT_MAX_MEGAPIXELS,

@@ -89,6 +89,7 @@ def test_other_format_version_fails(tmp_path):
     ("tensors", None, "'tensors' must name the safetensors file next to it, got None"),
     ("tensors", "../elsewhere.safetensors", "'tensors' must name the safetensors file next to it"),
     ("config", [], "'config' must be an object of the model's settings, got \\[\\]"),
+    ("base_model", 5, "'base_model' must be the base model folder's path or null, got 5"),
 ])
 def test_a_malformed_record_names_the_field(tmp_path, key, value, message):
     save_checkpoint(trained_model(0), tmp_path / "ckpt")

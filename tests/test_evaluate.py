@@ -126,3 +126,20 @@ def test_scores_are_per_image_means_over_their_own_draws_with_a_scale_border():
     for method in ("bicubic", "model"):
         mean = sum(row[method]["psnr_y"] for row in results["images"]) / len(names)
         assert results["mean"][method]["psnr_y"] == pytest.approx(mean, rel=1e-12)
+
+
+def test_a_model_output_with_nan_is_an_error_and_no_json_is_written(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import guidesr.evaluate as evaluate_module
+
+    model = load_model(None, None, None)
+    with torch.no_grad():
+        model.prompt.embedding.fill_(float("nan"))  # a diverged training run
+    monkeypatch.setattr(evaluate_module, "load_model", lambda *args: model)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--crop-size", "20", "--draws", "1", "--json", str(tmp_path / "results.json")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: the model's output for coffee (draw 1 of 1) has NaN/Inf; no results written" in err
+    assert not (tmp_path / "results.json").exists()

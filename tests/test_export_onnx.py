@@ -252,6 +252,15 @@ def test_verify_checks_the_files_it_is_given_before_loading_the_model(tmp_path, 
             "size_multiple, precision, checkpoint_sha256, graph_spec)") in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["onnx", "engine"])
+def test_an_out_dir_that_cannot_be_a_folder_is_refused_before_loading_the_model(command, tmp_path, capsys,
+                                                                                 no_model_loading):
+    (tmp_path / "file").write_text("")
+    for out_dir in (tmp_path / "file", tmp_path / "file" / "graphs"):
+        assert main([command, "--random-weights", "--preset", "tiny", "--out-dir", str(out_dir)]) == EXIT_USAGE
+        assert f"error: --out-dir {out_dir}: {tmp_path / 'file'} is not a folder" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["onnx", "--batch", "0", "--variant", "static", "--precision", "fp32"], "argument --batch: 0 must be >= 1"),
     (["engine", "--batch", "0"], "argument --batch: 0 must be >= 1"),

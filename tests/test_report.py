@@ -104,6 +104,24 @@ def test_parse_size():
             parse_size(bad)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--quality", "sample", "--quality-crop", "30"], "--quality-crop: the crop size must be a multiple of 4"),
+    (["--quality", "sample", "--quality-crop", "0"], "--quality-crop: the crop size must be a multiple of 4"),
+    (["--quality", "{tmp}/missing"], "--quality {tmp}/missing: HR image folder {tmp}/missing does not exist"),
+    (["--out", "{tmp}/file"], "--out {tmp}/file: {tmp}/file is not a folder"),
+    (["--out", "{tmp}/file/report"], "--out {tmp}/file/report: {tmp}/file is not a folder"),
+])
+def test_bad_quality_and_out_are_usage_errors_before_the_model_loads(argv, message, tmp_path, capsys, monkeypatch):
+    def no_model(args):
+        raise AssertionError("the model was loaded before the command line was checked")
+
+    monkeypatch.setattr("runtime.report.load_model_from_args", no_model)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(CI_ARGS + [arg.format(tmp=tmp_path) for arg in argv])
+    assert exit_info.value.code == 2 and message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
 def test_sigterm_writes_what_was_measured(tmp_path):
     """A session's time limit (SIGTERM) stops the run; the measured rows, Markdown and plots are still written."""
     out = tmp_path / "partial"

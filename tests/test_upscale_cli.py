@@ -229,6 +229,15 @@ def test_output_name_collisions_are_reported(tmp_path):
     assert len(jobs.failures) == 1 and "same.png" in jobs.failures[0] and "also the output of" in jobs.failures[0]
 
 
+def test_an_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "b.jpg")
+    Image.new("RGB", (4, 4)).save(tmp_path / "b.png")
+    jobs = collect_jobs([tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "b.png"], tmp_path)
+    assert jobs.jobs == []
+    assert len(jobs.failures) == 3 and all("is an input; the input is never replaced" in f for f in jobs.failures)
+
+
 def test_model_output_with_nan_is_an_error_naming_the_file(tmp_path, diverged_checkpoint, capsys):
     make_inputs(tmp_path / "in")
     code = main([str(tmp_path / "in" / "rgb.png"), "-o", str(tmp_path / "out"),

@@ -211,3 +211,10 @@ def test_min_psnr_needs_validate(capsys):
     with pytest.raises(SystemExit) as caught:
         main(["x.png", "-o", "y.png", "--min-psnr", "30"])
     assert caught.value.code == 2 and "--min-psnr is the --validate threshold" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_a_min_psnr_that_is_not_a_finite_non_negative_number_is_refused(value, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["x.png", "-o", "y.png", "--validate", "--min-psnr", value])
+    assert caught.value.code == 2 and f"argument --min-psnr: {value} must be >= 0" in capsys.readouterr().err

@@ -113,7 +113,9 @@ def export_graphs(model: GuideSR, out_dir: str | Path, specs: list[GraphSpec], p
                 for spec in (s for s in specs if s.trt_plugins == trt_plugins):
                     path = out_dir / graph_filename(model.config.preset, spec, precision)
                     metadata = graph_metadata(model, spec, precision, weights)
-                    finish_graph(ir.load(traced), spec, precision, metadata, path)
+                    staged = Path(scratch) / path.name
+                    finish_graph(ir.load(traced), spec, precision, metadata, staged)
+                    publish_graph(staged, path)
                     exported.append(ExportedGraph(path, spec, precision))
     return exported
 
@@ -158,6 +160,18 @@ def finish_graph(model: ir.Model, spec: GraphSpec, precision: str, metadata: dic
     external = path.name + ".data" if weight_bytes > EXTERNAL_DATA_BYTES else None
     ir.save(model, path, external_data=external)
     onnx.checker.check_model(str(path), full_check=True)
+
+
+def publish_graph(staged: Path, path: Path) -> None:
+    """Move a saved and checked graph, with its external data, from the scratch folder to `path` (same file system):
+    an export that fails its checks or is killed leaves the previous graph at `path`, never a partial one."""
+    staged_data, data = (file.with_name(file.name + ".data") for file in (staged, path))
+    if staged_data.exists():
+        staged_data.replace(data)
+        staged.replace(path)
+    else:
+        staged.replace(path)
+        data.unlink(missing_ok=True)  # an earlier export's external data, which this graph does not use
 
 
 def graph_metadata(model: GuideSR, spec: GraphSpec, precision: str, weights: str) -> dict[str, str]:

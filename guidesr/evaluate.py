@@ -13,13 +13,12 @@ the table's mean is over images.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from runtime.cli import bounded_int, nearest_existing_folder
+from runtime.cli import bounded_int, nearest_existing_folder, write_json
 
 from .config import PRESETS
 from .data import SAMPLE_EVAL, HRImageFolder, SampleImages, check_crop_sizes, eval_pairs
@@ -169,8 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     print(format_table(results), flush=True)  # first: the results are not lost if --json cannot be written
     if args.json is not None:
         try:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
+            write_json(results, args.json)
         except OSError as error:
             p.exit(1, f"{p.prog}: error: cannot write --json {args.json}: {error}\n")
 

@@ -359,6 +359,28 @@ def external_data_graph(model, tmp_path_factory):
     return graph
 
 
+def test_a_failed_export_leaves_the_previous_graph_and_a_new_one_replaces_it_whole(
+        external_data_graph, model, tmp_path, monkeypatch):
+    """Graphs are saved and checked in a scratch folder, then moved into place with their external data."""
+    spec = guidesr_graph(16, SIZES[0], "static")
+    onnx_path, data = tmp_path / external_data_graph.path.name, _external_data(tmp_path / external_data_graph.path.name)
+    shutil.copyfile(external_data_graph.path, onnx_path)
+    shutil.copyfile(_external_data(external_data_graph.path), data)
+    before = graph_sha256(onnx_path)
+
+    def failing_check(path, full_check):
+        raise onnx.checker.ValidationError(f"{path}: test")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("export.onnx_export.onnx.checker.check_model", failing_check)
+        with pytest.raises(onnx.checker.ValidationError):
+            export_graphs(model, tmp_path, [spec], ["fp32"], weights="test: random tiny")
+    assert graph_sha256(onnx_path) == before and sorted(tmp_path.iterdir()) == [onnx_path, data]
+    (graph,) = export_graphs(model, tmp_path, [spec], ["fp32"], weights="test: random tiny")
+    assert graph.path == onnx_path and sorted(tmp_path.iterdir()) == [onnx_path]  # inline now: the old data is gone
+    onnx.checker.check_model(str(onnx_path), full_check=True)
+
+
 def _engine_next_to(graph, folder: Path, **changes) -> Path:
     """A stand-in NAME.engine (not a real one) with NAME.onnx (and its NAME.onnx.data, if any) and NAME.engine.json
     next to it, its metadata recording that it was built from that NAME.onnx."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,14 +140,37 @@ class GuideSRConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GuideSRConfig":
-        data = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown GuideSR config fields: {sorted(unknown)}")
-        data["guidance"] = GuidanceConfig(**data.get("guidance", {}))
-        data["lora"] = LoRASettings(**data.get("lora", {}))
-        return cls(**data)
+        """The config of `to_dict`'s output (a checkpoint's JSON); ValueError names an unknown field or one whose
+        value has the wrong type."""
+        fields = _typed_fields(cls, data, "")
+        fields["guidance"] = GuidanceConfig(**_typed_fields(GuidanceConfig, data.get("guidance", {}), "guidance."))
+        fields["lora"] = LoRASettings(**_typed_fields(LoRASettings, data.get("lora", {}), "lora."))
+        return cls(**fields)
+
+
+_FIELD_KINDS = {int: "an integer", bool: "true or false", str: "a string", dict: "an object",
+                list: "a list of strings"}
+
+
+def _typed_fields(cls: type, data: Any, prefix: str) -> dict[str, Any]:
+    """`data` as keyword arguments of the dataclass `cls`, each value checked against its field's type (an int is
+    not a bool, nor a bool an int); nested dataclasses stay dicts for the caller to build."""
+    if not isinstance(data, dict):
+        raise ValueError(f"GuideSR config field {prefix.rstrip('.') or 'config'} must be an object, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    unknown = set(data) - set(hints)
+    if unknown:
+        raise ValueError(f"unknown GuideSR config fields: {sorted(prefix + name for name in unknown)}")
+    for name, value in data.items():
+        kind = typing.get_origin(hints[name]) or hints[name]
+        if dataclasses.is_dataclass(kind):
+            kind = dict
+        valid = type(value) is kind if kind in (int, bool) else isinstance(value, kind)
+        if kind is list:
+            valid = valid and all(isinstance(item, str) for item in value)
+        if not valid:
+            raise ValueError(f"GuideSR config field {prefix}{name} must be {_FIELD_KINDS[kind]}, got {value!r}")
+    return dict(data)
 
 
 def tiny_config() -> GuideSRConfig:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from guidesr.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint, save_checkpoint
+from guidesr.checkpoint import CheckpointError, checkpoint_config, checkpoint_paths, load_checkpoint, save_checkpoint
 from guidesr.config import tiny_config
 from guidesr.loading import BaseModelError, build_model, load_base_modules, load_model
 from guidesr.model import GuideSR
@@ -98,6 +98,30 @@ def test_a_malformed_record_names_the_field(tmp_path, key, value, message):
     (tmp_path / "ckpt.json").write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(GuideSR(tiny_config()), tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("scale",), "four", "GuideSR config field scale must be an integer, got 'four'"),
+    (("scale",), 4.0, "GuideSR config field scale must be an integer, got 4.0"),
+    (("use_triton_kernels",), 1, "GuideSR config field use_triton_kernels must be true or false, got 1"),
+    (("guidance", "channels"), True, "GuideSR config field guidance.channels must be an integer, got True"),
+    (("guidance",), [16], "GuideSR config field guidance must be an object, got \\[16\\]"),
+    (("lora", "unet_targets"), ["to_q", 3], "GuideSR config field lora.unet_targets must be a list of strings"),
+    (("vae",), "tiny", "GuideSR config field vae must be an object, got 'tiny'"),
+    (("guidance", "width"), 16, "unknown GuideSR config fields: \\['guidance.width'\\]"),
+])
+def test_a_config_value_of_the_wrong_type_is_named(tmp_path, path, value, message):
+    save_checkpoint(trained_model(0), tmp_path / "ckpt")
+    assert checkpoint_config(tmp_path / "ckpt") == tiny_config()
+    record = json.loads((tmp_path / "ckpt.json").read_text())
+    *parents, key = path
+    section = record["config"]
+    for parent in parents:
+        section = section[parent]
+    section[key] = value
+    (tmp_path / "ckpt.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=f"its config cannot be read: {message}"):
+        checkpoint_config(tmp_path / "ckpt")
 
 
 def test_corrupted_tensors_fail_clearly(tmp_path):

@@ -29,6 +29,7 @@ could not run (bad options, no input images, no model, no backend).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -385,14 +386,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.tile and args.overlap >= args.tile:
-        parser.error(f"--overlap {args.overlap} must be smaller than --tile {args.tile}")
+    problem = overlap_problem(args.overlap, (args.tile, args.tile), f"--tile {args.tile}") if args.tile else None
+    if problem is not None:
+        parser.error(problem)
     if args.min_psnr is not None and not args.validate:
         parser.error("--min-psnr is the --validate threshold; add --validate")
-    recomputed = (args.tile / (args.tile - args.overlap)) ** 2 if args.tile else 1.0
+
+
+def overlap_problem(overlap: int, shape: tuple[int, int], tile_name: str) -> str | None:
+    """Why tiles of `shape` (named `tile_name` in the message) cannot overlap by `overlap`, or None: the overlap must
+    be smaller than the tile and compute no output pixel more than 16 times."""
+    if overlap >= min(shape):
+        return f"--overlap {overlap} must be smaller than {tile_name}"
+    recomputed = math.prod(side / (side - overlap) for side in shape)
     if recomputed > 16:
-        parser.error(f"--overlap {args.overlap} with --tile {args.tile} computes every output pixel about "
-                     f"{recomputed:.0f} times; keep the overlap under 3/4 of the tile")
+        return (f"--overlap {overlap} with {tile_name} computes every output pixel about {recomputed:.0f} times; "
+                f"keep the overlap under 3/4 of the tile")
+    return None
 
 
 def _remove_stale_partials(output: Path) -> None:
@@ -471,8 +481,9 @@ def _make_backend(args: argparse.Namespace, shard: Shard) -> tuple[Backend, Vali
     if args.tile and shape != (args.tile, args.tile):
         _say(f"{shard.label}note: tile {args.tile} -> {shape[0]}x{shape[1]} (the model's size multiple or the "
              f"backend's shape)")
-    if tile and args.overlap >= min(shape):
-        raise ValueError(f"--overlap {args.overlap} must be smaller than the tile actually used, {shape[0]}x{shape[1]}")
+    problem = overlap_problem(args.overlap, shape, f"the tile actually used, {shape[0]}x{shape[1]}") if tile else None
+    if problem is not None:
+        raise ValueError(problem)
     if not args.validate:
         return backend, None
     min_psnr = args.min_psnr if args.min_psnr is not None else DEFAULT_MIN_PSNR[backend.precision]

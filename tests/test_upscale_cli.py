@@ -24,7 +24,7 @@ from runtime.backends import Backend, TorchBackend
 from runtime.imageio import read_image, write_image
 from runtime.tiling import NonFiniteOutputError
 import runtime.upscale as upscale_module
-from runtime.upscale import collect_jobs, effective_tile, main, upscale_array, upscale_file
+from runtime.upscale import EXIT_CANNOT_RUN, collect_jobs, effective_tile, main, upscale_array, upscale_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -467,3 +467,13 @@ def test_a_rank_does_and_reports_only_its_share(tmp_path, stand_in_model, capsys
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.png", "d.png"]
     assert "gone2.png: no such file" in captured.err and "gone1.png" not in captured.err
     assert "[rank 1/2] 2 written, 0 skipped (already there), 1 failed" in captured.out
+
+
+def test_the_overlap_is_checked_against_the_tile_actually_used(tmp_path, capsys):
+    """--tile 90 passes the command-line check, but the tiny model's size multiple (16) makes it 80: an overlap of 64
+    would compute every output pixel 25 times."""
+    path = write_image(tmp_path / "in.png", RNG.random((40, 40, 3), dtype=np.float32))
+    assert main([str(path), "-o", str(tmp_path / "out.png"), "--tile", "90", "--overlap", "64"]) == EXIT_CANNOT_RUN
+    assert ("--overlap 64 with the tile actually used, 80x80 computes every output pixel about 25 times"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "out.png").exists()

@@ -192,7 +192,8 @@ def fp16_graph(nodes, output: str = "y") -> ir.Model:
         [helper.make_node(*node[:3], **node[3]) if len(node) > 3 else helper.make_node(*node) for node in nodes],
         "islands", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 4, 3, 5])],
         [helper.make_tensor_value_info(output, TensorProto.FLOAT16, None)], initializers)
-    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    # IR version 8, as the exported graphs have: onnx's newer default is more than onnxruntime 1.30 (IR <= 13) reads
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8))
     fold_constants(model)
     return model
 

@@ -131,7 +131,7 @@ def read_image(path: str | os.PathLike, max_megapixels: float | None = DEFAULT_M
             depth, fmt = 16, "tiff"
         else:
             with _open_with_pillow(path) as image:
-                _check_format_and_size(path, image.format, image.size, max_pixels)
+                _check_format_and_size(path, image.format, image.size, max_pixels, getattr(image, "n_frames", 1))
                 fmt = READ_FORMATS[image.format]
                 # Decide before getexif(), which loads a PNG (and so empties its tile list).
                 png_rawmode = image.tile[0].args if image.format == "PNG" and image.tile else None
@@ -162,18 +162,20 @@ def check_image_header(path: str | os.PathLike, max_megapixels: float | None = D
 
             with tifffile.TiffFile(path) as tif:
                 page = tif.pages.first
-                _check_format_and_size(path, "TIFF", (page.imagewidth, page.imagelength), max_pixels)
+                _check_format_and_size(path, "TIFF", (page.imagewidth, page.imagelength), max_pixels, len(tif.pages))
         else:
             with _open_with_pillow(path) as image:
-                _check_format_and_size(path, image.format, image.size, max_pixels)
+                _check_format_and_size(path, image.format, image.size, max_pixels, getattr(image, "n_frames", 1))
 
 
 def _prepare_read(path: Path, max_megapixels: float | None) -> int | None:
-    """Refuse a path that is missing or a folder; returns the limit in pixels."""
+    """Refuse a path that is missing, a folder or empty; returns the limit in pixels."""
     if not path.exists():
         raise ImageReadError(path, "no such file")
     if path.is_dir():
         raise ImageReadError(path, "is a folder, not a file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "empty file (0 bytes)")
     return None if max_megapixels is None else int(max_megapixels * 1_000_000)
 
 
@@ -225,9 +227,13 @@ def _pillow_pixel_limit(max_pixels: int | None) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def _check_format_and_size(path: Path, fmt: str | None, size: tuple[int, int], max_pixels: int | None) -> None:
+def _check_format_and_size(path: Path, fmt: str | None, size: tuple[int, int], max_pixels: int | None,
+                           frames: int) -> None:
     if fmt not in READ_FORMATS:
         raise ImageReadError(path, f"unsupported format {fmt} (supported: PNG, JPEG, WebP, TIFF, BMP)")
+    if frames > 1 and fmt != "MPO":  # an MPO's first image is the photo, the others its previews or depth maps
+        raise ImageReadError(path, f"{frames} frames (an animation or a multi-page file); only single images are "
+                                   f"upscaled, and writing the first frame alone would lose the others")
     width, height = size
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(
@@ -278,11 +284,11 @@ def _pillow_to_array(image: Image.Image) -> tuple[np.ndarray, str, int]:
     if mode == "F":
         raise ImageReadError(image.filename, "floating-point pixels (Pillow mode F) are not supported: their value "
                                              "range is undefined")
+    if mode in ("LA", "La") or (mode == "L" and "transparency" in image.info):  # tRNS: a grey value is transparent
+        return np.asarray(image.convert("LA")), "LA", 8
     if mode in ("1", "L"):
         return np.asarray(image.convert("L"))[..., None], "L", 8
-    if mode in ("LA", "La"):
-        return np.asarray(image.convert("LA")), "LA", 8
-    if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in image.info):
+    if mode in ("RGBA", "RGBa", "PA") or (mode in ("P", "RGB") and "transparency" in image.info):
         return np.asarray(image.convert("RGBA")), "RGBA", 8
     if mode == "CMYK" and image.info.get("icc_profile"):
         # Let the embedded profile do the CMYK -> RGB conversion when there is one.
@@ -308,7 +314,7 @@ def _read_tiff_16bit(path: Path, max_pixels: int | None) -> tuple[np.ndarray, st
 
     with tifffile.TiffFile(path) as tif:
         page = tif.pages.first
-        _check_format_and_size(path, "TIFF", (page.imagewidth, page.imagelength), max_pixels)
+        _check_format_and_size(path, "TIFF", (page.imagewidth, page.imagelength), max_pixels, len(tif.pages))
         array = page.asarray()
         photometric = page.photometric
         extra = len(page.extrasamples)

@@ -18,8 +18,8 @@ import tifffile
 from PIL import Image, ImageOps
 
 from runtime import imageio
-from runtime.imageio import (ImageReadError, ImageTooLargeError, OutputExistsError, OutputFormatWarning, read_image,
-                             write_image)
+from runtime.imageio import (ImageReadError, ImageTooLargeError, OutputExistsError, OutputFormatWarning,
+                             check_image_header, read_image, write_image)
 
 REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(1234)
@@ -119,6 +119,33 @@ def test_exif_orientation_of_a_sixteen_bit_tiff(tmp_path):
     np.testing.assert_array_equal(as_integers(array, 16), np.rot90(pixels, k=-1))
 
 
+def test_a_png_colour_key_becomes_alpha(tmp_path):
+    """A tRNS chunk on an RGB or grey PNG marks one colour transparent: read as RGBA / LA, not dropped."""
+    rgb = random_pixels(6, 5, 3, 8)
+    key = tuple(int(v) for v in rgb[2, 3])
+    Image.fromarray(rgb).save(tmp_path / "keyed.png", transparency=key)
+    array, info = read_image(tmp_path / "keyed.png")
+    expected_alpha = np.where((rgb == key).all(-1), 0, 255)
+    assert info.mode == "RGBA"
+    np.testing.assert_array_equal(as_integers(array, 8), np.dstack([rgb, expected_alpha]))
+
+    grey = random_pixels(6, 5, 1, 8)[..., 0]
+    Image.fromarray(grey).save(tmp_path / "keyed-grey.png", transparency=int(grey[1, 1]))
+    array, info = read_image(tmp_path / "keyed-grey.png")
+    assert info.mode == "LA"
+    np.testing.assert_array_equal(as_integers(array, 8), np.dstack([grey, np.where(grey == grey[1, 1], 0, 255)]))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF"])
+def test_an_animation_or_multi_page_file_is_refused_before_decoding(tmp_path, fmt):
+    frames = [Image.fromarray(random_pixels(8, 8, 3, 8)) for _ in range(3)]
+    path = tmp_path / f"frames.{fmt.lower()}"
+    frames[0].save(path, fmt, save_all=True, append_images=frames[1:])
+    for read in (read_image, check_image_header):
+        with pytest.raises(ImageReadError, match="3 frames \\(an animation or a multi-page file\\)"):
+            read(path)
+
+
 def test_grey_jpeg_palette_png_and_cmyk_jpeg(tmp_path):
     grey = Image.fromarray(random_pixels(8, 8, 1, 8)[..., 0])
     grey.save(tmp_path / "grey.jpg")
@@ -159,7 +186,7 @@ def test_unreadable_inputs_raise_a_clear_error(tmp_path):
     (tmp_path / "text.png").write_text("this is not an image\n")
     _expect_read_error(tmp_path / "text.png", "not a recognised image")
     (tmp_path / "empty.png").write_bytes(b"")
-    _expect_read_error(tmp_path / "empty.png", "not a recognised image")
+    _expect_read_error(tmp_path / "empty.png", "empty file (0 bytes)")
     _expect_read_error(tmp_path / "missing.png", "no such file")
     (tmp_path / "folder.png").mkdir()
     _expect_read_error(tmp_path / "folder.png", "folder")

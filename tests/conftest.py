@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import pytest
@@ -42,10 +43,15 @@ def _triton_interpreter_problem() -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip `gpu` tests without CUDA, with the reason in the report."""
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; this machine has none")
+    """Skip `gpu` tests without CUDA and `tensorrt` tests without TensorRT, with the reason in the report, before
+    their fixtures (exported graphs, compiled models) are built."""
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA device; this machine has none")
+    if importlib.util.find_spec("tensorrt") is None:
+        skips["tensorrt"] = pytest.mark.skip(reason="TensorRT is not installed (pip install tensorrt-cu12)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
+                break

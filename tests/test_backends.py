@@ -361,8 +361,6 @@ def test_onnxruntime_on_the_cuda_provider(cuda_model, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
-                    reason="TensorRT is not installed (pip install tensorrt-cu12)")
 def test_tensorrt_engine_runs_and_a_stale_one_is_refused(model, cuda_model, tmp_path):
     from export.tensorrt_build import build_engine
 

@@ -306,7 +306,8 @@ def test_cli_without_the_embedded_checkpoint_says_what_to_pass():
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 def test_tensorrt_engine_matches_pytorch_and_onnx(graphs, model, tmp_path):
-    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install tensorrt-cu12)")
+    import tensorrt as trt
+
     from export import engine_metadata
     from export.tensorrt_build import build_engine, current_gpu
 
@@ -486,7 +487,6 @@ def test_verify_of_a_named_engine_reads_its_metadata_once_and_hashes_its_graph_o
 @pytest.mark.gpu
 def test_verify_with_tensorrt_reads_a_named_engines_metadata_once_and_hashes_its_graph_once(graphs, model, tmp_path,
                                                                                             monkeypatch):
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install tensorrt-cu12)")
     from export.tensorrt_build import build_engine
 
     onnx_path = tmp_path / graphs[("fp16", "static", SIZES[0])].path.name

@@ -38,7 +38,6 @@ from guidesr.guidance import FCABlock
 from helpers import randomized_tiny
 
 REPO = Path(__file__).resolve().parents[1]
-TRT_MISSING = "TensorRT is not installed"
 STATIC_TILE = (64, 48)
 # (dtype, compute capability, channels, PTX ISA: None for Triton's own, 80 for a CUDA 12.0 driver's)
 AOT_CASES = [("fp16", 90, 24, None), ("fp32", 80, 24, None), ("bf16", 90, 128, None), ("fp16", 90, 64, 80)]
@@ -421,7 +420,6 @@ def test_engine_build_of_a_plugin_graph_without_tensorrt_fails_clearly(graphs, t
 @pytest.mark.gpu
 @pytest.mark.parametrize("key", [("static", "fp16", True), ("dynamic", "fp32", True)])
 def test_plugin_engine_matches_pytorch(graphs, model, key, tmp_path):
-    pytest.importorskip("tensorrt", reason=TRT_MISSING)
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 

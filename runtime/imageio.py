@@ -53,7 +53,8 @@ WRITE_FORMATS = {
     ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff", ".bmp": "bmp",
 }
 IMAGE_EXTENSIONS = frozenset(WRITE_FORMATS)  # what a folder scan picks up
-FORMAT_EXTENSION = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", "webp": ".webp", "tiff": ".tif", "tif": ".tif", "bmp": ".bmp"}
+FORMAT_EXTENSION = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", "webp": ".webp", "tiff": ".tif", "tif": ".tif",
+                    "bmp": ".bmp"}
 ALPHA_FORMATS = frozenset({"png", "webp", "tiff"})  # BMP alpha is not read back reliably
 SIXTEEN_BIT_FORMATS = frozenset({"png", "tiff"})
 
@@ -117,7 +118,8 @@ class ImageInfo:
 # --------------------------------------------------------------------------------------------- read
 
 
-def read_image(path: str | os.PathLike, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> tuple[np.ndarray, ImageInfo]:
+def read_image(path: str | os.PathLike,
+               max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> tuple[np.ndarray, ImageInfo]:
     """Read an image file into a float32 [H, W, C] array in [0, 1] (C = len(info.mode)).
 
     `max_megapixels` (None: no limit) is checked from the header, before anything is decoded.
@@ -200,7 +202,8 @@ def _read_errors(path: Path, max_pixels: int | None) -> Iterator[None]:
         limit = "no limit" if max_pixels is None else f"the limit of {max_pixels / 1e6:g} megapixels"
         size = re.search(r"Image size \((\d+) pixels\)", str(exc))  # Pillow's wording, which names its own limit
         what = f"{int(size.group(1)) / 1e6:g} megapixels" if size else f"too large for Pillow ({exc})"
-        raise ImageTooLargeError(path, f"{what}, over {limit} (raise it with --max-megapixels / max_megapixels=)") from exc
+        raise ImageTooLargeError(path, f"{what}, over {limit} (raise it with --max-megapixels / max_megapixels=)") \
+            from exc
     except UnidentifiedImageError as exc:
         raise ImageReadError(path, "not a recognised image file (unknown format or corrupt header)") from exc
     except PermissionError as exc:
@@ -450,7 +453,8 @@ def _encode(stream, pixels: np.ndarray, fmt: str, quality: int, icc_profile: byt
         options.update(compression="tiff_deflate")
     elif fmt == "bmp":
         options.pop("icc_profile", None)
-    image.save(stream, format={"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "tiff": "TIFF", "bmp": "BMP"}[fmt], **options)
+    pillow_format = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "tiff": "TIFF", "bmp": "BMP"}[fmt]
+    image.save(stream, format=pillow_format, **options)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -524,7 +524,8 @@ def _run_jobs(jobs: list[Job], backend: Backend, validator: Validator | None, ar
                     _say(f"{prefix}error: {err}; nothing written", error=True)
                 except torch.OutOfMemoryError as err:
                     failures.append(f"{job.source}: out of memory")
-                    _say(f"{prefix}error: {job.source}: out of memory ({err}); try a smaller --tile or --tile-batch", error=True)
+                    _say(f"{prefix}error: {job.source}: out of memory ({err}); try a smaller --tile or --tile-batch",
+                         error=True)
                 except MemoryError:
                     failures.append(f"{job.source}: out of host memory")
                     _say(f"{prefix}error: {job.source}: out of host memory; the output alone needs ~12 bytes per "

@@ -131,7 +131,8 @@ def test_artifacts_go_to_their_backend(model, tmp_path):
         create_backend("fast", model, "cpu")
     with pytest.raises(BackendError, match="backend 'compiled' cannot run on cpu: torch.compile with CUDA graphs"):
         create_backend("compiled", model, "cpu", tile=64)
-    with pytest.raises(BackendError, match="backend 'tensorrt' cannot run on cpu: TensorRT runs on CUDA GPUs only") as err:
+    with pytest.raises(BackendError,
+                       match="backend 'tensorrt' cannot run on cpu: TensorRT runs on CUDA GPUs only") as err:
         create_backend("tensorrt", model, "cpu", engine=tmp_path / "x.engine")
     assert ("TensorRT is not installed" in str(err.value)) == (importlib.util.find_spec("tensorrt") is None)
     with pytest.raises(BackendError, match="exports a static graph for one tile shape: give a tile size"):
@@ -292,7 +293,8 @@ def test_half_group_norm_keeps_fp32_statistics_on_cuda():
     eager = torch.nn.functional.group_norm(x.half(), 32)
     compiled = torch.compile(lambda t: torch.nn.functional.group_norm(t, 32), dynamic=False)(x.half())
     per_channel = ChannelStatsGroupNorm(torch.nn.GroupNorm(32, 64, affine=False).cuda())  # what `compiled` runs
-    compiled_per_channel = torch.compile(per_channel, dynamic=False)(x.half().contiguous(memory_format=torch.channels_last))
+    compiled_per_channel = torch.compile(per_channel, dynamic=False)(
+        x.half().contiguous(memory_format=torch.channels_last))
     for result in (eager, compiled, compiled_per_channel):
         assert torch.isfinite(result).all()
         # fp16 rounding of the input (half an ulp of ~64 is 0.016, over sigma 10) and of outputs up to ~5 (0.002)
@@ -374,7 +376,8 @@ def test_tensorrt_engine_runs_and_a_stale_one_is_refused(model, cuda_model, tmp_
     assert psnr(backend(batch), ReferenceBackend(cuda_model, "cuda")(batch)) >= 40.0
 
     metadata = engine_metadata.read(engine)
-    engine_metadata.write(engine_metadata.EngineMetadata(**{**metadata.__dict__, "checkpoint_sha256": "f" * 64}), engine)
+    engine_metadata.write(engine_metadata.EngineMetadata(**{**metadata.__dict__, "checkpoint_sha256": "f" * 64}),
+                          engine)
     with pytest.raises(BackendError, match="it holds the weights of checkpoint sha256 ffffffffffff"):
         create_backend("tensorrt", cuda_model, "cuda", engine=engine)
 
@@ -386,7 +389,8 @@ def test_precision_auto_and_explicit():
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     half, no_half = SimpleNamespace(supports_half=True), SimpleNamespace(supports_half=False)
-    assert [resolve_precision(p, cuda, half) for p in (None, "auto", "fp32", "fp16")] == ["fp16", "fp16", "fp32", "fp16"]
+    assert ([resolve_precision(p, cuda, half) for p in (None, "auto", "fp32", "fp16")]
+            == ["fp16", "fp16", "fp32", "fp16"])
     assert resolve_precision("auto", cuda, None) == "fp16"
     assert resolve_precision("auto", cuda, no_half) == "fp32"  # a model without fp16 support stays fp32
     assert resolve_precision(None, cpu, half) == "fp32"

@@ -394,7 +394,8 @@ def reference_upscale(image: np.ndarray, scale: int) -> np.ndarray:
     color = torch.from_numpy(image[..., : channels - 1] if has_alpha else image).permute(2, 0, 1)[None].double()
     color = color.expand(1, 3, -1, -1)
     up = F.interpolate(color * 2 - 1, scale_factor=scale, mode="bicubic", align_corners=False).clamp(-1, 1)
-    out = up * torch.tensor(GAIN, dtype=torch.float64).view(1, 3, 1, 1) + torch.tensor(OFFSET, dtype=torch.float64).view(1, 3, 1, 1)
+    out = (up * torch.tensor(GAIN, dtype=torch.float64).view(1, 3, 1, 1)
+           + torch.tensor(OFFSET, dtype=torch.float64).view(1, 3, 1, 1))
     out = ((out + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0).numpy()
     if color.shape[1] == 3 and channels in (1, 2):
         out = (out @ np.array([0.299, 0.587, 0.114]))[..., None]
@@ -461,7 +462,8 @@ def test_a_rank_does_and_reports_only_its_share(tmp_path, stand_in_model, capsys
     names = ["a", "b", "c", "d", "e"]
     for name in names:
         write_image(tmp_path / f"{name}.png", RNG.random((6, 7, 3), dtype=np.float32))
-    inputs = [str(tmp_path / f"{name}.png") for name in names] + [str(tmp_path / "gone1.png"), str(tmp_path / "gone2.png")]
+    inputs = ([str(tmp_path / f"{name}.png") for name in names]
+              + [str(tmp_path / "gone1.png"), str(tmp_path / "gone2.png")])
     assert main([*inputs, "-o", str(tmp_path / "out")]) == 1
     captured = capsys.readouterr()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.png", "d.png"]

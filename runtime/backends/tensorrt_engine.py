@@ -65,11 +65,12 @@ def check_engine(engine_path: str | os.PathLike, descriptor: ModelDescriptor, gp
     model = (descriptor.preset, descriptor.scale, descriptor.size_multiple)
     built = (metadata.preset, metadata.scale, metadata.size_multiple)
     if built != model:
-        raise BackendError(f"{engine_path.name} was built for preset {built[0]} (x{built[1]}, size multiple {built[2]}), "
-                           f"the model loaded is {model[0]} (x{model[1]}, size multiple {model[2]})")
+        raise BackendError(f"{engine_path.name} was built for preset {built[0]} (x{built[1]}, size multiple "
+                           f"{built[2]}), the model loaded is {model[0]} (x{model[1]}, size multiple {model[2]})")
     if metadata.input_names != (INPUT_NAME,) or metadata.output_names != (OUTPUT_NAME,):
         raise BackendError(f"{engine_path.name} has inputs {list(metadata.input_names)} and outputs "
-                           f"{list(metadata.output_names)}; a GuideSR engine has [{INPUT_NAME!r}] and [{OUTPUT_NAME!r}]")
+                           f"{list(metadata.output_names)}; a GuideSR engine has [{INPUT_NAME!r}] and "
+                           f"[{OUTPUT_NAME!r}]")
     return metadata
 
 
@@ -115,8 +116,8 @@ class TensorRTBackend(Backend):
                                f"not [{INPUT_NAME!r}] and [{OUTPUT_NAME!r}]")
         for name in names:
             if self._engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
-                raise BackendError(f"{self.engine_path.name}: tensor {name!r} is {self._engine.get_tensor_dtype(name)}, "
-                                   f"GuideSR engines take and return float32")
+                raise BackendError(f"{self.engine_path.name}: tensor {name!r} is "
+                                   f"{self._engine.get_tensor_dtype(name)}, GuideSR engines take and return float32")
 
     def describe(self) -> str:
         shape = "any tile shape" if self.tile_shape is None else f"tiles of {self.tile_shape[0]}x{self.tile_shape[1]}"

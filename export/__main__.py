@@ -17,7 +17,6 @@ sha256, with its external data), and without TensorRT exits with status 3.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from guidesr.checkpoint import CheckpointError
 from guidesr.config import PRESETS, preset_config
 from guidesr.loading import DEFAULT_CHECKPOINT, BaseModelError, build_model, load_model
 from guidesr.model import GuideSR
-from runtime.cli import bounded_float, bounded_int, nearest_existing_folder
+from runtime.cli import bounded_float, bounded_int, output_folder_problem
 
 from . import engine_metadata
 from .engine_metadata import EngineMetadata, EngineMetadataError, EngineMismatchError
@@ -147,12 +146,9 @@ def check_verify_inputs(args) -> tuple[dict[Path, dict[str, str]], EngineMetadat
 
 def check_out_dir(path: Path) -> None:
     """Raise ValueError unless `path` is a writable folder or one that can be made there."""
-    try:
-        parent = nearest_existing_folder(path)
-    except OSError as err:
-        raise ValueError(f"--out-dir {path}: {err}") from err
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"--out-dir {path}: {parent} is not writable")
+    problem = output_folder_problem(path)
+    if problem is not None:
+        raise ValueError(f"--out-dir {path}: {problem}")
 
 
 def read_graph_metadata(path: Path) -> dict[str, str]:

@@ -13,12 +13,11 @@ the table's mean is over images.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
 
-from runtime.cli import bounded_int, nearest_existing_folder, write_json
+from runtime.cli import bounded_int, output_folder_problem, write_json
 
 from .config import PRESETS
 from .data import SAMPLE_EVAL, HRImageFolder, SampleImages, check_crop_sizes, eval_pairs
@@ -118,15 +117,7 @@ def format_table(results: dict) -> str:
 
 def json_target_problem(path: Path) -> str | None:
     """Why the results cannot be written to `path` (checked before the evaluation runs), or None."""
-    if path.is_dir():
-        return "is a folder"
-    try:
-        parent = nearest_existing_folder(path.parent)
-    except OSError as error:
-        return str(error)
-    if not os.access(parent, os.W_OK):
-        return f"{parent} is not writable"
-    return None
+    return "is a folder" if path.is_dir() else output_folder_problem(path.parent)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -68,6 +69,18 @@ def nearest_existing_folder(path: Path) -> Path:
                 raise NotADirectoryError(f"{candidate} is not a folder")
             return candidate
     raise FileNotFoundError(f"neither {path} nor any folder above it exists")
+
+
+def output_folder_problem(path: Path) -> str | None:
+    """Why `path` cannot be an output folder (made with `mkdir(parents=True)` and written into), or None; checked
+    before a command's slow part, so a bad path is an error at once."""
+    try:
+        parent = nearest_existing_folder(path)
+    except OSError as error:
+        return str(error)
+    if not os.access(parent, os.W_OK):
+        return f"{parent} is not writable"
+    return None
 
 
 def write_json(data: dict, path: Path) -> None:

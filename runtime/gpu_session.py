@@ -66,7 +66,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .cli import bounded_float, bounded_int, nearest_existing_folder
+from .cli import bounded_float, bounded_int, output_folder_problem
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"
@@ -440,10 +440,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--cap {item}: the seconds must be positive")
     settings = replace(settings, caps=caps, sizes=tuple(args.sizes) if args.sizes else settings.sizes)
     out = args.out.resolve()
-    try:
-        nearest_existing_folder(out)
-    except OSError as error:
-        parser.error(f"--out {args.out}: {error}")
+    problem = output_folder_problem(out)
+    if problem is not None:
+        parser.error(f"--out {args.out}: {problem}")
     out.mkdir(parents=True, exist_ok=True)
     session = Session(out, args.budget_s)
 

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from runtime.cli import add_model_arguments, bounded_float, bounded_int, check_model_arguments, nearest_existing_folder
+from runtime.cli import (add_model_arguments, bounded_float, bounded_int, check_model_arguments, nearest_existing_folder,
+                         output_folder_problem)
 
 
 @pytest.mark.parametrize("parse, text, value", [
@@ -75,3 +76,10 @@ def test_model_arguments_refuse_random_weights_without_a_preset_or_with_weights(
     with pytest.raises(SystemExit):
         check_model_arguments(parser, parser.parse_args(argv))
     assert f"measure: error: {error}" in capsys.readouterr().err
+
+
+def test_output_folder_problem_names_a_file_in_the_way_and_accepts_a_folder_to_make(tmp_path):
+    (tmp_path / "file").write_text("")
+    assert output_folder_problem(tmp_path) is None
+    assert output_folder_problem(tmp_path / "new" / "deeper") is None
+    assert output_folder_problem(tmp_path / "file" / "out") == f"{tmp_path / 'file'} is not a folder"

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .cli import bounded_float, bounded_int
+from .cli import bounded_float, bounded_int, output_folder_problem
 from .backends import Backend, BackendError, available_backends, create_backend, resolve_device
 from .imageio import (
     DEFAULT_MAX_MEGAPIXELS,
@@ -439,13 +439,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     todo = []
     skipped = 0
+    folder_problems: dict[Path, str | None] = {}
     for job in jobs:
         _remove_stale_partials(job.output)
         if job.output.exists() and not args.overwrite:
             _say(f"{prefix}skip: {job.output} exists (use --overwrite to replace it)")
             skipped += 1
             continue
-        try:  # before the model loads (minutes for sd-turbo), so a bad file is reported at once
+        # before the model loads (minutes for sd-turbo), so a bad file or output folder is reported at once
+        if job.output.parent not in folder_problems:
+            folder_problems[job.output.parent] = output_folder_problem(job.output.parent)
+        if folder_problems[job.output.parent] is not None:
+            failures.append(f"{job.source}: cannot write {job.output}: {folder_problems[job.output.parent]}")
+            _say(f"{prefix}error: {failures[-1]}", error=True)
+            continue
+        try:
             check_image_header(job.source, args.max_megapixels or None)
         except ImageReadError as err:
             failures.append(str(err))

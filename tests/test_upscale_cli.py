@@ -24,7 +24,8 @@ from runtime.backends import Backend, TorchBackend
 from runtime.imageio import read_image, write_image
 from runtime.tiling import NonFiniteOutputError
 import runtime.upscale as upscale_module
-from runtime.upscale import EXIT_CANNOT_RUN, collect_jobs, effective_tile, main, upscale_array, upscale_file
+from runtime.upscale import (EXIT_CANNOT_RUN, EXIT_FAILED_IMAGES, collect_jobs, effective_tile, main, upscale_array,
+                             upscale_file)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -479,3 +480,19 @@ def test_the_overlap_is_checked_against_the_tile_actually_used(tmp_path, capsys)
     assert ("--overlap 64 with the tile actually used, 80x80 computes every output pixel about 25 times"
             in capsys.readouterr().err)
     assert not (tmp_path / "out.png").exists()
+
+
+def test_an_output_folder_that_cannot_be_made_fails_its_images_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    def no_backend(args, shard):
+        raise AssertionError("the backend was made although no image could be written")
+
+    monkeypatch.setattr("runtime.upscale._make_backend", no_backend)
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b"):
+        write_image(tmp_path / "in" / f"{name}.png", RNG.random((8, 8, 3), dtype=np.float32))
+    (tmp_path / "blocker").write_text("")
+    assert main([str(tmp_path / "in"), "-o", str(tmp_path / "blocker" / "out")]) == EXIT_FAILED_IMAGES
+    err = capsys.readouterr().err
+    for name in ("a", "b"):
+        assert (f"error: {tmp_path / 'in' / name}.png: cannot write {tmp_path / 'blocker' / 'out' / name}.png: "
+                f"{tmp_path / 'blocker'} is not a folder") in err

@@ -435,10 +435,10 @@ def test_verify_refuses_an_engine_whose_graphs_external_data_changed(external_da
                                                                       no_tensorrt_import):
     engine = _engine_next_to(external_data_graph, tmp_path, preset="tiny", checkpoint_sha256="none")
     onnx_path = engine.with_suffix(".onnx")
+    from test_export_graphs import _change_last_byte
+
     built_from = graph_sha256(onnx_path)
-    data = bytearray(_external_data(onnx_path).read_bytes())
-    data[-1] ^= 1
-    _external_data(onnx_path).write_bytes(bytes(data))
+    _change_last_byte(_external_data(onnx_path))
     argv = ["verify", "--random-weights", "--preset", "tiny", "--tile", "64", "--engine", str(engine)]
     assert main(argv) == EXIT_FAILED
     assert (f"error: the TensorRT engine {engine} was built from {onnx_path.name} (sha256 {built_from[:12]}…), "

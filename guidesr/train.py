@@ -38,7 +38,7 @@ from tqdm import tqdm
 from runtime.cli import bounded_float, bounded_int
 
 from .checkpoint import CheckpointError, read_checkpoint_record, save_checkpoint
-from .config import preset_config
+from .config import PRESETS, preset_config
 from .data import HRImageFolder, PairConfig, SampleImages, TrainingPairs
 from .degradations import DegradationConfig
 from .discriminators import DiscriminatorConfig, build_discriminator
@@ -425,7 +425,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
     positive, count = bounded_int(1), bounded_int(0)
     rate = bounded_float(0, exclusive_minimum=True)
     weight, probability = bounded_float(0), bounded_float(0, 1)
-    p.add_argument("--preset", default=defaults.preset, choices=["tiny", "sd-turbo"], help="model size")
+    p.add_argument("--preset", default=defaults.preset, choices=sorted(PRESETS), help="model size")
     p.add_argument("--base-model", default=None,
                    help="local diffusers folder with unet/ and vae/ (the preset's shapes)")
     p.add_argument("--random-base", action="store_true", help="random base weights (smoke tests only)")

@@ -110,6 +110,7 @@ def test_parse_size():
     (["--quality", "{tmp}/missing"], "--quality {tmp}/missing: HR image folder {tmp}/missing does not exist"),
     (["--out", "{tmp}/file"], "--out {tmp}/file: {tmp}/file is not a folder"),
     (["--out", "{tmp}/file/report"], "--out {tmp}/file/report: {tmp}/file is not a folder"),
+    (["--tile", "64", "--overlap", "56"], "--overlap 56 with --tile 64 computes every output pixel about 64 times"),
 ])
 def test_bad_quality_and_out_are_usage_errors_before_the_model_loads(argv, message, tmp_path, capsys, monkeypatch):
     def no_model(args):
@@ -120,6 +121,18 @@ def test_bad_quality_and_out_are_usage_errors_before_the_model_loads(argv, messa
     with pytest.raises(SystemExit) as exit_info:
         main(CI_ARGS + [arg.format(tmp=tmp_path) for arg in argv])
     assert exit_info.value.code == 2 and message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+def test_the_overlap_is_checked_against_the_tile_actually_used(tmp_path):
+    """--tile 90 passes the command-line check; the tiny model's size multiple (16) makes it 80, and an overlap of 64
+    would compute every output pixel 25 times: the tiled row fails with the reason, the report exits 1."""
+    argv = ["--preset", "tiny", "--random-weights", "--device", "cpu", "--sizes", "--tiled", "128", "--tile", "90",
+            "--overlap", "64", "--tiled-repeats", "1", "--warmup", "1", "--warmup-s", "0", "--backends", "torch",
+            "--out", str(tmp_path)]
+    assert main(argv) == 1
+    [row] = json.loads((tmp_path / "report.json").read_text())["results"]
+    assert row["error"].startswith("ValueError: --overlap 64 with the tile actually used, 80x80 computes every "
+                                   "output pixel about 25 times")
 
 
 def test_sigterm_writes_what_was_measured(tmp_path):

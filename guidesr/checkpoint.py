@@ -40,10 +40,10 @@ def file_sha256(path: str | Path) -> str:
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
-    """NAME, NAME.json or NAME.safetensors -> (json path, safetensors path)."""
+    """NAME, NAME.json or NAME.safetensors -> (json path, safetensors path); another suffix is part of NAME."""
     path = Path(path)
     stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
-    return stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | Path, base_model: str | None = None,
@@ -75,7 +75,8 @@ def read_checkpoint_record(path: str | Path) -> tuple[dict[str, Any], Path]:
     """Parse and validate NAME.json; returns the record and the tensors' path."""
     json_path, _ = checkpoint_paths(path)
     if not json_path.is_file():
-        raise CheckpointError(f"checkpoint description {json_path} does not exist")
+        raise CheckpointError(f"checkpoint description {json_path} does not exist (a checkpoint is given as NAME, "
+                              f"NAME.json or NAME.safetensors)")
     try:
         record = json.loads(json_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,22 @@ TINY_VAE: dict[str, Any] = {
     "scaling_factor": 0.18215,
 }
 
+# SD's noise schedule (its scheduler's num_train_timesteps): the UNet was trained at timesteps 0..999.
+TRAIN_TIMESTEPS = 1000
+
+# Each integer field's inclusive (minimum, maximum or None).
+_BOUNDS: dict[str, tuple[int, int | None]] = {
+    "scale": (1, None),
+    "timestep": (0, TRAIN_TIMESTEPS - 1),
+    "prompt_length": (1, None),
+    "guidance.channels": (1, None),
+    "guidance.num_frb": (1, None),  # the last FRB widens C -> 2C
+    "guidance.fca_per_frb": (0, None),
+    "guidance.injection_channels": (1, None),
+    "lora.unet_rank": (0, None),  # 0: no LoRA on the UNet
+    "lora.vae_rank": (0, None),
+}
+
 # LoRA targets as in pix2pix-turbo / OSEDiff: attention projections, feed-forward and convolutions.
 UNET_LORA_TARGETS = [
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -115,6 +132,28 @@ class GuideSRConfig:
     # Use the fused Triton kernels on CUDA (inference only; the PyTorch path runs elsewhere).
     use_triton_kernels: bool = True
 
+    def __post_init__(self) -> None:
+        """ValueError names a field out of its range (`_BOUNDS`) or a UNet/VAE setting GuideSR cannot build on."""
+        for name, (low, high) in _BOUNDS.items():
+            value = operator.attrgetter(name)(self)
+            if type(value) is not int or value < low or (high is not None and value > high):
+                _invalid(name, f"an integer >= {low}" if high is None else f"an integer from {low} to {high}", value)
+        for part in ("unet", "vae"):
+            settings = getattr(self, part)
+            channels, blocks = settings.get("block_out_channels"), settings.get("down_block_types")
+            if not (isinstance(channels, (list, tuple)) and channels
+                    and all(type(c) is int and c >= 1 for c in channels)):
+                _invalid(f"{part}.block_out_channels", "a non-empty list of integers >= 1", channels)
+            if isinstance(blocks, (list, tuple)) and len(blocks) != len(channels):
+                _invalid(f"{part}.block_out_channels", f"a list of one entry per {part}.down_block_types entry "
+                         f"({len(blocks)})", channels)
+        text_dim, latent = self.unet.get("cross_attention_dim"), self.vae.get("latent_channels")
+        if type(text_dim) is not int or text_dim < 1:
+            _invalid("unet.cross_attention_dim", "an integer >= 1", text_dim)
+        for name in ("in_channels", "out_channels"):
+            if latent is not None and self.unet.get(name, latent) != latent:
+                _invalid(f"unet.{name}", f"equal to vae.latent_channels ({latent!r})", self.unet[name])
+
     @property
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae["block_out_channels"]) - 1)
@@ -141,11 +180,15 @@ class GuideSRConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GuideSRConfig":
         """The config of `to_dict`'s output (a checkpoint's JSON); ValueError names an unknown field or one whose
-        value has the wrong type."""
+        value has the wrong type or is out of range."""
         fields = _typed_fields(cls, data, "")
         fields["guidance"] = GuidanceConfig(**_typed_fields(GuidanceConfig, data.get("guidance", {}), "guidance."))
         fields["lora"] = LoRASettings(**_typed_fields(LoRASettings, data.get("lora", {}), "lora."))
         return cls(**fields)
+
+
+def _invalid(name: str, requirement: str, value: Any) -> typing.NoReturn:
+    raise ValueError(f"GuideSR config field {name} must be {requirement}, got {value!r}")
 
 
 _FIELD_KINDS = {int: "an integer", bool: "true or false", str: "a string", dict: "an object",

@@ -1,13 +1,17 @@
 """Issue 2: checkpoints (safetensors + JSON) and base folders (diffusers `save_pretrained` layout)."""
 
+import dataclasses
 import json
+import operator
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from guidesr.checkpoint import CheckpointError, checkpoint_config, checkpoint_paths, load_checkpoint, save_checkpoint
-from guidesr.config import tiny_config
+from guidesr.config import GuidanceConfig, tiny_config
 from guidesr.loading import BaseModelError, build_model, load_base_modules, load_model
 from guidesr.model import GuideSR
 
@@ -124,6 +128,65 @@ def test_a_config_value_of_the_wrong_type_is_named(tmp_path, path, value, messag
         checkpoint_config(tmp_path / "ckpt")
 
 
+def _checkpoint_with(tmp_path, path, value):
+    """A tiny-preset checkpoint description whose config holds `value` at `path`."""
+    config = tiny_config().to_dict()
+    *parents, key = path
+    section = config
+    for parent in parents:
+        section = section[parent]
+    section[key] = value
+    record = {"format": "guidesr-checkpoint", "format_version": 1, "config": config, "tensors": "ckpt.safetensors",
+              "sha256": "", "base_model": None}
+    (tmp_path / "ckpt.json").write_text(json.dumps(record))
+    return tmp_path / "ckpt"
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("scale",), 0, "scale must be an integer >= 1, got 0"),
+    (("scale",), -4, "scale must be an integer >= 1, got -4"),
+    (("timestep",), 5000, "timestep must be an integer from 0 to 999, got 5000"),
+    (("timestep",), -1, "timestep must be an integer from 0 to 999, got -1"),
+    (("prompt_length",), 0, "prompt_length must be an integer >= 1, got 0"),
+    (("guidance", "channels"), -16, "guidance.channels must be an integer >= 1, got -16"),
+    (("guidance", "num_frb"), 0, "guidance.num_frb must be an integer >= 1, got 0"),
+    (("guidance", "fca_per_frb"), -1, "guidance.fca_per_frb must be an integer >= 0, got -1"),
+    (("guidance", "injection_channels"), 0, "guidance.injection_channels must be an integer >= 1, got 0"),
+    (("lora", "unet_rank"), -1, "lora.unet_rank must be an integer >= 0, got -1"),
+    (("lora", "vae_rank"), -4, "lora.vae_rank must be an integer >= 0, got -4"),
+    (("unet", "block_out_channels"), [], "unet.block_out_channels must be a non-empty list of integers >= 1, got []"),
+    (("vae", "block_out_channels"), [16, 0, 64, 64],
+     "vae.block_out_channels must be a non-empty list of integers >= 1, got [16, 0, 64, 64]"),
+    (("vae", "block_out_channels"), [16, 32, 64],
+     "vae.block_out_channels must be a list of one entry per vae.down_block_types entry (4), got [16, 32, 64]"),
+    (("unet", "cross_attention_dim"), [32, 32], "unet.cross_attention_dim must be an integer >= 1, got [32, 32]"),
+    (("unet", "in_channels"), 4, "unet.in_channels must be equal to vae.latent_channels (16), got 4"),
+])
+def test_a_config_value_out_of_range_is_named(tmp_path, path, value, message):
+    with pytest.raises(CheckpointError, match=re.escape(f"its config cannot be read: GuideSR config field {message}")
+                       + "$"):
+        checkpoint_config(_checkpoint_with(tmp_path, path, value))
+
+
+def test_a_config_at_the_edges_of_its_ranges_loads_and_runs(tmp_path):
+    """scale 1, timestep 0 and 999, FRBs without FCA blocks, no LoRA, 1-channel injections: all build a model."""
+    edges = {("scale",): 1, ("timestep",): 999, ("guidance", "fca_per_frb"): 0, ("lora", "unet_rank"): 0,
+             ("lora", "vae_rank"): 0, ("guidance", "injection_channels"): 1}
+    for path, value in edges.items():
+        assert operator.attrgetter(".".join(path))(checkpoint_config(_checkpoint_with(tmp_path, path, value))) == value
+    config = dataclasses.replace(tiny_config(), scale=1, timestep=0, use_triton_kernels=False,
+                                 guidance=GuidanceConfig(channels=4, num_frb=1, fca_per_frb=0, injection_channels=1),
+                                 lora=dataclasses.replace(tiny_config().lora, unet_rank=0, vae_rank=0))
+    assert GuideSR(config).upscale(torch.zeros(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+
+
+def test_a_config_built_in_code_is_range_checked_too():
+    with pytest.raises(ValueError, match=r"^GuideSR config field timestep must be an integer from 0 to 999, got 1000$"):
+        dataclasses.replace(tiny_config(), timestep=1000)
+    with pytest.raises(ValueError, match=r"^GuideSR config field guidance.num_frb must be an integer >= 1, got 0$"):
+        dataclasses.replace(tiny_config(), guidance=GuidanceConfig(num_frb=0))
+
+
 def test_corrupted_tensors_fail_clearly(tmp_path):
     save_checkpoint(trained_model(0), tmp_path / "ckpt")
     tensors = tmp_path / "ckpt.safetensors"
@@ -161,6 +224,16 @@ def test_a_preset_the_default_model_is_not_says_to_pass_a_checkpoint(tmp_path, b
 
 def test_checkpoint_paths():
     assert checkpoint_paths("a/b.safetensors") == checkpoint_paths("a/b") == checkpoint_paths("a/b.json")
+
+
+def test_another_suffix_is_part_of_the_name(tmp_path):
+    assert checkpoint_paths("a/x.png") == (Path("a/x.png.json"), Path("a/x.png.safetensors"))
+    assert checkpoint_paths("a/run.v2.json") == (Path("a/run.v2.json"), Path("a/run.v2.safetensors"))
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint description {tmp_path / 'x.png.json'} does not "
+                                                        f"exist (a checkpoint is given as NAME, NAME.json or "
+                                                        f"NAME.safetensors)")):
+        checkpoint_config(tmp_path / "x.png")
 
 
 def test_base_folder_loads_through_user_path(base_dir, tmp_path):

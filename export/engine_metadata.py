@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from .graphs import GraphSpec
@@ -153,26 +153,41 @@ def check_model(metadata: EngineMetadata, preset: str, checkpoint_sha256: str | 
 
 def graph_sha256(onnx_path: str | Path) -> str:
     """The sha256 of an ONNX graph with its weights: the sha256 of the hex sha256 of the .onnx file followed by those of
-    the external data files its tensors name, in the order of their locations. Raises ValueError naming a missing
-    data file."""
+    the external data files its tensors name, in the order of their locations. Raises ValueError as
+    `external_data_files` does."""
+    from guidesr.checkpoint import file_sha256  # guidesr imports diffusers (seconds): only when a graph is hashed
+
+    files = [Path(onnx_path), *external_data_files(onnx_path)]
+    return hashlib.sha256("".join(file_sha256(path) for path in files).encode()).hexdigest()
+
+
+def external_data_files(onnx_path: str | Path, model: Any = None) -> list[Path]:
+    """The external data files the tensors of the graph `onnx_path` name, in the order of their locations (`model`:
+    the graph loaded without its external data, when the caller has it). Raises ValueError naming a tensor whose
+    location is absolute or leads out of the graph's folder (`..`, a link), as onnx refuses such a location when it
+    loads the data, and naming a missing data file; none of them is opened."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
-    from guidesr.checkpoint import file_sha256  # guidesr imports diffusers (seconds): only when a graph is hashed
-
     onnx_path = Path(onnx_path)
+    if model is None:
+        model = onnx.load(str(onnx_path), load_external_data=False)
     tensor_of_location: dict[str, str] = {}
-    for tensor in _get_all_tensors(onnx.load(str(onnx_path), load_external_data=False)):
+    for tensor in _get_all_tensors(model):
         if uses_external_data(tensor):
             tensor_of_location.setdefault(ExternalDataInfo(tensor).location, tensor.name)
-    files = [onnx_path]
+    folder, files = onnx_path.parent.resolve(), []
     for location, tensor_name in sorted(tensor_of_location.items()):
         data_path = onnx_path.parent / location
+        if PurePath(location).anchor or not data_path.resolve().is_relative_to(folder):
+            raise ValueError(f"the graph {onnx_path} keeps its tensor {tensor_name!r} at {location!r}, outside its "
+                             f"folder {folder}: ONNX external data is a file in the graph's folder, named by a "
+                             f"relative location; export the graph again")
         if not data_path.is_file():
             raise ValueError(f"{data_path} does not exist: the graph {onnx_path} keeps its tensor {tensor_name!r} "
                              f"there (ONNX external data); export the graph again")
         files.append(data_path)
-    return hashlib.sha256("".join(file_sha256(path) for path in files).encode()).hexdigest()
+    return files
 
 
 def check_built_from(metadata: EngineMetadata, engine_path: str | Path, onnx_path: str | Path) -> None:

@@ -29,6 +29,7 @@ from torch import nn
 
 from guidesr.model import GuideSR
 
+from .engine_metadata import external_data_files
 from .fp16 import add_fp32_islands
 from .graphs import GraphSpec, guidesr_graph
 from .merge import merged_copy
@@ -195,7 +196,8 @@ REQUIRED_METADATA = ("preset", "size_multiple", "precision", "checkpoint_sha256"
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The metadata_props of a graph written by `python -m export onnx` (without loading its weights).
 
-    Raises ValueError naming the missing keys for any other ONNX file.
+    Raises ValueError naming the missing keys for any other ONNX file, and as `external_data_files` does for a graph
+    whose external data is missing or outside its folder.
     """
     model = onnx.load(str(path), load_external_data=False)
     metadata = {prop.key: prop.value for prop in model.metadata_props}
@@ -203,6 +205,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     if missing:
         raise ValueError(f"{Path(path).name} is not a GuideSR graph written by `python -m export onnx` "
                          f"(its metadata lacks {', '.join(missing)})")
+    external_data_files(path, model)
     return metadata
 
 

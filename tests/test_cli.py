@@ -2,7 +2,11 @@
 lines."""
 
 import argparse
+import json
+import os
 import re
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +87,52 @@ def test_output_folder_problem_names_a_file_in_the_way_and_accepts_a_folder_to_m
     assert output_folder_problem(tmp_path) is None
     assert output_folder_problem(tmp_path / "new" / "deeper") is None
     assert output_folder_problem(tmp_path / "file" / "out") == f"{tmp_path / 'file'} is not a folder"
+
+
+def _as_a_user_without_root(check):
+    """`check()` (JSON-able) run by this process, or, when that is root (which os.access lets write anywhere), by a
+    forked child that became the user nobody."""
+    if os.name == "nt":
+        pytest.skip("POSIX permissions: Windows keeps folders writable whatever their mode")
+    if os.geteuid() != 0:
+        return check()
+    import pwd
+
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("running as root, and there is no user nobody to check the permission as")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            try:
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                result = check()
+            except BaseException as err:
+                result = f"the child running as nobody failed: {err!r}"
+            os.write(write, json.dumps(result).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        result = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    return result
+
+
+def test_output_folder_problem_names_a_folder_without_write_permission():
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        scratch.chmod(0o755)
+        readonly, writable = scratch / "readonly", scratch / "writable"
+        readonly.mkdir()
+        readonly.chmod(0o555)
+        writable.mkdir()
+        writable.chmod(0o777)
+        problems = _as_a_user_without_root(lambda: [output_folder_problem(path) for path in (
+            readonly, readonly / "new" / "deeper", writable / "new")])
+    assert problems == [f"{readonly} is not writable"] * 2 + [None]

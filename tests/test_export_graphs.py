@@ -310,6 +310,59 @@ def test_graph_sha256_names_a_missing_external_data_file(tmp_path):
                               f"(ONNX external data); export the graph again")
 
 
+def _graph_with_external_data_at(folder: Path, location: str) -> Path:
+    """graph.onnx in `folder`, its tensors' external data location rewritten to `location`."""
+    graph = _save_with_external_data(folder)
+    model = onnx.load(str(graph), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(model, graph)
+    return graph
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "sub/../../outside.bin", "absolute", "link"])
+def test_graph_sha256_refuses_external_data_outside_the_graphs_folder(tmp_path, location):
+    folder, outside = tmp_path / "graphs", tmp_path / "outside.bin"
+    (folder / "sub").mkdir(parents=True)
+    outside.write_bytes(bytes(1024))
+    if location == "absolute":
+        location = str(outside)
+    elif location == "link":
+        try:
+            (folder / "link.bin").symlink_to(outside)
+        except OSError as err:
+            pytest.skip(f"no symbolic links here: {err}")
+        location = "link.bin"
+    graph = _graph_with_external_data_at(folder, location)
+    with pytest.raises(ValueError) as err:
+        engine_metadata.graph_sha256(graph)
+    assert str(err.value) == (f"the graph {graph} keeps its tensor 'w0' at {location!r}, outside its folder "
+                              f"{folder.resolve()}: ONNX external data is a file in the graph's folder, named by a "
+                              f"relative location; export the graph again")
+
+
+def test_graph_sha256_follows_a_location_that_stays_in_the_graphs_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    graph = _graph_with_external_data_at(tmp_path, "sub/../graph.onnx.data")
+    assert engine_metadata.external_data_files(graph) == [tmp_path / "sub/../graph.onnx.data"]
+    assert len(engine_metadata.graph_sha256(graph)) == 64
+
+
+def test_read_metadata_refuses_external_data_outside_the_graphs_folder(tmp_path):
+    from export.onnx_export import REQUIRED_METADATA, read_metadata
+
+    (tmp_path / "graphs").mkdir()
+    graph = _graph_with_external_data_at(tmp_path / "graphs", "../outside.bin")
+    model = onnx.load(str(graph), load_external_data=False)
+    helper.set_model_props(model, {key: "0" for key in REQUIRED_METADATA})
+    onnx.save_model(model, graph)
+    (tmp_path / "outside.bin").write_bytes(bytes(1024))
+    with pytest.raises(ValueError, match=r"keeps its tensor 'w0' at '\.\./outside\.bin', outside its folder"):
+        read_metadata(graph)
+
+
 def test_engine_metadata_of_the_previous_format_asks_for_a_rebuild(tmp_path):
     """Format 2 recorded onnx_sha256, the sha256 of the .onnx file alone: its engines are refused, not re-checked."""
     engine = tmp_path / "model.engine"

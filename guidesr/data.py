@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from runtime.imageio import ImageReadError, read_image
+from runtime.imageio import ImageReadError, check_image_header, read_image
 
 from guidesr.degradations import DegradationConfig, degrade, upsample_lr
 
@@ -52,15 +52,9 @@ SAMPLE_EVAL: tuple[str, ...] = ("coffee", "chelsea")
 SAMPLE_TRAIN: tuple[str, ...] = tuple(name for name in SAMPLE_FILES if name not in SAMPLE_EVAL)
 
 
-# What PIL raises for unreadable, corrupt or oversized files.
-_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-def _unsupported_mode(mode: str) -> str | None:
-    """Why images of Pillow mode `mode` are refused from their header alone, or None."""
-    if mode == "F":
-        return "floating-point pixels (Pillow mode F) are not supported: their value range is undefined"
-    return None
+def _max_megapixels() -> float | None:
+    """Pillow's own refusal (twice its warning limit), so that training reads what Pillow would."""
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS / 1e6
 
 
 def load_image(path: str | Path) -> torch.Tensor:
@@ -76,10 +70,8 @@ def load_image(path: str | Path) -> torch.Tensor:
     Raises `ValueError` naming the file if it cannot be read, so that one broken file in a large
     folder is easy to find.
     """
-    # Pillow's own refusal (twice its warning limit), so training reads what Pillow would
-    limit = None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS / 1e6
     try:
-        array, info = read_image(path, max_megapixels=limit)
+        array, info = read_image(path, max_megapixels=_max_megapixels())
     except ImageReadError as error:
         raise ValueError(str(error)) from error
     image = torch.from_numpy(array).permute(2, 0, 1)  # [C, H, W]
@@ -90,24 +82,23 @@ def load_image(path: str | Path) -> torch.Tensor:
 
 
 def check_crop_sizes(paths: Sequence[Path], crop_size: int) -> None:
-    """Raise one `ValueError` listing every file in `paths` that cannot be read or is too small
-    for `crop_size` x `crop_size` crops (the rule of `random_crop_flip` and `center_crop`).
+    """Raise one `ValueError` listing every file in `paths` that `load_image` would refuse from its
+    header (`runtime.imageio.check_image_header`: unreadable, unsupported format or pixels, animated
+    or multi-page, over the pixel limit) or that is too small for `crop_size` x `crop_size` crops
+    (the rule of `random_crop_flip` and `center_crop`).
 
-    Only headers are read (`Image.open` and the size; no pixel is decoded), so a file whose
-    header is sound but whose pixel data is corrupt is found only when it is loaded.
+    Only headers are read (no pixel is decoded), so a file whose header is sound but whose pixel
+    data is corrupt is found only when it is loaded.
     """
     problems = []
+    limit = _max_megapixels()
     for path in paths:
         try:
-            with Image.open(path) as image:
-                width, height = image.size
-                reason = _unsupported_mode(image.mode)
-        except _READ_ERRORS as error:
-            problems.append(f"{path}: cannot read image: {error}")
+            width, height = check_image_header(path, max_megapixels=limit)
+        except ImageReadError as error:
+            problems.append(f"{path}: cannot read image: {error.reason}")
             continue
-        if reason is not None:
-            problems.append(f"{path}: {reason}")
-        elif not _fits_crop(height, width, crop_size):
+        if not _fits_crop(height, width, crop_size):
             problems.append(f"{path}: {width}x{height} (width x height) is too small")
     if problems:
         listing = "\n  ".join(problems)

@@ -133,7 +133,8 @@ def read_image(path: str | os.PathLike,
             depth, fmt = 16, "tiff"
         else:
             with _open_with_pillow(path) as image:
-                _check_format_and_size(path, image.format, image.size, max_pixels, getattr(image, "n_frames", 1))
+                _check_format_and_size(path, image.format, image.size, max_pixels, getattr(image, "n_frames", 1),
+                                       image.mode)
                 fmt = READ_FORMATS[image.format]
                 # Decide before getexif(), which loads a PNG (and so empties its tile list).
                 png_rawmode = image.tile[0].args if image.format == "PNG" and image.tile else None
@@ -153,9 +154,13 @@ def read_image(path: str | os.PathLike,
     return out, info
 
 
-def check_image_header(path: str | os.PathLike, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> None:
+def check_image_header(path: str | os.PathLike,
+                       max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> tuple[int, int]:
     """Raise what `read_image` would for a missing, unrecognised, unsupported or too large file, from
-    its header alone (nothing is decoded, so corrupt pixel data is found only by `read_image`)."""
+    its header alone (nothing is decoded, so corrupt pixel data is found only by `read_image`).
+
+    Returns the (width, height) the header gives, before any EXIF orientation.
+    """
     path = Path(path)
     max_pixels = _prepare_read(path, max_megapixels)
     with _read_errors(path, max_pixels), _pillow_pixel_limit(max_pixels):
@@ -164,10 +169,14 @@ def check_image_header(path: str | os.PathLike, max_megapixels: float | None = D
 
             with tifffile.TiffFile(path) as tif:
                 page = tif.pages.first
-                _check_format_and_size(path, "TIFF", (page.imagewidth, page.imagelength), max_pixels, len(tif.pages))
+                size = (page.imagewidth, page.imagelength)
+                _check_format_and_size(path, "TIFF", size, max_pixels, len(tif.pages))
         else:
             with _open_with_pillow(path) as image:
-                _check_format_and_size(path, image.format, image.size, max_pixels, getattr(image, "n_frames", 1))
+                size = image.size
+                _check_format_and_size(path, image.format, size, max_pixels, getattr(image, "n_frames", 1),
+                                       image.mode)
+    return size
 
 
 def _prepare_read(path: Path, max_megapixels: float | None) -> int | None:
@@ -231,7 +240,7 @@ def _pillow_pixel_limit(max_pixels: int | None) -> Iterator[None]:
 
 
 def _check_format_and_size(path: Path, fmt: str | None, size: tuple[int, int], max_pixels: int | None,
-                           frames: int) -> None:
+                           frames: int, pillow_mode: str | None = None) -> None:
     if fmt not in READ_FORMATS:
         raise ImageReadError(path, f"unsupported format {fmt} (supported: PNG, JPEG, WebP, TIFF, BMP)")
     if frames > 1 and fmt != "MPO":  # an MPO's first image is the photo, the others its previews or depth maps
@@ -244,6 +253,9 @@ def _check_format_and_size(path: Path, fmt: str | None, size: tuple[int, int], m
             f"{width}x{height} = {width * height / 1e6:.1f} megapixels is over the limit of "
             f"{max_pixels / 1e6:g} megapixels (raise it with --max-megapixels / max_megapixels=)",
         )
+    if pillow_mode == "F":
+        raise ImageReadError(path, "floating-point pixels (Pillow mode F) are not supported: their value range is "
+                                   "undefined")
 
 
 def _orientation(image: Image.Image) -> int:
@@ -284,9 +296,6 @@ def _pillow_to_array(image: Image.Image) -> tuple[np.ndarray, str, int]:
             raise ImageReadError(image.filename, f"32-bit integer samples outside 0..65535 are not supported "
                                                  f"(range {array.min()}..{array.max()})")
         return array.astype(np.uint16)[..., None], "L", 16
-    if mode == "F":
-        raise ImageReadError(image.filename, "floating-point pixels (Pillow mode F) are not supported: their value "
-                                             "range is undefined")
     if mode in ("LA", "La") or (mode == "L" and "transparency" in image.info):  # tRNS: a grey value is transparent
         return np.asarray(image.convert("LA")), "LA", 8
     if mode in ("1", "L"):

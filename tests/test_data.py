@@ -150,6 +150,33 @@ def test_folder_with_crop_size_lists_every_unusable_file_up_front(tmp_path):
     assert len(HRImageFolder(tmp_path, crop_size=64)) == 2
 
 
+@pytest.mark.parametrize("suffix", [".png", ".webp"])
+def test_an_animation_is_refused_up_front_as_load_image_refuses_it(tmp_path, suffix):
+    frames = [Image.fromarray(gradient_image(40, 50) // (i + 1)) for i in range(3)]
+    frames[0].save(tmp_path / f"animated{suffix}", save_all=True, append_images=frames[1:])
+    Image.fromarray(gradient_image(40, 50)).save(tmp_path / "still.png")
+    with pytest.raises(ValueError, match="3 frames"):
+        load_image(tmp_path / f"animated{suffix}")
+    with pytest.raises(ValueError) as error:
+        HRImageFolder(tmp_path, crop_size=32)
+    message = str(error.value)
+    assert message.startswith("1 of 2 images cannot be used for 32x32 crops")
+    assert f"animated{suffix}: cannot read image: 3 frames (an animation or a multi-page file)" in message
+    assert "still.png" not in message
+
+
+def test_up_front_pixel_limit_is_the_one_load_image_uses(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # load_image refuses over 2000 pixels
+    Image.fromarray(gradient_image(30, 40)).save(tmp_path / "fits.png")
+    Image.fromarray(gradient_image(50, 60)).save(tmp_path / "large.png")
+    load_image(tmp_path / "fits.png")
+    with pytest.raises(ValueError, match="large.png.*megapixels"):
+        load_image(tmp_path / "large.png")
+    with pytest.raises(ValueError) as error:
+        HRImageFolder(tmp_path, crop_size=32)
+    assert "1 of 2 images" in str(error.value) and "large.png: cannot read image: " in str(error.value)
+
+
 def test_up_front_size_check_agrees_with_the_crops(tmp_path):
     g = torch.Generator().manual_seed(0)
     for side in range(10, 40):

@@ -146,6 +146,15 @@ def test_an_animation_or_multi_page_file_is_refused_before_decoding(tmp_path, fm
             read(path)
 
 
+def test_the_header_check_refuses_float_pixels_and_gives_the_stored_size(tmp_path):
+    Image.fromarray(np.full((6, 9), 0.5, np.float32)).save(tmp_path / "float.tiff")
+    for read in (read_image, check_image_header):
+        with pytest.raises(ImageReadError, match="float.tiff: floating-point pixels \\(Pillow mode F\\)"):
+            read(tmp_path / "float.tiff")
+    Image.fromarray(random_pixels(6, 9, 3, 8)).save(tmp_path / "rgb.png")
+    assert check_image_header(tmp_path / "rgb.png") == (9, 6)
+
+
 def test_grey_jpeg_palette_png_and_cmyk_jpeg(tmp_path):
     grey = Image.fromarray(random_pixels(8, 8, 1, 8)[..., 0])
     grey.save(tmp_path / "grey.jpg")

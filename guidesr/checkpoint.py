@@ -54,19 +54,19 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, base_model: str | 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.trained_state_dict().items()}
     tmp_tensors = tensor_path.with_name(tensor_path.name + ".tmp")
     save_file(tensors, tmp_tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    os.replace(tmp_tensors, tensor_path)
     record = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
         "tensors": tensor_path.name,
-        "sha256": file_sha256(tensor_path),
+        "sha256": file_sha256(tmp_tensors),
         "base_model": base_model,
         **(extra or {}),
     }
     tmp_json = json_path.with_name(json_path.name + ".tmp")
     tmp_json.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    shutil.copymode(tmp_json, tensor_path)  # safetensors writes 0600; both files get the umask's mode
+    shutil.copymode(tmp_json, tmp_tensors)  # safetensors writes 0600; both files get the umask's mode
+    os.replace(tmp_tensors, tensor_path)
     os.replace(tmp_json, json_path)
     return json_path
 

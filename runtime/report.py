@@ -77,7 +77,7 @@ from .cli import (add_model_arguments, bounded_float, bounded_int, check_model_a
                   write_json)
 from .backends import BACKENDS, PRECISIONS, Backend, BackendError, create_backend, resolve_device
 from .tiling import BicubicSource, TilePlan, fit_to_shape, plan_tiles, run_tiled
-from .upscale import effective_tile, overlap_problem
+from .upscale import checked_tile, overlap_problem
 from .validate import ReferenceBackend, compare_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,12 +237,8 @@ def tile_function(backend: Backend):
 
 
 def plan_for(backend: Backend, geometry: Geometry, tile: int, overlap: int) -> TilePlan:
-    tile_size = effective_tile(backend, tile) if geometry.tiled else None
-    shape = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
-    problem = overlap_problem(overlap, shape, f"the tile actually used, {shape[0]}x{shape[1]}") if shape else None
-    if problem is not None:
-        raise ValueError(problem)
-    return plan_tiles(geometry.height, geometry.width, tile_size, overlap)
+    tile_shape = checked_tile(backend, tile, overlap) if geometry.tiled else None
+    return plan_tiles(geometry.height, geometry.width, tile_shape, overlap)
 
 
 def run_tiles(function, source: BicubicSource, plan: TilePlan, tile_batch: int) -> torch.Tensor:

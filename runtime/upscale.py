@@ -80,15 +80,25 @@ def load_model(checkpoint: str | None = None, preset: str | None = None, base_mo
     return guidesr.load_model(checkpoint=checkpoint, preset=preset, base_model=base_model)
 
 
-def effective_tile(backend: Backend, tile: int | None) -> int | tuple[int, int] | None:
-    """The tile the plan uses: a static backend's own shape, else `tile` rounded down to the model's
-    size multiple (a tile the model would pad internally wastes work); None/0: whole image."""
+def effective_tile(backend: Backend, tile: int | None) -> tuple[int, int] | None:
+    """The tile (h, w) the plan uses: a static backend's own shape, else `tile` rounded down to the model's size
+    multiple (a tile the model would pad internally wastes work); None/0: whole image."""
     if backend.tile_shape is not None:
-        return backend.tile_shape
+        return tuple(backend.tile_shape)
     if not tile:
         return None
     multiple = getattr(backend.descriptor, "size_multiple", 1) or 1
-    return max(multiple, tile // multiple * multiple)
+    return (max(multiple, tile // multiple * multiple),) * 2
+
+
+def checked_tile(backend: Backend, tile: int | None, overlap: int) -> tuple[int, int] | None:
+    """`effective_tile`, refused (ValueError) when `overlap` does not suit it (`overlap_problem`): for runs that ask
+    for tiles, checked once before any image."""
+    shape = effective_tile(backend, tile)
+    problem = overlap_problem(overlap, shape, f"the tile actually used, {shape[0]}x{shape[1]}") if shape else None
+    if problem is not None:
+        raise ValueError(problem)
+    return shape
 
 
 def upscale_array(
@@ -110,6 +120,9 @@ def upscale_array(
         image = image[..., None]
     if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4):
         raise ValueError(f"expected an [H, W, C] image with C in 1..4, got shape {image.shape}")
+    problem = _value_problem(image)
+    if problem is not None:
+        raise ValueError(problem)
     if scale is None:
         scale = getattr(backend.descriptor, "scale", None)
         if scale is None:
@@ -143,6 +156,21 @@ def upscale_array(
     del result
     out[..., -1] = _upsample_alpha(image[..., -1], scale)
     return out
+
+
+def _value_problem(image: np.ndarray) -> str | None:
+    """Why the pixels of a float image in [0, 1] cannot be upscaled, or None. Values up to one 8-bit step outside
+    [0, 1] (rounding in the caller's processing) are clipped; further out, the caller's scale is wrong."""
+    if image.size == 0:
+        return f"the image is empty (shape {image.shape})"
+    bad = int(np.count_nonzero(~np.isfinite(image)))
+    if bad:
+        return f"the image has {bad} NaN/Inf values; a float image holds finite values in [0, 1]"
+    low, high = float(image.min()), float(image.max())
+    if low < -1 / 255 or high > 1 + 1 / 255:
+        hint = " (values in 0..255? divide by 255, or pass uint8)" if high > 2 else ""
+        return f"a float image holds values in [0, 1]; this one ranges over {low:g}..{high:g}{hint}"
+    return None
 
 
 def _to_unit_range(image: np.ndarray) -> np.ndarray:
@@ -484,14 +512,10 @@ def _make_backend(args: argparse.Namespace, shard: Shard) -> tuple[Backend, Vali
     model_scale = getattr(backend.descriptor, "scale", None)
     if args.scale is not None and model_scale is not None and args.scale != model_scale:
         _say(f"{shard.label}note: --scale {args.scale} on a model trained for x{model_scale}")
-    tile = effective_tile(backend, args.tile)
-    shape = (tile, tile) if isinstance(tile, int) else tile
+    shape = checked_tile(backend, args.tile, args.overlap)
     if args.tile and shape != (args.tile, args.tile):
         _say(f"{shard.label}note: tile {args.tile} -> {shape[0]}x{shape[1]} (the model's size multiple or the "
              f"backend's shape)")
-    problem = overlap_problem(args.overlap, shape, f"the tile actually used, {shape[0]}x{shape[1]}") if tile else None
-    if problem is not None:
-        raise ValueError(problem)
     if not args.validate:
         return backend, None
     min_psnr = args.min_psnr if args.min_psnr is not None else DEFAULT_MIN_PSNR[backend.precision]

@@ -6,6 +6,7 @@ passed with --checkpoint (the way a user runs their own model); images are tiny 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import types
@@ -418,9 +419,38 @@ def test_upscale_array_matches_a_float64_reference(channels, tile, overlap):
     np.testing.assert_allclose(result, reference_upscale(image.astype(np.float32).astype(np.float64), 3), atol=2e-6)
 
 
+@pytest.mark.parametrize("values, message", [
+    ("nan", "the image has 1 NaN/Inf values; a float image holds finite values in [0, 1]"),
+    ("inf", "the image has 1 NaN/Inf values; a float image holds finite values in [0, 1]"),
+    ("0..255", "a float image holds values in [0, 1]; this one ranges over 0..255 (values in 0..255? divide by 255, "
+               "or pass uint8)"),
+    ("-0.5..1", "a float image holds values in [0, 1]; this one ranges over -0.5..1"),
+    ("empty", "the image is empty (shape (0, 6, 3))"),
+])
+def test_bad_pixel_values_are_named_not_blamed_on_the_model(values, message):
+    image = np.linspace(0, 1, 5 * 6 * 3, dtype=np.float32).reshape(5, 6, 3)
+    if values in ("nan", "inf"):
+        image[2, 3, 1] = float(values)
+    elif values == "0..255":
+        image *= 255
+    elif values == "-0.5..1":
+        image[0, 0, 0] = -0.5
+    else:
+        image = image[:0]
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        upscale_array(image, ChannelAffineBackend(), scale=2)
+
+
+def test_values_within_one_8bit_step_of_the_unit_range_are_clipped():
+    image = np.linspace(-0.003, 1.003, 5 * 6 * 3, dtype=np.float32).reshape(5, 6, 3)
+    result = upscale_array(image, ChannelAffineBackend(), scale=2)
+    assert result.shape == (10, 12, 3) and 0 <= result.min() and result.max() <= 1
+
+
 def test_effective_tile_is_rounded_down_to_the_size_multiple():
     backend = ChannelAffineBackend(size_multiple=16)
-    assert [effective_tile(backend, tile) for tile in (100, 96, 17, 8, 0, None)] == [96, 96, 16, 16, None, None]
+    assert ([effective_tile(backend, tile) for tile in (100, 96, 17, 8, 0, None)]
+            == [(96, 96), (96, 96), (16, 16), (16, 16), None, None])
 
 
 def test_upscale_file_keeps_the_inputs_icc_profile(tmp_path):

@@ -578,7 +578,10 @@ def plot_latency(data: dict, path: Path) -> None:
     ax.set_ylabel("median latency, ms")
     ax.set_title(f"{data['title']}\n{data['environment']['gpu'] or data['environment']['cpu']}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    if floors:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no row was measured: the errors are in report.md", transform=ax.transAxes, ha="center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -7,6 +7,7 @@ The report runs end to end on the tiny preset with random weights, for the `torc
 from __future__ import annotations
 
 import json
+import warnings
 import os
 import signal
 import subprocess
@@ -129,7 +130,10 @@ def test_the_overlap_is_checked_against_the_tile_actually_used(tmp_path):
     argv = ["--preset", "tiny", "--random-weights", "--device", "cpu", "--sizes", "--tiled", "128", "--tile", "90",
             "--overlap", "64", "--tiled-repeats", "1", "--warmup", "1", "--warmup-s", "0", "--backends", "torch",
             "--out", str(tmp_path)]
-    assert main(argv) == 1
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="No artists with labels found to put in legend")
+        assert main(argv) == 1
+    assert (tmp_path / "latency.png").read_bytes().startswith(PNG_SIGNATURE)
     [row] = json.loads((tmp_path / "report.json").read_text())["results"]
     assert row["error"].startswith("ValueError: --overlap 64 with the tile actually used, 80x80 computes every "
                                    "output pixel about 25 times")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from runtime.cli import bounded_float, bounded_int, output_folder_problem
+from runtime.cli import bounded_float, bounded_int, check_out_argument
 
 from .config import tiny_config
 from .data import SampleImages, check_crop_sizes, random_crop_flip
@@ -92,9 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         check_crop_sizes(SampleImages("train").paths, args.crop)
     except ValueError as error:
         parser.error(f"--crop {args.crop}: {error}")
-    problem = output_folder_problem(args.out)
-    if problem is not None:
-        parser.error(f"--out {args.out}: {problem}")
+    check_out_argument(parser, args.out)
     make_tiny_base(args.out, args.steps, args.seed, crop=args.crop, batch=args.batch, lr=args.lr)
 
 

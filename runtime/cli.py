@@ -83,6 +83,14 @@ def output_folder_problem(path: Path) -> str | None:
     return None
 
 
+def check_out_argument(parser: argparse.ArgumentParser, path: Path, option: str = "--out") -> None:
+    """Exit through `parser.error`, naming `option`, when `path` cannot be an output folder
+    (`output_folder_problem`)."""
+    problem = output_folder_problem(path)
+    if problem is not None:
+        parser.error(f"{option} {path}: {problem}")
+
+
 def write_json(data: dict, path: Path) -> None:
     """Into PATH.partial, then renamed: a run killed while writing leaves the previous complete file (no NaN/inf)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .cli import bounded_float, bounded_int, output_folder_problem
+from .cli import bounded_float, bounded_int, check_out_argument
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"
@@ -439,10 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         if not caps[step] > 0:
             parser.error(f"--cap {item}: the seconds must be positive")
     settings = replace(settings, caps=caps, sizes=tuple(args.sizes) if args.sizes else settings.sizes)
+    check_out_argument(parser, args.out)
     out = args.out.resolve()
-    problem = output_folder_problem(out)
-    if problem is not None:
-        parser.error(f"--out {args.out}: {problem}")
     out.mkdir(parents=True, exist_ok=True)
     session = Session(out, args.budget_s)
 

@@ -73,7 +73,7 @@ from guidesr.config import PRESETS
 from guidesr.metrics import psnr, ssim
 from guidesr.model import set_kernels_enabled
 
-from .cli import (add_model_arguments, bounded_float, bounded_int, check_model_arguments, output_folder_problem,
+from .cli import (add_model_arguments, bounded_float, bounded_int, check_model_arguments, check_out_argument,
                   write_json)
 from .backends import BACKENDS, PRECISIONS, Backend, BackendError, create_backend, resolve_device
 from .tiling import BicubicSource, TilePlan, fit_to_shape, plan_tiles, run_tiled
@@ -693,9 +693,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             evaluation_images(args.quality, args.quality_crop)
         except (ValueError, OSError) as error:
             parser.error(f"--quality {args.quality}: {error}")
-    problem = output_folder_problem(args.out)
-    if problem is not None:
-        parser.error(f"--out {args.out}: {problem}")
+    check_out_argument(parser, args.out)
 
 
 def load_model_from_args(args: argparse.Namespace):

@@ -1,6 +1,7 @@
 """Issue 2: checkpoints (safetensors + JSON) and base folders (diffusers `save_pretrained` layout)."""
 
 import dataclasses
+import functools
 import json
 import operator
 import re
@@ -117,28 +118,25 @@ def test_a_malformed_record_names_the_field(tmp_path, key, value, message):
 def test_a_config_value_of_the_wrong_type_is_named(tmp_path, path, value, message):
     save_checkpoint(trained_model(0), tmp_path / "ckpt")
     assert checkpoint_config(tmp_path / "ckpt") == tiny_config()
-    record = json.loads((tmp_path / "ckpt.json").read_text())
-    *parents, key = path
-    section = record["config"]
-    for parent in parents:
-        section = section[parent]
-    section[key] = value
-    (tmp_path / "ckpt.json").write_text(json.dumps(record))
+    _set_config_value(tmp_path / "ckpt.json", path, value)
     with pytest.raises(CheckpointError, match=f"its config cannot be read: {message}"):
         checkpoint_config(tmp_path / "ckpt")
 
 
+def _set_config_value(json_path, path, value):
+    """Rewrite the checkpoint description `json_path` with `value` at `path` (keys) inside its config."""
+    record = json.loads(json_path.read_text())
+    *parents, key = path
+    functools.reduce(operator.getitem, parents, record["config"])[key] = value
+    json_path.write_text(json.dumps(record))
+
+
 def _checkpoint_with(tmp_path, path, value):
     """A tiny-preset checkpoint description whose config holds `value` at `path`."""
-    config = tiny_config().to_dict()
-    *parents, key = path
-    section = config
-    for parent in parents:
-        section = section[parent]
-    section[key] = value
-    record = {"format": "guidesr-checkpoint", "format_version": 1, "config": config, "tensors": "ckpt.safetensors",
-              "sha256": "", "base_model": None}
+    record = {"format": "guidesr-checkpoint", "format_version": 1, "config": tiny_config().to_dict(),
+              "tensors": "ckpt.safetensors", "sha256": "", "base_model": None}
     (tmp_path / "ckpt.json").write_text(json.dumps(record))
+    _set_config_value(tmp_path / "ckpt.json", path, value)
     return tmp_path / "ckpt"
 
 

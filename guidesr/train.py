@@ -267,9 +267,10 @@ class Trainer:
         params = [p for _, p in self.model.trainable_parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.disc_optimizer = None
+        self.disc_params: list[nn.Parameter] = []  # what the discriminator trains (a CLIP backbone stays frozen)
         if self.discriminator is not None:
-            disc_params = [p for p in self.discriminator.parameters() if p.requires_grad]
-            self.disc_optimizer = torch.optim.AdamW(disc_params, lr=config.disc_lr, betas=(0.5, 0.999))
+            self.disc_params = [p for p in self.discriminator.parameters() if p.requires_grad]
+            self.disc_optimizer = torch.optim.AdamW(self.disc_params, lr=config.disc_lr, betas=(0.5, 0.999))
         self.step = 0
         self.elapsed_s = 0.0  # seconds of training up to self.step, over every run of this folder since step 0
         if resuming:
@@ -303,6 +304,12 @@ class Trainer:
         dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
         return torch.autocast("cuda", dtype=dtype)
 
+    def _discriminator_learns(self, learns: bool) -> None:
+        """Gradients for the discriminator's trained parameters during its own step only; its frozen parts never
+        get one."""
+        for param in self.disc_params:
+            param.requires_grad_(learns)
+
     def train_step(self) -> dict[str, float]:
         config = self.config
         lr = learning_rate(config, self.step)
@@ -315,8 +322,7 @@ class Trainer:
             lq, hr = next(self.batches)
             last = micro == config.grad_accum - 1
             sync = contextlib.nullcontext() if last or self.env.world_size == 1 else self.ddp_model.no_sync()
-            if self.discriminator is not None:
-                self.discriminator.requires_grad_(False)
+            self._discriminator_learns(False)
             with sync, self._autocast():
                 out = self.ddp_model(lq)
                 loss, terms = self.criterion(out.r1, out.r2, hr, self.discriminator)
@@ -326,7 +332,7 @@ class Trainer:
                 logs[key] = logs.get(key, 0.0) + value.item() / config.grad_accum
         self.scaler.step(self.optimizer)
         if self.discriminator is not None:
-            self.discriminator.requires_grad_(True)
+            self._discriminator_learns(True)
             self.disc_optimizer.zero_grad(set_to_none=True)
             for hr, r1, r2 in batches:
                 with self._autocast():

@@ -1,15 +1,29 @@
-"""Shared by the tests: real tiny GuideSR models with non-zero trainable parts, and the kernel tests' tools."""
+"""Shared by the tests: real tiny GuideSR models with non-zero trainable parts, a tiny CLIP vision model, and the kernel
+tests' tools."""
 
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from guidesr import build_model, preset_config
 from guidesr.checkpoint import save_checkpoint
 from guidesr.config import tiny_config
 from guidesr.loading import WEIGHTS_DIR
 from guidesr.model import GuideSR
+
+
+def tiny_clip_vision_config() -> CLIPVisionConfig:
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=32, patch_size=8)
+
+
+def save_tiny_clip(folder: Path) -> Path:
+    """A random tiny CLIP vision model written with `save_pretrained` (what `--clip-path` names), seed 0."""
+    torch.manual_seed(0)
+    CLIPVisionModel(tiny_clip_vision_config()).save_pretrained(folder)
+    return folder
 
 
 def randomize_trainable(model: GuideSR, seed: int, only_lora: bool = False) -> GuideSR:

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
 
 from guidesr.discriminators import CLIPDiscriminator, DiscriminatorConfig, PatchDiscriminator, build_discriminator
 from guidesr.losses import (
@@ -21,6 +21,7 @@ from guidesr.losses import (
     discriminator_loss,
     generator_gan_loss,
 )
+from helpers import tiny_clip_vision_config
 
 # torchvision's vgg16() `features` convolutions: index -> (out, in) channels. Written out
 # here independently of guidesr.losses so the test checks the layout, not a copy of it.
@@ -202,11 +203,6 @@ def test_gan_needs_a_discriminator_and_lpips_can_be_switched_off():
     total, log = GuideSRLoss(LossConfig(w_lpips=0.0, w_gan=0.0))(images(1), images(2), images(0), None)
     torch.testing.assert_close(total, 0.9 * F.mse_loss(images(1), images(0)) + 0.1 * F.mse_loss(images(2), images(0)))
     assert "r1/gan" not in log and "r1/lpips" not in log
-
-
-def tiny_clip_vision_config() -> CLIPVisionConfig:
-    return CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=32, patch_size=8)
 
 
 def test_clip_discriminator_freezes_the_backbone_and_trains_the_heads(tmp_path):

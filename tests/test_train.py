@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from guidesr.discriminators import DiscriminatorConfig
 from guidesr.losses import LossConfig
 from guidesr.train import TrainConfig, Trainer, learning_rate
+from helpers import save_tiny_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,6 +83,21 @@ def test_gan_term_and_shared_discriminator_are_trained(tmp_path):
     assert logs["r1/gan"] > 0 and logs["r2/gan"] > 0 and logs["disc"] > 0
     after = list(trainer.discriminator.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_a_clip_discriminator_trains_its_heads_and_its_backbone_stays_frozen(tmp_path):
+    """The trainer switches gradients on for the parameters the discriminator's optimiser trains only: the frozen CLIP
+    backbone gets no gradient in either step (a ViT-L's would cost ~1.2 GB, would never be cleared, nor reduced by
+    DDP)."""
+    clip = DiscriminatorConfig(kind="clip", clip_path=str(save_tiny_clip(tmp_path / "clip")), head_channels=8)
+    trainer = Trainer(small_config(tmp_path / "run", discriminator=clip))
+    heads_before = [p.detach().clone() for p in trainer.discriminator.heads.parameters()]
+    logs = trainer.train_step()
+    assert logs["disc"] > 0
+    backbone = list(trainer.discriminator.backbone.parameters())
+    assert not any(p.requires_grad for p in backbone)
+    assert all(p.grad is None for p in backbone)
+    assert any(not torch.equal(a, b) for a, b in zip(heads_before, trainer.discriminator.heads.parameters()))
 
 
 def test_lpips_without_weights_fails_at_start(tmp_path):

@@ -139,12 +139,13 @@ def read_image(path: str | os.PathLike,
                 # Decide before getexif(), which loads a PNG (and so empties its tile list).
                 png_rawmode = image.tile[0].args if image.format == "PNG" and image.tile else None
                 if png_rawmode in _PNG16_RAWMODES:
-                    array, mode, depth = _read_png_16bit_color(path, png_rawmode)
+                    array, mode, depth = _read_png_16bit_color(path, png_rawmode, image.info.get("transparency"))
                 else:
                     array, mode, depth = _pillow_to_array(image)
                 orientation = _orientation(image)
                 icc = image.info.get("icc_profile")
     array = _apply_orientation(array, orientation)
+    icc = _profile_of_mode(icc, mode)
     scale = 65535.0 if depth == 16 else 255.0
     out = array.astype(np.float32)
     out /= scale
@@ -215,6 +216,8 @@ def _read_errors(path: Path, max_pixels: int | None) -> Iterator[None]:
             from exc
     except UnidentifiedImageError as exc:
         raise ImageReadError(path, "not a recognised image file (unknown format or corrupt header)") from exc
+    except ImageCms.PyCMSError as exc:
+        raise ImageReadError(path, f"its embedded ICC profile cannot convert its colours to RGB ({exc})") from exc
     except PermissionError as exc:
         raise ImageReadError(path, f"permission denied ({exc.strerror})") from exc
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
@@ -282,19 +285,39 @@ def _apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+_PROFILE_COLOUR_SPACES = {"L": b"GRAY", "LA": b"GRAY", "RGB": b"RGB ", "RGBA": b"RGB "}
+
+
+def _profile_of_mode(icc: bytes | None, mode: str) -> bytes | None:
+    """`icc` when it describes pixels of `mode` (its header's colour space), else None: a CMYK profile no longer
+    describes the pixels once they are converted to RGB, and an RGB image tagged with it would be misread."""
+    if icc is None or icc[16:20] != _PROFILE_COLOUR_SPACES[mode]:
+        return None
+    return icc
+
+
+def pillow_pixels(image: Image.Image) -> np.ndarray:
+    """A Pillow image's pixels as `read_image` lays them out, before scaling: uint8 [H, W, C] (C: 1 grey,
+    2 grey + alpha, 3 RGB, 4 RGBA) or uint16 [H, W, 1] for 16- and 32-bit integer grey."""
+    return _pillow_to_array(image)[0]
+
+
 def _pillow_to_array(image: Image.Image) -> tuple[np.ndarray, str, int]:
     """Decode with Pillow into uint8/uint16 [H, W, C] and our mode name."""
     image.load()  # decode errors surface here, not inside numpy's array conversion
     mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-        array = np.asarray(image).astype(np.uint16)
-        return array[..., None], "L", 16
+        array = np.asarray(image).astype(np.uint16)[..., None]
+        if "transparency" in image.info:  # PNG tRNS: a grey level is transparent
+            return _with_colour_key_alpha(array, image.info["transparency"]), "LA", 16
+        return array, "L", 16
     if mode == "I":
         # 32-bit integer grey: what Pillow gives for some 16-bit grey files; anything wider is refused.
         array = np.asarray(image)
         if array.min() < 0 or array.max() > 65535:
-            raise ImageReadError(image.filename, f"32-bit integer samples outside 0..65535 are not supported "
-                                                 f"(range {array.min()}..{array.max()})")
+            raise ImageReadError(getattr(image, "filename", "") or "(in-memory image)",
+                                 f"32-bit integer samples outside 0..65535 are not supported "
+                                 f"(range {array.min()}..{array.max()})")
         return array.astype(np.uint16)[..., None], "L", 16
     if mode in ("LA", "La") or (mode == "L" and "transparency" in image.info):  # tRNS: a grey value is transparent
         return np.asarray(image.convert("LA")), "LA", 8
@@ -355,7 +378,9 @@ def _read_tiff_16bit(path: Path, max_pixels: int | None) -> tuple[np.ndarray, st
 _PNG16_RAWMODES = {"RGB;16B": "RGB", "RGBA;16B": "RGBA", "LA;16B": "LA"}
 
 
-def _read_png_16bit_color(path: Path, rawmode: str) -> tuple[np.ndarray, str, int]:
+def _read_png_16bit_color(path: Path, rawmode: str,
+                          colour_key: tuple[int, int, int] | None) -> tuple[np.ndarray, str, int]:
+    """`colour_key`: the RGB of a tRNS chunk, which makes the pixels of exactly that colour transparent."""
     mode = _PNG16_RAWMODES[rawmode]
     if mode == "LA":
         # LA16 (4 bytes a pixel) has the byte layout of RGBA8: decode as RGBA8, then join byte pairs.
@@ -366,7 +391,16 @@ def _read_png_16bit_color(path: Path, rawmode: str) -> tuple[np.ndarray, str, in
     low = _decode_png_with_rawmode(path, f"{mode};16L")  # ;16L keeps byte 1 of each sample
     high <<= 8
     high |= low
+    if mode == "RGB" and colour_key is not None:
+        return _with_colour_key_alpha(high, colour_key), "RGBA", 16
     return high, mode, 16
+
+
+def _with_colour_key_alpha(array: np.ndarray, colour_key: int | tuple[int, ...]) -> np.ndarray:
+    """uint16 [H, W, C] -> [H, W, C + 1]: alpha 0 where the samples equal `colour_key` (PNG tRNS), else opaque."""
+    opaque = np.any(array != np.asarray(colour_key, np.uint16).reshape(-1), axis=-1)
+    alpha = np.where(opaque, np.uint16(65535), np.uint16(0))
+    return np.concatenate([array, alpha[..., None]], axis=-1)
 
 
 def _decode_png_with_rawmode(path: Path, rawmode: str) -> np.ndarray:
@@ -414,6 +448,9 @@ def write_image(path: str | os.PathLike, array: np.ndarray, *, bit_depth: int = 
         array = array[..., None]
     if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
         raise ValueError(f"expected an [H, W, C] array with C in 1..4, got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise TypeError(f"expected a float array in [0, 1], got {array.dtype} (divide uint8 pixels by 255, "
+                        f"uint16 ones by 65535)")
     if fmt not in ALPHA_FORMATS and array.shape[2] in (2, 4):
         warnings.warn(f"{path}: {fmt.upper()} has no alpha channel; the alpha channel is dropped "
                       f"(PNG, WebP and TIFF keep it)", OutputFormatWarning, stacklevel=2)

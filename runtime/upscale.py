@@ -56,6 +56,7 @@ from .imageio import (
     ImageWriteError,
     OutputFormatWarning,
     check_image_header,
+    pillow_pixels,
     read_image,
     stale_partial_files,
     write_image,
@@ -132,7 +133,7 @@ def upscale_array(
     color = image[..., : channels - 1] if has_alpha else image
     grey = color.shape[2] == 1
 
-    low_res = torch.from_numpy(np.ascontiguousarray(color.transpose(2, 0, 1), dtype=np.float32))
+    low_res = torch.from_numpy(np.array(color.transpose(2, 0, 1), np.float32, order="C"))  # copied: may be read-only
     if grey:
         low_res = low_res.expand(3, -1, -1)
     low_res = low_res * 2 - 1  # the model's [-1, 1]
@@ -190,13 +191,11 @@ def _as_float_image(image) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         return read_image(image)[0]
     if isinstance(image, Image.Image):
-        if image.mode not in ("L", "LA", "RGB", "RGBA", "I;16"):
-            image = image.convert("RGBA" if image.has_transparency_data else "RGB")
-        image = np.asarray(image)
+        image = np.asarray(image) if image.mode == "F" else pillow_pixels(image)
     array = np.asarray(image)
-    if array.dtype == np.uint8:
+    if array.dtype.kind == "u" and array.dtype.itemsize == 1:
         return array.astype(np.float32) / 255
-    if array.dtype == np.uint16:
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:
         return array.astype(np.float32) / 65535
     if np.issubdtype(array.dtype, np.floating):
         return array.astype(np.float32, copy=False)

@@ -136,6 +136,30 @@ def test_a_png_colour_key_becomes_alpha(tmp_path):
     np.testing.assert_array_equal(as_integers(array, 8), np.dstack([grey, np.where(grey == grey[1, 1], 0, 255)]))
 
 
+def _write_png(path, width, height, bits, color_type, rows, extra_chunks=b""):
+    """A PNG with unfiltered rows of raw big-endian samples (Pillow writes no 16-bit colour, nor 16-bit tRNS)."""
+    raw = b"".join(b"\x00" + row.astype(">u2" if bits == 16 else np.uint8).tobytes() for row in rows)
+    header = imageio._png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bits, color_type, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + extra_chunks + imageio._png_chunk(b"IDAT", zlib.compress(raw))
+                     + imageio._png_chunk(b"IEND", b""))
+
+
+def test_a_sixteen_bit_png_colour_key_becomes_alpha(tmp_path):
+    rgb = random_pixels(6, 5, 3, 16)
+    key = rgb[2, 3]
+    _write_png(tmp_path / "keyed.png", 5, 6, 16, 2, rgb, imageio._png_chunk(b"tRNS", key.astype(">u2").tobytes()))
+    array, info = read_image(tmp_path / "keyed.png")
+    assert (info.mode, info.bit_depth) == ("RGBA", 16)
+    np.testing.assert_array_equal(as_integers(array, 16), np.dstack([rgb, np.where((rgb == key).all(-1), 0, 65535)]))
+
+    grey = random_pixels(6, 5, 1, 16)[..., 0]
+    _write_png(tmp_path / "keyed-grey.png", 5, 6, 16, 0, grey,
+               imageio._png_chunk(b"tRNS", struct.pack(">H", int(grey[1, 1]))))
+    array, info = read_image(tmp_path / "keyed-grey.png")
+    assert (info.mode, info.bit_depth) == ("LA", 16)
+    np.testing.assert_array_equal(as_integers(array, 16), np.dstack([grey, np.where(grey == grey[1, 1], 0, 65535)]))
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF"])
 def test_an_animation_or_multi_page_file_is_refused_before_decoding(tmp_path, fmt):
     frames = [Image.fromarray(random_pixels(8, 8, 3, 8)) for _ in range(3)]
@@ -170,6 +194,56 @@ def test_grey_jpeg_palette_png_and_cmyk_jpeg(tmp_path):
     array, info = read_image(tmp_path / "cmyk.jpg")
     assert info.mode == "RGB"
     assert array[..., 0].mean() > 0.9 and array[..., 1].mean() < 0.1
+
+
+def _cmyk_profile() -> bytes:
+    """A minimal ICC v2 CMYK printer profile: A2B0 a 2-point lut8 from CMYK to Lab, (1 - c)(1 - k) ... mixing."""
+    def s15fixed16(value):
+        return struct.pack(">i", round(value * 65536))
+
+    grid = []
+    for c, m, y, k in np.ndindex(2, 2, 2, 2):
+        r, g, b = (1 - c) * (1 - k), (1 - m) * (1 - k), (1 - y) * (1 - k)
+        luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
+        lightness = 116 * luminance ** (1 / 3) - 16 if luminance > 0.008856 else 903.3 * luminance
+        grid += [round(lightness * 2.55), round(128 + 100 * (r - g)), round(128 + 50 * (g - b))]
+    identity = bytes(range(256))
+    white = s15fixed16(0.9642) + s15fixed16(1.0) + s15fixed16(0.8249)
+    tags = [
+        (b"desc", b"desc" + bytes(4) + struct.pack(">I", 5) + b"cmyk\x00" + bytes(78)),
+        (b"wtpt", b"XYZ " + bytes(4) + white),
+        (b"A2B0", b"mft1" + bytes(4) + bytes([4, 3, 2, 0]) + b"".join(s15fixed16(v) for v in np.eye(3).ravel())
+         + identity * 4 + bytes(np.clip(grid, 0, 255).astype(np.uint8)) + identity * 3),
+    ]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = b"", b""
+    for signature, body in tags:
+        body += bytes(-len(body) % 4)
+        table += signature + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = (struct.pack(">I", offset + len(data)) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"prtr" + b"CMYK" + b"Lab "
+              + bytes(12) + b"acsp" + bytes(24) + bytes(4) + white + bytes(48))
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def test_a_cmyk_jpegs_profile_converts_it_and_is_not_kept_for_the_rgb_pixels(tmp_path):
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", icc_profile=_cmyk_profile())
+    array, info = read_image(tmp_path / "cmyk.jpg")
+    assert info.mode == "RGB" and info.icc_profile is None
+    assert array[..., 0].mean() > 0.9 and array[..., 1].mean() < 0.1
+
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "broken.jpg", icc_profile=b"not a profile" * 10)
+    _expect_read_error(tmp_path / "broken.jpg", "embedded ICC profile")
+
+
+def test_a_profile_of_another_colour_space_than_the_pixels_is_dropped(tmp_path):
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(random_pixels(5, 4, 1, 8)[..., 0]).save(tmp_path / "grey.png", icc_profile=srgb)
+    Image.fromarray(random_pixels(5, 4, 3, 8)).save(tmp_path / "rgb.png", icc_profile=srgb)
+    assert read_image(tmp_path / "grey.png")[1].icc_profile is None
+    assert read_image(tmp_path / "rgb.png")[1].icc_profile == srgb
 
 
 def _expect_read_error(path, *reason_words):
@@ -260,6 +334,13 @@ def test_existing_output_is_not_overwritten(tmp_path):
     write_image(path, np.zeros((4, 4, 3), np.float32), overwrite=True)
     assert read_image(path)[0].shape == (4, 4, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
+def test_integer_pixels_are_refused_not_written_as_black_and_white(tmp_path):
+    for bits in (8, 16):
+        with pytest.raises(TypeError, match=f"float array in \\[0, 1\\], got uint{bits}"):
+            write_image(tmp_path / "out.png", random_pixels(4, 5, 3, bits), bit_depth=bits)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_output_extension_and_missing_folder(tmp_path):

@@ -463,6 +463,31 @@ def test_upscale_file_keeps_the_inputs_icc_profile(tmp_path):
     assert array.shape == (18, 22, 3) and info.icc_profile == profile
 
 
+@pytest.mark.filterwarnings("error")  # a read-only array (a mode F image's) made torch warn
+def test_pil_images_and_arrays_of_every_integer_layout_are_read_as_from_a_file():
+    backend = ChannelAffineBackend(scale=2)
+    grey16 = RNG.integers(0, 65536, (6, 7), dtype=np.uint16)
+    grey8 = RNG.integers(0, 256, (6, 7), dtype=np.uint8)
+    expected_grey16 = upscale_array(grey16 / 65535, backend)
+    expected_grey8 = upscale_array(grey8 / 255, backend)
+    same_as_grey16 = {
+        "mode I": Image.fromarray(grey16.astype(np.int32)),
+        "mode I;16B": Image.fromarray(grey16).convert("I").convert("I;16B"),
+        "mode F": Image.fromarray((grey16 / 65535).astype(np.float32)),
+        "big-endian uint16": grey16.astype(">u2"),
+    }
+    for name, image in same_as_grey16.items():
+        np.testing.assert_allclose(runtime.upscale(image, backend=backend), expected_grey16, atol=1e-6, err_msg=name)
+    bilevel = Image.fromarray(grey8 > 127)
+    np.testing.assert_allclose(runtime.upscale(bilevel, backend=backend),
+                               upscale_array(np.asarray(bilevel, np.float32), backend), atol=1e-6)
+    grey_alpha = np.dstack([grey8, RNG.integers(1, 256, (6, 7), dtype=np.uint8)])
+    premultiplied = Image.fromarray(grey_alpha, "LA").convert("La")
+    np.testing.assert_allclose(runtime.upscale(premultiplied, backend=backend),
+                               upscale_array(np.asarray(premultiplied.convert("LA")) / 255, backend), atol=1e-6)
+    np.testing.assert_allclose(runtime.upscale(Image.fromarray(grey8), backend=backend), expected_grey8, atol=1e-6)
+
+
 @pytest.fixture
 def stand_in_model(monkeypatch):
     """main() with ChannelAffineBackend instead of loading a model."""
@@ -483,6 +508,16 @@ def test_max_megapixels_zero_means_no_limit(tmp_path, stand_in_model, capsys):
     source = write_image(tmp_path / "in.png", RNG.random((10, 12, 3), dtype=np.float32))
     assert main([str(source), "-o", str(tmp_path / "out.png"), "--max-megapixels", "0"]) == 0, capsys.readouterr()
     assert read_image(tmp_path / "out.png")[0].shape == (40, 48, 3)
+
+
+def test_a_cmyk_jpeg_with_a_broken_profile_fails_that_image_only(tmp_path, stand_in_model, capsys):
+    (tmp_path / "in").mkdir()
+    Image.new("CMYK", (6, 5), (0, 255, 255, 0)).save(tmp_path / "in" / "broken.jpg", icc_profile=b"not a profile" * 9)
+    write_image(tmp_path / "in" / "good.png", RNG.random((5, 6, 3), dtype=np.float32))
+    assert main([str(tmp_path / "in"), "-o", str(tmp_path / "out")]) == EXIT_FAILED_IMAGES
+    errors = capsys.readouterr().err
+    assert "broken.jpg: its embedded ICC profile cannot convert its colours to RGB" in errors
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["good.png"]
 
 
 def test_a_rank_does_and_reports_only_its_share(tmp_path, stand_in_model, capsys, monkeypatch):

@@ -23,7 +23,7 @@ sharded job finishes only what is missing); an unreadable input, a failed write,
 with NaN/Inf or (with --validate) an output further from the PyTorch fp32 reference than
 --min-psnr allows is reported with the file's name, nothing is written for it, and the rest go
 on. Exit status: 0 when every image was written or skipped, 1 when any failed, 2 when the command
-could not run (bad options, no input images, no model, no backend).
+could not run (bad options, no input images, no model, no backend), 130 when Ctrl-C stopped it.
 """
 
 from __future__ import annotations
@@ -267,6 +267,7 @@ class JobList:
 
 EXIT_FAILED_IMAGES = 1
 EXIT_CANNOT_RUN = 2  # argparse's status for usage errors too
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process that Ctrl-C stopped
 
 
 def _is_inside(path: Path, folder: Path) -> bool:
@@ -295,10 +296,12 @@ def _scan_folder(folder: Path, recursive: bool, exclude: Path | None) -> tuple[l
 def collect_jobs(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, recursive: bool = False,
                  fmt: str | None = None) -> JobList:
     """Map inputs (files and folders) to output paths. OUT is a file when there is one input file and
-    OUT has an image extension; otherwise OUT is a folder and outputs get `fmt`'s extension (png)."""
+    OUT has an image extension and no trailing slash; otherwise OUT is a folder and outputs get `fmt`'s extension
+    (png)."""
+    folder_named = str(output).endswith((os.sep, "/"))
     output = Path(output)
     input_paths = [Path(p) for p in inputs]
-    single_file_output = output.suffix.lower() in WRITE_FORMATS and not output.is_dir()
+    single_file_output = output.suffix.lower() in WRITE_FORMATS and not output.is_dir() and not folder_named
     if single_file_output:
         if fmt is not None:
             raise ValueError("--format is for a folder OUT; with a file OUT the format comes from its extension")
@@ -310,7 +313,7 @@ def collect_jobs(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
         return JobList([Job(input_paths[0], output)], [])
     if output.exists() and not output.is_dir():
         raise ValueError(f"-o {output} exists and is not a folder")
-    if output.suffix and not output.exists():
+    if output.suffix and not output.exists() and not folder_named:
         raise ValueError(f"-o {output}: {output.suffix} is not an output format ({', '.join(sorted(WRITE_FORMATS))}); "
                          f"for an output folder, give a name without an extension or create the folder first")
     fmt = (fmt or "png").lower()
@@ -363,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m runtime.upscale",
         description="Upscale images with GuideSR (one-step diffusion super-resolution).",
         epilog="Exit status: 0 all written or skipped, 1 some images failed (or failed --validate), "
-               "2 the command could not run (bad options, no input images, no model or backend).",
+               "2 the command could not run (bad options, no input images, no model or backend), 130 interrupted "
+               "(Ctrl-C; what was written is complete, and the same command finishes the rest).",
     )
     parser.add_argument("inputs", nargs="+", metavar="IN", help="image files and/or folders")
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
@@ -491,11 +495,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     written = 0
     if todo:
         try:
-            backend, validator = _make_backend(args, shard)
-        except (BackendError, ShardingError, ValueError, OSError) as err:
-            _say(f"{prefix}error: {err}", error=True)
-            return EXIT_CANNOT_RUN
-        written, failed = _run_jobs(todo, backend, validator, args, shard)
+            try:
+                backend, validator = _make_backend(args, shard)
+            except (BackendError, ShardingError, ValueError, OSError) as err:
+                _say(f"{prefix}error: {err}", error=True)
+                return EXIT_CANNOT_RUN
+            written, failed = _run_jobs(todo, backend, validator, args, shard)
+        except KeyboardInterrupt:
+            _say(f"{prefix}interrupted: the outputs written so far are complete; the same command again skips them "
+                 f"and does the rest", error=True)
+            return EXIT_INTERRUPTED
         failures.extend(failed)
     _say(f"{prefix}{written} written, {skipped} skipped (already there), {len(failures)} failed")
     return EXIT_FAILED_IMAGES if failures else 0

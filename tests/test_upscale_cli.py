@@ -25,8 +25,8 @@ from runtime.backends import Backend, TorchBackend
 from runtime.imageio import read_image, write_image
 from runtime.tiling import NonFiniteOutputError
 import runtime.upscale as upscale_module
-from runtime.upscale import (EXIT_CANNOT_RUN, EXIT_FAILED_IMAGES, collect_jobs, effective_tile, main, upscale_array,
-                             upscale_file)
+from runtime.upscale import (EXIT_CANNOT_RUN, EXIT_FAILED_IMAGES, EXIT_INTERRUPTED, collect_jobs, effective_tile, main,
+                             upscale_array, upscale_file)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -508,6 +508,41 @@ def test_max_megapixels_zero_means_no_limit(tmp_path, stand_in_model, capsys):
     source = write_image(tmp_path / "in.png", RNG.random((10, 12, 3), dtype=np.float32))
     assert main([str(source), "-o", str(tmp_path / "out.png"), "--max-megapixels", "0"]) == 0, capsys.readouterr()
     assert read_image(tmp_path / "out.png")[0].shape == (40, 48, 3)
+
+
+def test_ctrl_c_leaves_whole_outputs_and_says_the_same_command_finishes(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    class InterruptedOnTheSecondImage(ChannelAffineBackend):
+        def __call__(self, tiles):
+            calls.append(len(tiles))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return super().__call__(tiles)
+
+    monkeypatch.setattr(upscale_module, "_make_backend", lambda args, shard: (InterruptedOnTheSecondImage(), None))
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b", "c"):
+        write_image(tmp_path / "in" / f"{name}.png", RNG.random((5, 6, 3), dtype=np.float32))
+    args = [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--tile", "0"]
+    try:
+        status = main(args)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main() as a traceback")  # and would stop this pytest run
+    assert status == EXIT_INTERRUPTED
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["a.png"]
+    assert read_image(tmp_path / "out" / "a.png")[0].shape == (20, 24, 3)
+    monkeypatch.setattr(upscale_module, "_make_backend", lambda args, shard: (ChannelAffineBackend(), None))
+    assert main(args) == 0
+    assert "1 skipped" in capsys.readouterr().out
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "c.png"]
+
+
+def test_an_out_with_a_trailing_slash_is_a_folder(tmp_path):
+    source = write_image(tmp_path / "in.png", RNG.random((5, 6, 3), dtype=np.float32))
+    jobs = collect_jobs([source], str(tmp_path / "x4.png") + "/").jobs
+    assert jobs == [upscale_module.Job(source, tmp_path / "x4.png" / "in.png")]
 
 
 def test_a_cmyk_jpeg_with_a_broken_profile_fails_that_image_only(tmp_path, stand_in_model, capsys):

@@ -205,10 +205,23 @@ def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     return image[:, top : top + size, left : left + size].contiguous()
 
 
+# A CPU torch.Generator keeps the low 32 bits of its seed only: ranks share those 2**32 seeds, each with
+# RANK_MICRO_BATCHES of its own.
+RANK_MICRO_BATCHES = 2**24
+MAX_RANKS = 2**32 // RANK_MICRO_BATCHES
+
+
 def batch_seed(seed: int, rank: int, index: int) -> int:
-    """The seed of micro-batch `index` on `rank`: batches depend on nothing else (`eval_pairs`
-    uses it for (seed, image, draw))."""
-    return (seed * 1_000_003 + rank * 7_919 + index) % (2**63 - 1)
+    """The seed of micro-batch `index` on `rank`: batches depend on nothing else. For `index` under
+    `RANK_MICRO_BATCHES` and `rank` under `MAX_RANKS`, no two (rank, index) of one seed share the low
+    32 bits."""
+    return (seed * 1_000_003 + rank * RANK_MICRO_BATCHES + index) % (2**63 - 1)
+
+
+def draw_seed(seed: int, image: int, draw: int) -> int:
+    """The seed of `eval_pairs`' draw `draw` of image `image` (the evaluation inputs of every recorded
+    result; distinct for up to 7_919 draws per image)."""
+    return (seed * 1_000_003 + image * 7_919 + draw) % (2**63 - 1)
 
 
 class StepCrops(Dataset):
@@ -282,6 +295,9 @@ class TrainingPairs:
                  device: str | torch.device = "cpu", rank: int = 0, start: int = 0) -> None:
         if config.crop_size % config.degradation.scale:
             raise ValueError(f"crop_size {config.crop_size} is not a multiple of the scale {config.degradation.scale}")
+        if not 0 <= rank < MAX_RANKS:
+            raise ValueError(f"rank {rank}: the batch seeds keep {MAX_RANKS} ranks' batches apart, ranks 0 to "
+                             f"{MAX_RANKS - 1}")
         self.config = config
         self.device = torch.device(device)
         self.rank = rank
@@ -299,6 +315,9 @@ class TrainingPairs:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.index >= RANK_MICRO_BATCHES:
+            raise ValueError(f"micro-batch {self.index}: a rank has {RANK_MICRO_BATCHES} batches of its own, and "
+                             f"the next would repeat another rank's")
         hr = next(self._batches).to(self.device, non_blocking=True)
         generator = torch.Generator(device=self.device).manual_seed(
             batch_seed(self.config.seed + 1, self.rank, self.index))
@@ -334,6 +353,6 @@ def eval_pairs(
     pairs = []
     for i in range(len(hr)):
         for d in range(draws):
-            generator = torch.Generator(device=torch.device(device)).manual_seed(batch_seed(seed, i, d))
+            generator = torch.Generator(device=torch.device(device)).manual_seed(draw_seed(seed, i, d))
             pairs.append(make_pairs(hr[i : i + 1], degradation, generator))
     return torch.cat([lq for lq, _ in pairs]), torch.cat([target for _, target in pairs])

@@ -74,6 +74,10 @@ class PatchDiscriminator(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images).flatten(1)
 
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a training state stores: the whole state (nothing here is pretrained)."""
+        return self.state_dict()
+
 
 class _TokenHead(nn.Module):
     """Per-token MLP (1x1 convolutions over the token axis) from width `dim` to one logit."""
@@ -127,6 +131,10 @@ class CLIPDiscriminator(nn.Module):
         super().train(mode)
         self.backbone.eval()
         return self
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a training state stores: the heads; the frozen backbone is `clip_path`'s."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images + 1.0) / 2.0

@@ -8,8 +8,8 @@ Exact resumption without saving iterator state: every random draw of micro-batch
 with (seed, rank, k) (guidesr.data.TrainingPairs), so a resumed run rebuilds its batches from the
 step number alone. The
 learning rate is a pure function of the step too (linear warm-up, then cosine). A training-state
-checkpoint holds the trained model parts, the discriminator, both optimisers and the step, all as
-safetensors + JSON (nothing pickled).
+checkpoint holds the trained model parts, the discriminator's trained parts, both optimisers, fp16's loss
+scale and the step, all as safetensors + JSON (nothing pickled).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from runtime.cli import bounded_float, bounded_int
 
 from .checkpoint import CheckpointError, read_checkpoint_record, save_checkpoint
 from .config import PRESETS, preset_config
-from .data import HRImageFolder, PairConfig, SampleImages, TrainingPairs
+from .data import MAX_RANKS, RANK_MICRO_BATCHES, HRImageFolder, PairConfig, SampleImages, TrainingPairs
 from .degradations import DegradationConfig
 from .discriminators import DiscriminatorConfig, build_discriminator
 from .loading import build_model, has_text_encoder
@@ -150,7 +150,7 @@ def _unflatten_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, to
 
 def save_train_state(path: Path, step: int, elapsed_s: float, model: GuideSR, discriminator: nn.Module | None,
                      optimizer: torch.optim.Optimizer, disc_optimizer: torch.optim.Optimizer | None,
-                     config: TrainConfig) -> None:
+                     scaler: torch.amp.GradScaler, config: TrainConfig) -> None:
     """Writes the training state at `step` into `path`, with `elapsed_s`: the seconds of training up to that step,
     summed over the runs that resumed it (metrics.jsonl's `time`)."""
     path.mkdir(parents=True, exist_ok=True)
@@ -158,9 +158,11 @@ def save_train_state(path: Path, step: int, elapsed_s: float, model: GuideSR, di
     opt_tensors, opt_groups = _flatten_optimizer(optimizer, "optimizer")
     tensors |= opt_tensors
     record: dict[str, Any] = {"format": STATE_FORMAT, "step": step, "elapsed_s": elapsed_s,
-                              "config": dataclasses.asdict(config), "optimizer": opt_groups}
+                              "config": dataclasses.asdict(config), "optimizer": opt_groups,
+                              "scaler": scaler.state_dict()}
     if discriminator is not None and disc_optimizer is not None:
-        tensors |= {f"discriminator.{k}": v.detach().cpu().contiguous() for k, v in discriminator.state_dict().items()}
+        tensors |= {f"discriminator.{k}": v.detach().cpu().contiguous()
+                    for k, v in discriminator.trained_state_dict().items()}
         disc_tensors, disc_groups = _flatten_optimizer(disc_optimizer, "disc_optimizer")
         tensors |= disc_tensors
         record["disc_optimizer"] = disc_groups
@@ -212,10 +214,11 @@ def read_state_record(path: Path) -> dict[str, Any]:
 
 
 def load_train_state(path: Path, model: GuideSR, discriminator: nn.Module | None,
-                     optimizer: torch.optim.Optimizer, disc_optimizer: torch.optim.Optimizer | None
-                     ) -> tuple[int, float]:
-    """Loads the state into the model, discriminator and optimisers; returns its step and elapsed seconds (0 for a
-    state from before the elapsed time was recorded)."""
+                     optimizer: torch.optim.Optimizer, disc_optimizer: torch.optim.Optimizer | None,
+                     scaler: torch.amp.GradScaler) -> tuple[int, float]:
+    """Loads the state into the model, discriminator, optimisers and loss scaler (an fp16 state from before the
+    scale was recorded leaves the scaler at its initial scale); returns its step and elapsed seconds (0 for a state
+    from before the elapsed time was recorded)."""
     record = read_state_record(path)
     with safe_open(path / "state.safetensors", "pt") as handle:
         tensor_step = (handle.metadata() or {}).get("step")
@@ -231,8 +234,14 @@ def load_train_state(path: Path, model: GuideSR, discriminator: nn.Module | None
     _unflatten_optimizer(optimizer, tensors, record["optimizer"], "optimizer")
     if discriminator is not None and disc_optimizer is not None:
         disc = {k[len("discriminator."):]: v for k, v in tensors.items() if k.startswith("discriminator.")}
-        discriminator.load_state_dict(disc)
+        trained = set(discriminator.trained_state_dict())
+        if trained - set(disc):
+            raise ValueError(f"training state {path} lacks {len(trained - set(disc))} discriminator tensors, e.g. "
+                             f"{sorted(trained - set(disc))[:3]}")
+        discriminator.load_state_dict({k: v for k, v in disc.items() if k in trained}, strict=False)
         _unflatten_optimizer(disc_optimizer, tensors, record["disc_optimizer"], "disc_optimizer")
+    if scaler.is_enabled() and record.get("scaler"):
+        scaler.load_state_dict(record["scaler"])
     return int(record["step"]), float(record.get("elapsed_s", 0.0))
 
 
@@ -248,6 +257,10 @@ class Trainer:
             raise ValueError("training needs --base-model DIR (a local diffusers folder with unet/ and vae/)")
         if config.precision != "fp32" and self.device.type != "cuda":
             raise ValueError(f"precision {config.precision} needs CUDA; use fp32 on the CPU")
+        if config.steps * config.grad_accum > RANK_MICRO_BATCHES or self.env.world_size > MAX_RANKS:
+            raise ValueError(f"{config.steps} steps of {config.grad_accum} micro-batches on {self.env.world_size} "
+                             f"ranks: the batch seeds give each of up to {MAX_RANKS} ranks {RANK_MICRO_BATCHES} "
+                             f"distinct micro-batches")
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"--out {self.out} is a file, not a folder")
         state = self.out / "state"
@@ -271,11 +284,12 @@ class Trainer:
         if self.discriminator is not None:
             self.disc_params = [p for p in self.discriminator.parameters() if p.requires_grad]
             self.disc_optimizer = torch.optim.AdamW(self.disc_params, lr=config.disc_lr, betas=(0.5, 0.999))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16" and self.device.type == "cuda")
         self.step = 0
         self.elapsed_s = 0.0  # seconds of training up to self.step, over every run of this folder since step 0
         if resuming:
             self.step, self.elapsed_s = load_train_state(state, self.model, self.discriminator, self.optimizer,
-                                                         self.disc_optimizer)
+                                                         self.disc_optimizer, self.scaler)
         self.saved_step = self.step  # the step of the last checkpoint, 0 before any
         pairs = PairConfig(batch_size=config.batch_size, crop_size=config.crop_size, degradation=config.degradation,
                            seed=config.seed, num_workers=config.num_workers)
@@ -283,7 +297,6 @@ class Trainer:
                                      start=self.step * config.grad_accum)
         self.ddp_model = self._wrap(self.model)
         self.ddp_disc = self._wrap(self.discriminator) if self.discriminator is not None else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16" and self.device.type == "cuda")
 
     @staticmethod
     def prompt_start(config: TrainConfig) -> str | None:
@@ -304,6 +317,11 @@ class Trainer:
         dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
         return torch.autocast("cuda", dtype=dtype)
 
+    def _reduces_gradients(self, module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        """Where a DDP forward runs: its backward all-reduces the gradients on a step's last micro-batch only, the
+        others accumulate them locally."""
+        return contextlib.nullcontext() if last or self.env.world_size == 1 else module.no_sync()
+
     def _discriminator_learns(self, learns: bool) -> None:
         """Gradients for the discriminator's trained parameters during its own step only; its frozen parts never
         get one."""
@@ -320,10 +338,8 @@ class Trainer:
         batches = []
         for micro in range(config.grad_accum):
             lq, hr = next(self.batches)
-            last = micro == config.grad_accum - 1
-            sync = contextlib.nullcontext() if last or self.env.world_size == 1 else self.ddp_model.no_sync()
             self._discriminator_learns(False)
-            with sync, self._autocast():
+            with self._reduces_gradients(self.ddp_model, micro == config.grad_accum - 1), self._autocast():
                 out = self.ddp_model(lq)
                 loss, terms = self.criterion(out.r1, out.r2, hr, self.discriminator)
             self.scaler.scale(loss / config.grad_accum).backward()
@@ -334,8 +350,8 @@ class Trainer:
         if self.discriminator is not None:
             self._discriminator_learns(True)
             self.disc_optimizer.zero_grad(set_to_none=True)
-            for hr, r1, r2 in batches:
-                with self._autocast():
+            for micro, (hr, r1, r2) in enumerate(batches):
+                with self._reduces_gradients(self.ddp_disc, micro == len(batches) - 1), self._autocast():
                     d_loss = discriminator_loss(self.ddp_disc, hr, r1, r2)
                 self.scaler.scale(d_loss / config.grad_accum).backward()
                 logs["disc"] = logs.get("disc", 0.0) + d_loss.item() / config.grad_accum
@@ -351,7 +367,7 @@ class Trainer:
         if not self.env.is_main:
             return
         save_train_state(self.out / "state", self.step, self.elapsed_s, self.model, self.discriminator, self.optimizer,
-                         self.disc_optimizer, self.config)
+                         self.disc_optimizer, self.scaler, self.config)
         base = (None if self.config.random_base
                 else os.path.relpath(Path(self.config.base_model).resolve(), self.out.resolve()))
         save_checkpoint(self.model, self.out / self.config.name, base_model=base,

@@ -15,6 +15,7 @@ from guidesr.data import (
     PairConfig,
     SampleImages,
     TrainingPairs,
+    batch_seed,
     eval_pairs,
     load_image,
     center_crop,
@@ -296,3 +297,25 @@ def test_training_pairs_resume_at_any_batch_and_ignore_workers():
     assert torch.equal(lq, batches[1][0]) and torch.equal(hr, batches[1][1])
     other_rank = TrainingPairs(images, config, rank=1)
     assert not torch.equal(next(other_rank)[1], batches[0][1])
+
+
+def test_ranks_never_draw_each_others_batches():
+    """Every (rank, micro-batch) of a run has its own seed in the 32 bits a CPU generator keeps: eight ranks over a
+    100k-step run see 800k distinct batches, not one stream shifted by a few thousand batches per rank."""
+    seeds = {batch_seed(0, rank, index) % 2**32 for rank in range(8) for index in range(100_000)}
+    assert len(seeds) == 8 * 100_000
+    images = SampleImages("train")
+    config = PairConfig(batch_size=2, crop_size=64, seed=0)
+    first_of_rank_1 = next(TrainingPairs(images, config, rank=1))
+    for index in (1, 7_919):
+        later_of_rank_0 = next(TrainingPairs(images, config, start=index))
+        assert not torch.equal(first_of_rank_1[1], later_of_rank_0[1])
+
+
+def test_a_rank_refuses_batches_past_its_own():
+    images = SampleImages("train")
+    config = PairConfig(batch_size=2, crop_size=64, seed=0)
+    with pytest.raises(ValueError, match="repeat another rank's"):
+        next(TrainingPairs(images, config, start=2**24))
+    with pytest.raises(ValueError, match="ranks 0 to 255"):
+        TrainingPairs(images, config, rank=256)

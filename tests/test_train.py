@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 from guidesr.discriminators import DiscriminatorConfig
 from guidesr.losses import LossConfig
-from guidesr.train import TrainConfig, Trainer, learning_rate
+from guidesr.train import Distributed, TrainConfig, Trainer, learning_rate, load_train_state, save_train_state
 from helpers import save_tiny_clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,3 +349,58 @@ def test_only_where_and_how_long_a_run_goes_may_change_on_resume():
     changed = replace(config, lr=1e-4, grad_accum=2, seed=1, warmup_steps=5, min_lr_ratio=0.1, crop_size=32)
     assert [change.split()[0] for change in config_changes(saved, changed)] == [
         "crop_size", "grad_accum", "lr", "min_lr_ratio", "seed", "warmup_steps"]
+
+
+def test_the_training_state_keeps_the_fp16_loss_scale(tmp_path):
+    """A resumed fp16 run goes on at the loss scale it had reached, not at the initial 2**16 (whose overflows would
+    skip its first optimiser steps)."""
+    trainer = Trainer(small_config(tmp_path / "run"))
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.load_state_dict({**scaler.state_dict(), "scale": 512.0, "_growth_tracker": 17})
+    parts = (trainer.model, trainer.discriminator, trainer.optimizer, trainer.disc_optimizer)
+    save_train_state(tmp_path / "state", 1, 0.0, *parts, scaler, trainer.config)
+    resumed = torch.amp.GradScaler("cpu")
+    load_train_state(tmp_path / "state", *parts, resumed)
+    assert resumed.state_dict() == scaler.state_dict()
+
+
+def test_under_ddp_a_step_all_reduces_each_models_gradients_once_whatever_the_grad_accum(tmp_path):
+    """The generator's and the discriminator's micro-batches but the last accumulate their gradients locally
+    (no_sync); a one-process gloo group stands in for the ranks, a comm hook counts the all-reduces."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        trainer = Trainer(small_config(tmp_path / "run", batch_size=1, grad_accum=3), env=Distributed(0, 2, 0))
+        reductions = {"generator": 0, "discriminator": 0}
+
+        def counting(name):
+            def hook(_, bucket):
+                reductions[name] += bucket.is_last()
+                future = torch.futures.Future()
+                future.set_result(bucket.buffer())
+                return future
+            return hook
+
+        trainer.ddp_model.register_comm_hook(None, counting("generator"))
+        trainer.ddp_disc.register_comm_hook(None, counting("discriminator"))
+        trainer.train_step()
+    finally:
+        dist.destroy_process_group()
+    assert reductions == {"generator": 1, "discriminator": 1}
+
+
+def test_a_run_longer_than_a_ranks_own_batches_is_refused_at_start(tmp_path):
+    with pytest.raises(ValueError, match="distinct micro-batches"):
+        Trainer(small_config(tmp_path, steps=2**23, grad_accum=3))
+
+
+def test_the_training_state_holds_a_clip_discriminators_heads_not_its_frozen_backbone(tmp_path):
+    """A ViT-L backbone is ~1.2 GB that never changes and comes from --clip-path: no checkpoint writes it."""
+    clip = DiscriminatorConfig(kind="clip", clip_path=str(save_tiny_clip(tmp_path / "clip")), head_channels=8)
+    config = small_config(tmp_path / "run", discriminator=clip, steps=1, checkpoint_every=1)
+    trainer = Trainer(config)
+    trainer.fit()
+    saved = load_file(tmp_path / "run" / "state" / "state.safetensors")
+    assert any(k.startswith("discriminator.heads.") for k in saved)
+    assert not any(k.startswith("discriminator.backbone.") for k in saved)
+    resumed = Trainer(config).discriminator.state_dict()
+    assert all(torch.equal(tensor, resumed[name]) for name, tensor in trainer.discriminator.state_dict().items())

@@ -8,7 +8,8 @@
 or --random-weights --preset tiny|sd-turbo (an untrained model: random base weights unless
 --base-model is given). Files go to --out-dir (artifacts/export). `engine` writes its ONNX graph
 first, then needs TensorRT: without it, it exits with status 3, the install command and the command to rerun.
-`verify` also checks every engine found next to a graph (NAME.engine for NAME.onnx) when TensorRT
+`verify` needs Polygraphy and ONNX Runtime (without them: status 3 and the install command, before the
+model loads). It also checks every engine found next to a graph (NAME.engine for NAME.onnx) when TensorRT
 is installed, and exits with status 1 if a comparison fails; an engine named with --engine is refused
 (status 1) when its metadata names another preset or checkpoint or another graph than NAME.onnx (its
 sha256, with its external data), and without TensorRT exits with status 3.
@@ -17,6 +18,7 @@ sha256, with its external data), and without TensorRT exits with status 3.
 from __future__ import annotations
 
 import argparse
+import importlib
 import shlex
 import sys
 from pathlib import Path
@@ -37,7 +39,7 @@ from .tensorrt_build import EngineBuildError, TensorRTUnavailableError, build_en
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_NO_TENSORRT = 3
+EXIT_MISSING_PACKAGE = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,9 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "verify":
+            try:
+                importlib.import_module(".verify", __package__)
+            except ImportError as err:
+                print(f"error: verify needs Polygraphy and ONNX Runtime ({err}); pip install polygraphy onnxruntime",
+                      file=sys.stderr)
+                return EXIT_MISSING_PACKAGE
             args.graph_metadata, args.engine_metadata = check_verify_inputs(args)
         else:
             check_out_dir(args.out_dir)
+        if args.command == "engine" and args.timing_cache is not None:
+            check_timing_cache(args.timing_cache)
         model, weights = load_from_args(args)
         return args.run(args, model, weights)
     except (CheckpointError, BaseModelError, ValueError) as err:
@@ -151,6 +161,17 @@ def check_out_dir(path: Path) -> None:
         raise ValueError(f"--out-dir {path}: {problem}")
 
 
+def check_timing_cache(path: Path) -> None:
+    """Raise ValueError unless `path` can be saved as the timing cache file: not a folder, its folder writable or one
+    that can be made there."""
+    if path.is_dir():
+        raise ValueError(f"--timing-cache {path} is a folder; name the cache file, e.g. "
+                         f"{path / 'tensorrt-timing.cache'}")
+    problem = output_folder_problem(path.parent)
+    if problem is not None:
+        raise ValueError(f"--timing-cache {path}: {problem}")
+
+
 def read_graph_metadata(path: Path) -> dict[str, str]:
     """`read_metadata`, raising ValueError for a file that is not a readable ONNX file as well."""
     try:
@@ -198,7 +219,7 @@ def _run_engine(args, model: GuideSR, weights: str) -> int:
         print(f"error: cannot build the engine: {err}\n{graph.path} is written; once TensorRT is installed, rerun "
               f"this command, which exports the graph again and builds the engine:\n"
               f"    python -m export {shlex.join(args.argv)}", file=sys.stderr)
-        return EXIT_NO_TENSORRT
+        return EXIT_MISSING_PACKAGE
     engine_path = graph.path.with_suffix(".engine")
     metadata = build_engine(graph.path, engine_path, optimization_level=args.optimization_level,
                             workspace_gib=args.workspace_gib,
@@ -209,12 +230,7 @@ def _run_engine(args, model: GuideSR, weights: str) -> int:
 
 
 def _run_verify(args, model: GuideSR, weights: str) -> int:
-    try:
-        from .verify import compare, ort_fp32_fallback_ops
-    except ImportError as err:  # polygraphy or onnxruntime missing from the environment
-        print(f"error: verify needs Polygraphy and ONNX Runtime ({err}); pip install polygraphy onnxruntime",
-              file=sys.stderr)
-        return EXIT_FAILED
+    from .verify import compare, ort_fp32_fallback_ops
 
     multiple, preset = model.config.size_multiple, model.config.preset
     candidates = [args.out_dir / graph_filename(preset, guidesr_graph(multiple, args.tile, variant), precision)
@@ -237,7 +253,7 @@ def _run_verify(args, model: GuideSR, weights: str) -> int:
         except TensorRTUnavailableError as err:
             if args.engine is not None:  # an engine asked for by name is checked or the command fails, as `engine` does
                 print(f"error: cannot check {args.engine}: {err}", file=sys.stderr)
-                return EXIT_NO_TENSORRT
+                return EXIT_MISSING_PACKAGE
             print(f"note: TensorRT is not installed; not checking {', '.join(e.name for e in engines.values())}")
             engines = {}
     print(f"reference: PyTorch, {weights}")

@@ -14,7 +14,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, Iterator
 
 from .graphs import GraphSpec
 
@@ -69,8 +69,26 @@ def metadata_path(engine_path: str | Path) -> Path:
 
 def write(metadata: EngineMetadata, engine_path: str | Path) -> Path:
     path = metadata_path(engine_path)
-    path.write_text(metadata.to_json())
+    write_whole(path, metadata.to_json().encode())
     return path
+
+
+def publish_engine(engine_path: Path, serialized: bytes | memoryview, metadata: EngineMetadata) -> None:
+    """Write NAME.engine and NAME.engine.json for a new build: the previous metadata is removed first and each file
+    appears whole (by rename), so a write that fails or is killed never leaves an engine next to the metadata of
+    another build (the runtime would take that engine for the other build's checkpoint)."""
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    metadata_path(engine_path).unlink(missing_ok=True)
+    write_whole(engine_path, serialized)
+    write(metadata, engine_path)
+
+
+def write_whole(path: Path, data: bytes | memoryview) -> None:
+    """Into PATH.partial, then renamed: a write that fails or is killed leaves the previous file or none, never part
+    of one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(path)
 
 
 def read(engine_path: str | Path) -> EngineMetadata:
@@ -167,13 +185,13 @@ def external_data_files(onnx_path: str | Path, model: Any = None) -> list[Path]:
     location is absolute or leads out of the graph's folder (`..`, a link), as onnx refuses such a location when it
     loads the data, and naming a missing data file; none of them is opened."""
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     onnx_path = Path(onnx_path)
     if model is None:
         model = onnx.load(str(onnx_path), load_external_data=False)
     tensor_of_location: dict[str, str] = {}
-    for tensor in _get_all_tensors(model):
+    for tensor in _model_tensors(model):
         if uses_external_data(tensor):
             tensor_of_location.setdefault(ExternalDataInfo(tensor).location, tensor.name)
     folder, files = onnx_path.parent.resolve(), []
@@ -188,6 +206,42 @@ def external_data_files(onnx_path: str | Path, model: Any = None) -> list[Path]:
                              f"there (ONNX external data); export the graph again")
         files.append(data_path)
     return files
+
+
+def _model_tensors(model: Any) -> Iterator[Any]:
+    """Every TensorProto of the ModelProto `model`: the initializers and sparse initializers of its graph, the tensors
+    in its nodes' attributes, and those of every subgraph (If, Loop, Scan bodies) and local function, at any depth."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for attribute in function.attribute_proto:
+            yield from _attribute_tensors(attribute)
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _graph_tensors(graph: Any) -> Iterator[Any]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: Any) -> Iterator[Any]:
+    for attribute in node.attribute:
+        yield from _attribute_tensors(attribute)
+
+
+def _attribute_tensors(attribute: Any) -> Iterator[Any]:
+    if attribute.HasField("t"):
+        yield attribute.t
+    yield from attribute.tensors
+    sparse_tensors = [attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else []
+    for sparse in [*sparse_tensors, *attribute.sparse_tensors]:
+        yield from (sparse.values, sparse.indices)
+    subgraphs = [attribute.g] if attribute.HasField("g") else []
+    for subgraph in [*subgraphs, *attribute.graphs]:
+        yield from _graph_tensors(subgraph)
 
 
 def check_built_from(metadata: EngineMetadata, engine_path: str | Path, onnx_path: str | Path) -> None:

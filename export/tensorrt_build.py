@@ -24,7 +24,7 @@ from types import ModuleType
 
 import torch
 
-from .engine_metadata import EngineMetadata, graph_sha256, write
+from .engine_metadata import EngineMetadata, graph_sha256, publish_engine, write_whole
 from .graphs import GraphSpec
 from .onnx_export import read_metadata
 from .tensorrt_plugins import PluginRegistrationError, plugin_ptx_isa, register_fca_plugins
@@ -82,7 +82,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, optimization_le
 
     `timing_cache` is loaded when the file exists and saved (updated) after the build, so later
     builds of the same layers on the same GPU and TensorRT skip the tactic timing. The graph and its
-    external data are hashed (`graph_sha256`) before TensorRT parses them.
+    external data are hashed (`graph_sha256`) before TensorRT parses them. The engine and its metadata are written
+    by `publish_engine`, and the timing cache after them.
     """
     trt = import_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
@@ -132,10 +133,6 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, optimization_le
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"TensorRT could not build an engine from {onnx_path}; its log above says why")
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    engine_path.write_bytes(memoryview(serialized))
-    if cache_path is not None:
-        cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
 
     metadata = EngineMetadata(
         tensorrt_version=trt.__version__,
@@ -156,7 +153,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, optimization_le
         guidesr_version=graph_metadata["guidesr_version"],
         plugin_ptx_isa=ptx_isa,
     )
-    write(metadata, engine_path)
+    publish_engine(engine_path, memoryview(serialized), metadata)
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        write_whole(cache_path, memoryview(config.get_timing_cache().serialize()))
     return metadata
 
 

@@ -363,6 +363,135 @@ def test_read_metadata_refuses_external_data_outside_the_graphs_folder(tmp_path)
         read_metadata(graph)
 
 
+def _array(name: str, value: float) -> TensorProto:
+    return numpy_helper.from_array(np.full([1, 3, 4, 4], value, np.float32), name)
+
+
+def _branch(name: str, value: float) -> onnx.GraphProto:
+    """An If branch: out = image + {name}_w + {name}_c, {name}_w an initializer and {name}_c a Constant node's value."""
+    nodes = [helper.make_node("Constant", [], [f"{name}_c"], value=_array(f"{name}_c", value)),
+             helper.make_node("Add", ["image", f"{name}_w"], ["sum"]),
+             helper.make_node("Add", ["sum", f"{name}_c"], ["out"])]
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 4, 4])
+    return helper.make_graph(nodes, name, [], [out], initializer=[_array(f"{name}_w", value)])
+
+
+def _graph_with_subgraph_tensors() -> onnx.ModelProto:
+    """r1 = (image + w0 if cond else image + else_w + else_c) + c0; the then branch holds then_w and then_c."""
+    nodes = [helper.make_node("Constant", [], ["c0"], value=_array("c0", 1.0)),
+             helper.make_node("Greater", ["w0", "c0"], ["greater"]),
+             helper.make_node("ReduceMax", ["greater"], ["cond"], keepdims=0),
+             helper.make_node("If", ["cond"], ["picked"], then_branch=_branch("then", 2.0),
+                              else_branch=_branch("else", 3.0)),
+             helper.make_node("Add", ["picked", "c0"], ["r1"])]
+    image, r1 = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 3, 4, 4]) for name in ("image", "r1"))
+    return helper.make_model(helper.make_graph(nodes, "branches", [image], [r1], initializer=[_array("w0", 0.0)]))
+
+
+def _save_one_file_per_tensor(model: onnx.ModelProto, folder: Path) -> Path:
+    path = folder / "graph.onnx"
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0,
+                    convert_attribute=True)
+    return path
+
+
+def test_external_data_files_reaches_constant_nodes_and_if_branches(tmp_path):
+    graph = _save_one_file_per_tensor(_graph_with_subgraph_tensors(), tmp_path)
+    names = ["c0", "else_c", "else_w", "then_c", "then_w", "w0"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([*names, "graph.onnx"])
+    assert engine_metadata.external_data_files(graph) == [tmp_path / name for name in names]
+    unchanged = engine_metadata.graph_sha256(graph)
+    _change_last_byte(tmp_path / "then_c")
+    assert engine_metadata.graph_sha256(graph) != unchanged
+    (tmp_path / "then_w").unlink()
+    with pytest.raises(ValueError, match=r"graph\.onnx keeps its tensor 'then_w' there \(ONNX external data\)"):
+        engine_metadata.external_data_files(graph)
+
+
+@pytest.mark.parametrize("tensor_name", ["then_w", "then_c", "c0"])
+def test_external_data_files_refuses_a_subgraph_or_constant_tensor_outside_the_graphs_folder(tmp_path, tensor_name):
+    folder = tmp_path / "graphs"
+    folder.mkdir()
+    (tmp_path / "outside.bin").write_bytes(bytes(1024))
+    graph = _save_one_file_per_tensor(_graph_with_subgraph_tensors(), folder)
+    model = onnx.load(str(graph), load_external_data=False)
+    for entry in (entry for tensor in _tensors_named(model, tensor_name) for entry in tensor.external_data):
+        if entry.key == "location":
+            entry.value = "../outside.bin"
+    onnx.save_model(model, graph)
+    outside = rf"keeps its tensor '{tensor_name}' at '\.\./outside\.bin', outside its folder"
+    with pytest.raises(ValueError, match=outside):
+        engine_metadata.external_data_files(graph)
+
+
+def _tensors_named(model: onnx.ModelProto, name: str) -> list[TensorProto]:
+    if_node = next(node for node in model.graph.node if node.op_type == "If")
+    then_branch = next(attribute.g for attribute in if_node.attribute if attribute.name == "then_branch")
+    initializers = [*model.graph.initializer, *then_branch.initializer]
+    constants = [attribute.t for node in [*model.graph.node, *then_branch.node] for attribute in node.attribute
+                 if attribute.name == "value"]
+    return [tensor for tensor in [*initializers, *constants] if tensor.name == name]
+
+
+def _store_externally(tensor: TensorProto, folder: Path) -> None:
+    (folder / tensor.name).write_bytes(tensor.raw_data)
+    onnx.external_data_helper.set_external_data(tensor, tensor.name)
+    tensor.ClearField("raw_data")
+
+
+def test_external_data_files_reaches_sparse_initializers(tmp_path):
+    values = numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "sparse_values")
+    indices = numpy_helper.from_array(np.array([0, 5], np.int64), "sparse_indices")
+    sparse = helper.make_sparse_tensor(values, indices, [1, 3, 4, 4])
+    sparse.values.name = "sparse"
+    for tensor in (sparse.values, sparse.indices):
+        _store_externally(tensor, tmp_path)
+    model = _weighted_graph()
+    model.graph.sparse_initializer.append(sparse)
+    graph = tmp_path / "graph.onnx"
+    onnx.save_model(model, graph)
+    assert engine_metadata.external_data_files(graph) == [tmp_path / "sparse", tmp_path / "sparse_indices"]
+
+
+def test_external_data_files_reaches_a_branch_inside_a_local_function(tmp_path):
+    function = helper.make_function(
+        "guidesr.test", "Pick", ["cond", "image"], ["out"],
+        [helper.make_node("If", ["cond"], ["out"], then_branch=_branch("then", 2.0), else_branch=_branch("else", 3.0))],
+        [helper.make_opsetid("", 17)], attributes=[])
+    nodes = [helper.make_node("Pick", ["cond", "image"], ["r1"], domain="guidesr.test")]
+    cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
+    image, r1 = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 3, 4, 4]) for name in ("image", "r1"))
+    model = helper.make_model(helper.make_graph(nodes, "function", [cond, image], [r1]), functions=[function],
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("guidesr.test", 1)])
+    for branch in (attribute.g for attribute in model.functions[0].node[0].attribute):
+        _store_externally(branch.initializer[0], tmp_path)
+        _store_externally(branch.node[0].attribute[0].t, tmp_path)
+    graph = tmp_path / "graph.onnx"
+    onnx.save_model(model, graph)
+    assert engine_metadata.external_data_files(graph) == [tmp_path / name for name in
+                                                          ("else_c", "else_w", "then_c", "then_w")]
+
+
+def test_publishing_a_rebuild_removes_the_previous_metadata_before_it_writes_the_engine(tmp_path, monkeypatch):
+    """A rebuild for checkpoint bb killed between its engine and its metadata leaves no metadata of checkpoint aa's
+    build next to bb's engine (the runtime would take it for aa's)."""
+    engine = tmp_path / "graph.engine"
+    built_for_aa = _metadata(checkpoint_sha256="aa" * 32)
+    engine_metadata.publish_engine(engine, b"engine of checkpoint aa", built_for_aa)
+    assert engine.read_bytes() == b"engine of checkpoint aa" and engine_metadata.read(engine) == built_for_aa
+
+    def killed(metadata, engine_path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_metadata, "write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        engine_metadata.publish_engine(engine, b"engine of checkpoint bb", _metadata(checkpoint_sha256="bb" * 32))
+    assert engine.read_bytes() == b"engine of checkpoint bb"
+    with pytest.raises(EngineMetadataError, match="does not exist; every GuideSR engine comes with its metadata file"):
+        engine_metadata.read(engine)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["graph.engine"]
+
+
 def test_engine_metadata_of_the_previous_format_asks_for_a_rebuild(tmp_path):
     """Format 2 recorded onnx_sha256, the sha256 of the .onnx file alone: its engines are refused, not re-checked."""
     engine = tmp_path / "model.engine"

@@ -20,7 +20,7 @@ import onnxruntime
 import pytest
 import torch
 
-from export.__main__ import EXIT_FAILED, EXIT_NO_TENSORRT, EXIT_USAGE, build_parser, load_from_args, main
+from export.__main__ import EXIT_FAILED, EXIT_MISSING_PACKAGE, EXIT_USAGE, build_parser, load_from_args, main
 from export.engine_metadata import EngineMismatchError, graph_sha256
 from export.fp16 import FP32_ISLANDS
 from export.graphs import GraphSpec, guidesr_graph
@@ -201,7 +201,7 @@ def test_engine_command_without_tensorrt_writes_onnx_then_fails_clearly(tmp_path
                "--tile", "32", "--out-dir", str(tmp_path)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     written = tmp_path / "tiny-static-b1-32x32-fp16.onnx"
-    assert result.returncode == EXIT_NO_TENSORRT, result.stderr
+    assert result.returncode == EXIT_MISSING_PACKAGE, result.stderr
     assert f"wrote {written}" in result.stdout
     assert "TensorRT's Python package is not installed" in result.stderr
     assert "pip install tensorrt-cu12" in result.stderr
@@ -259,6 +259,29 @@ def test_an_out_dir_that_cannot_be_a_folder_is_refused_before_loading_the_model(
     for out_dir in (tmp_path / "file", tmp_path / "file" / "graphs"):
         assert main([command, "--random-weights", "--preset", "tiny", "--out-dir", str(out_dir)]) == EXIT_USAGE
         assert f"error: --out-dir {out_dir}: {tmp_path / 'file'} is not a folder" in capsys.readouterr().err
+
+
+def test_verify_without_polygraphy_says_what_to_install_before_loading_the_model(tmp_path, capsys, monkeypatch,
+                                                                                 no_model_loading):
+    for name in ["polygraphy", *(name for name in sys.modules if name.startswith("polygraphy."))]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, "export.verify", raising=False)
+    argv = ["verify", "--random-weights", "--preset", "tiny", "--tile", "32", "--out-dir", str(tmp_path)]
+    assert main(argv) == EXIT_MISSING_PACKAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: verify needs Polygraphy and ONNX Runtime (")
+    assert err.endswith("; pip install polygraphy onnxruntime\n")
+
+
+def test_a_timing_cache_that_cannot_be_saved_is_refused_before_loading_the_model(tmp_path, capsys, no_model_loading):
+    (tmp_path / "file").write_text("")
+    engine = ["engine", "--random-weights", "--preset", "tiny", "--out-dir", str(tmp_path)]
+    assert main([*engine, "--timing-cache", str(tmp_path)]) == EXIT_USAGE
+    assert (f"error: --timing-cache {tmp_path} is a folder; name the cache file, e.g. "
+            f"{tmp_path / 'tensorrt-timing.cache'}") in capsys.readouterr().err
+    assert main([*engine, "--timing-cache", str(tmp_path / "file" / "timing.cache")]) == EXIT_USAGE
+    assert (f"error: --timing-cache {tmp_path / 'file' / 'timing.cache'}: {tmp_path / 'file'} is not a folder"
+            in capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -479,7 +502,7 @@ def test_verify_of_a_named_engine_reads_its_metadata_once_and_hashes_its_graph_o
     engine = _engine_next_to(graphs[("fp16", "static", SIZES[0])], tmp_path, preset="tiny", checkpoint_sha256="none")
     monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
     calls = _count_engine_checks(monkeypatch)
-    assert main(["verify", "--tile", "64", "--out-dir", str(tmp_path), "--engine", str(engine)]) == EXIT_NO_TENSORRT
+    assert main(["verify", "--tile", "64", "--out-dir", str(tmp_path), "--engine", str(engine)]) == EXIT_MISSING_PACKAGE
     assert calls == {"read": 1, "graph_sha256": 1}
 
 
@@ -538,7 +561,7 @@ def test_verify_of_a_named_engine_without_tensorrt_fails_with_the_install_hint(g
     graph = graphs[("fp16", "static", SIZES[0])]
     engine = _engine_next_to(graph, tmp_path, preset="tiny", checkpoint_sha256="none")
     argv = ["verify", "--random-weights", "--preset", "tiny", "--tile", "64", "--engine", str(engine)]
-    assert main(argv) == EXIT_NO_TENSORRT
+    assert main(argv) == EXIT_MISSING_PACKAGE
     err = capsys.readouterr().err
     assert f"error: cannot check {engine}" in err and "pip install tensorrt-cu12" in err
     assert "was built from" not in err

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from runtime.imageio import ImageReadError, check_image_header, read_image
+from runtime.imageio import ImageReadError, ImageTooLargeError, check_image_header, read_image
 
 from guidesr.degradations import DegradationConfig, degrade, upsample_lr
 
@@ -57,6 +57,14 @@ def _max_megapixels() -> float | None:
     return None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS / 1e6
 
 
+def _training_reason(error: ImageReadError) -> str:
+    """Why training cannot read an image; over the pixel limit, which limit that is (training has no option for it)."""
+    if isinstance(error, ImageTooLargeError):
+        return (f"{error.over_limit} (Pillow's decompression-bomb limit, 2 x PIL.Image.MAX_IMAGE_PIXELS, which training "
+                f"keeps)")
+    return error.reason
+
+
 def load_image(path: str | Path) -> torch.Tensor:
     """Read an image file as a (3, H, W) float32 tensor in [0, 1], through the runtime's reader
     (`runtime.imageio.read_image`: EXIF orientation, 16-bit grey and colour at their real range,
@@ -73,7 +81,7 @@ def load_image(path: str | Path) -> torch.Tensor:
     try:
         array, info = read_image(path, max_megapixels=_max_megapixels())
     except ImageReadError as error:
-        raise ValueError(str(error)) from error
+        raise ValueError(f"cannot read image {error.path}: {_training_reason(error)}") from error
     image = torch.from_numpy(array).permute(2, 0, 1)  # [C, H, W]
     if info.has_alpha:
         colour, alpha = image[:-1], image[-1:]
@@ -96,7 +104,7 @@ def check_crop_sizes(paths: Sequence[Path], crop_size: int) -> None:
         try:
             width, height = check_image_header(path, max_megapixels=limit)
         except ImageReadError as error:
-            problems.append(f"{path}: cannot read image: {error.reason}")
+            problems.append(f"{path}: cannot read image: {_training_reason(error)}")
             continue
         if not _fits_crop(height, width, crop_size):
             problems.append(f"{path}: {width}x{height} (width x height) is too small")

@@ -71,7 +71,12 @@ class ImageReadError(Exception):
 
 
 class ImageTooLargeError(ImageReadError):
-    """The image has more pixels than the decompression-bomb limit allows."""
+    """The image has more pixels than the decompression-bomb limit allows. `over_limit` says by how much; the
+    reason adds how the runtime's user raises the limit."""
+
+    def __init__(self, path: str | os.PathLike, over_limit: str):
+        self.over_limit = over_limit
+        super().__init__(path, f"{over_limit} (raise it with --max-megapixels / max_megapixels=)")
 
 
 class ImageWriteError(Exception):
@@ -212,8 +217,7 @@ def _read_errors(path: Path, max_pixels: int | None) -> Iterator[None]:
         limit = "no limit" if max_pixels is None else f"the limit of {max_pixels / 1e6:g} megapixels"
         size = re.search(r"Image size \((\d+) pixels\)", str(exc))  # Pillow's wording, which names its own limit
         what = f"{int(size.group(1)) / 1e6:g} megapixels" if size else f"too large for Pillow ({exc})"
-        raise ImageTooLargeError(path, f"{what}, over {limit} (raise it with --max-megapixels / max_megapixels=)") \
-            from exc
+        raise ImageTooLargeError(path, f"{what}, over {limit}") from exc
     except UnidentifiedImageError as exc:
         raise ImageReadError(path, "not a recognised image file (unknown format or corrupt header)") from exc
     except ImageCms.PyCMSError as exc:
@@ -254,7 +258,7 @@ def _check_format_and_size(path: Path, fmt: str | None, size: tuple[int, int], m
         raise ImageTooLargeError(
             path,
             f"{width}x{height} = {width * height / 1e6:.1f} megapixels is over the limit of "
-            f"{max_pixels / 1e6:g} megapixels (raise it with --max-megapixels / max_megapixels=)",
+            f"{max_pixels / 1e6:g} megapixels",
         )
     if pillow_mode == "F":
         raise ImageReadError(path, "floating-point pixels (Pillow mode F) are not supported: their value range is "

@@ -35,7 +35,7 @@ class FCABlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.attention.weight, self.attention.bias
-        if self.use_kernel and fused_op_applies(x, weight, bias, self.conv1.weight):
+        if self.use_kernel and fused_op_applies(x, weight, bias, self.conv1.weight, self.conv1.bias):
             y = F.conv2d(x, self.conv1.weight, padding=1)  # [B, C, H, W], conv1's bias still to add
             z = torch.ops.guidesr.fca_channel_attention(y, weight, bias, self.conv1.bias)
         else:

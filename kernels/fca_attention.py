@@ -89,7 +89,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .triton_launch import launchable
+    from .triton_launch import launch_device, launchable
 except ImportError:  # triton is an optional dependency (the "triton" extra)
     triton = None
 
@@ -140,17 +140,19 @@ def fca_channel_attention(
     bias added to y first (conv1's). The Triton op runs only with `use_kernel` where
     `fused_op_applies` says so.
     """
-    if use_kernel and fused_op_applies(y, weight, bias):
+    if use_kernel and fused_op_applies(y, weight, bias, y_bias):
         return torch.ops.guidesr.fca_channel_attention(y, weight, bias, y_bias)
     return fca_channel_attention_reference(y, weight, bias, y_bias)
 
 
-def fused_op_applies(y: torch.Tensor, *parameters: torch.Tensor) -> bool:
-    """The Triton op runs on CUDA tensors, outside ONNX export, when no gradient is needed (inference only)."""
-    tensors = (y, *parameters)
+def fused_op_applies(y: torch.Tensor, *parameters: torch.Tensor | None) -> bool:
+    """The Triton op runs on CUDA tensors of one device, outside ONNX export, when no gradient is needed (inference
+    only). `parameters` are every other tensor the op takes (None for an absent y_bias)."""
+    tensors = (y, *(t for t in parameters if t is not None))
     return (
         triton is not None
-        and all(t.is_cuda for t in tensors)
+        and y.is_cuda
+        and all(t.device == y.device for t in tensors)
         and not torch.onnx.is_in_onnx_export()
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         and y.dtype in (torch.float32, torch.float16, torch.bfloat16)
@@ -296,6 +298,9 @@ if triton is not None:
         """
         if y.dim() != 4 or y.numel() == 0:
             raise ValueError(f"expected a non-empty [B, C, H, W] tensor, got shape {tuple(y.shape)}")
+        if y.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"y must be float32, float16 or bfloat16 (the kernels compute in float32), not {y.dtype}")
+        on_device = launch_device(y=y, weight=weight, bias=bias, y_bias=y_bias, out=out)
         # Block sizes are constexprs, so the launch is specialised to concrete sizes (under dynamic
         # shapes this guards on them instead of reasoning about symbolic block sizes).
         batch, channels, height, width = (int(d) for d in y.shape)
@@ -332,23 +337,24 @@ if triton is not None:
         chunk = triton.cdiv(triton.cdiv(hw, n_chunks), block_hw) * block_hw
         n_chunks = triton.cdiv(hw, chunk)
 
-        partial = torch.empty((batch, channels, n_chunks), device=y.device, dtype=torch.float32)
-        gate = torch.empty((batch, channels), device=y.device, dtype=torch.float32)
+        with on_device:
+            partial = torch.empty((batch, channels, n_chunks), device=y.device, dtype=torch.float32)
+            gate = torch.empty((batch, channels), device=y.device, dtype=torch.float32)
 
-        launchable(_gelu_partial_sum_kernel)[(batch * n_cblocks, n_chunks)](
-            y, y_bias, channels, hw, n_chunks, chunk, *y_strides, partial,
-            BLOCK_C=block_c, BLOCK_HW=block_hw, **flags,
-        )
-        block_co, block_ci = gate_block_sizes(channels)
-        launchable(_channel_gate_kernel)[(batch, triton.cdiv(channels, block_co))](
-            partial, weight, bias, channels, n_chunks, hw, weight.stride(0), weight.stride(1), gate,
-            BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_K=min(triton.next_power_of_2(n_chunks), _MAX_BLOCK_K),
-        )
-        n_hw_blocks = triton.cdiv(hw, block_hw)
-        launchable(_gated_gelu_kernel)[(n_hw_blocks * batch * n_cblocks,)](
-            y, y_bias, gate, channels, hw, n_hw_blocks, *y_strides, *out_strides, out,
-            BLOCK_C=block_c, BLOCK_HW=block_hw, **flags,
-        )
+            launchable(_gelu_partial_sum_kernel)[(batch * n_cblocks, n_chunks)](
+                y, y_bias, channels, hw, n_chunks, chunk, *y_strides, partial,
+                BLOCK_C=block_c, BLOCK_HW=block_hw, **flags,
+            )
+            block_co, block_ci = gate_block_sizes(channels)
+            launchable(_channel_gate_kernel)[(batch, triton.cdiv(channels, block_co))](
+                partial, weight, bias, channels, n_chunks, hw, weight.stride(0), weight.stride(1), gate,
+                BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_K=min(triton.next_power_of_2(n_chunks), _MAX_BLOCK_K),
+            )
+            n_hw_blocks = triton.cdiv(hw, block_hw)
+            launchable(_gated_gelu_kernel)[(n_hw_blocks * batch * n_cblocks,)](
+                y, y_bias, gate, channels, hw, n_hw_blocks, *y_strides, *out_strides, out,
+                BLOCK_C=block_c, BLOCK_HW=block_hw, **flags,
+            )
         return out
 
     @torch.library.triton_op(OP_NAME, mutates_args=())

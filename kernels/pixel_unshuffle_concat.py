@@ -40,7 +40,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .triton_launch import launchable
+    from .triton_launch import launch_device, launchable
 except ImportError:  # triton is an optional dependency (the "triton" extra)
     triton = None
 
@@ -66,11 +66,11 @@ def pixel_unshuffle_concat(h: torch.Tensor, f: torch.Tensor, s: int, use_kernel:
 
 
 def fused_op_applies(h: torch.Tensor, f: torch.Tensor) -> bool:
-    """The Triton op runs on 4-D CUDA tensors of one dtype, outside ONNX export, when no gradient is needed."""
+    """The Triton op runs on 4-D CUDA tensors of one dtype and device, outside ONNX export, without a gradient."""
     return (
         triton is not None
         and h.is_cuda
-        and f.is_cuda
+        and f.device == h.device
         and not torch.onnx.is_in_onnx_export()
         and not (torch.is_grad_enabled() and (h.requires_grad or f.requires_grad))
         and h.dtype == f.dtype
@@ -108,8 +108,9 @@ if triton is not None:
         src_row = b * stride_fb + c * stride_fc + y.to(tl.int64) * stride_fy
         dst_row = b * stride_ob + (Ch + c * (S * S) + (y % S) * S) * stride_oc + (y // S).to(tl.int64) * stride_oy
         mask = (r < n_rows_f)[:, None, None] & (x < Wo)[None, :, None] & (j < S)[None, None, :]
-        src = src_row[:, None, None] + ((x * S)[None, :, None] + j[None, None, :]) * stride_fx
-        dst = dst_row[:, None, None] + x[None, :, None] * stride_ox + j[None, None, :].to(tl.int64) * stride_oc
+        x64, j64 = x.to(tl.int64), j.to(tl.int64)
+        src = src_row[:, None, None] + ((x64 * S)[None, :, None] + j64[None, None, :]) * stride_fx
+        dst = dst_row[:, None, None] + x64[None, :, None] * stride_ox + j64[None, None, :] * stride_oc
         tl.store(out_ptr + dst, tl.load(f_ptr + src, mask=mask), mask=mask)
 
     @triton.jit
@@ -125,8 +126,9 @@ if triton is not None:
         c = ((r // Ho) % Ch).to(tl.int64)
         yo = (r % Ho).to(tl.int64)
         mask = (r < n_rows_h)[:, None] & (x < Wo)[None, :]
-        src = (b * stride_hb + c * stride_hc + yo * stride_hy)[:, None] + x[None, :] * stride_hx
-        dst = (b * stride_ob + c * stride_oc + yo * stride_oy)[:, None] + x[None, :] * stride_ox
+        x64 = x.to(tl.int64)
+        src = (b * stride_hb + c * stride_hc + yo * stride_hy)[:, None] + x64[None, :] * stride_hx
+        dst = (b * stride_ob + c * stride_oc + yo * stride_oy)[:, None] + x64[None, :] * stride_ox
         tl.store(out_ptr + dst, tl.load(h_ptr + src, mask=mask), mask=mask)
 
     @triton.jit
@@ -163,6 +165,7 @@ if triton is not None:
         shape = _output_shape(h, f, s)
         if h.dtype != f.dtype:
             raise ValueError(f"h and f must share a dtype, got {h.dtype} and {f.dtype}")
+        on_device = launch_device(h=h, f=f, out=out)
         if out is None:
             out = h.new_empty(shape)
         elif out.shape != shape or out.dtype != h.dtype or not out.is_contiguous():
@@ -182,11 +185,12 @@ if triton is not None:
         n_f_programs = triton.cdiv(n_rows_f, rows) * n_xblocks
         n_h_programs = triton.cdiv(n_rows_h, rows * s_pad) * n_xblocks
 
-        launchable(_unshuffle_concat_kernel)[(n_f_programs + n_h_programs,)](
-            h, f, out, ch, cf, ho, wo, n_rows_h, n_rows_f, n_f_programs, n_xblocks,
-            *(int(v) for v in (*h.stride(), *f.stride(), *out.stride())),
-            S=s, S_PAD=s_pad, ROWS=rows, BLOCK_X=block_x,
-        )
+        with on_device:
+            launchable(_unshuffle_concat_kernel)[(n_f_programs + n_h_programs,)](
+                h, f, out, ch, cf, ho, wo, n_rows_h, n_rows_f, n_f_programs, n_xblocks,
+                *(int(v) for v in (*h.stride(), *f.stride(), *out.stride())),
+                S=s, S_PAD=s_pad, ROWS=rows, BLOCK_X=block_x,
+            )
         return out
 
     @torch.library.triton_op(OP_NAME, mutates_args=())

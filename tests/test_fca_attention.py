@@ -176,6 +176,70 @@ def test_rejects_bad_out():
         fca_channel_attention_triton(y, weight, bias, out=torch.empty(1, 3, 6, 5, device=DEVICE))
 
 
+def test_rejects_dtypes_the_kernels_would_round_to_float32():
+    y, weight, bias = make_inputs(1, 3, 5, 6, torch.float32)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16.*not torch.float64"):
+        fca_channel_attention_triton(y.double(), weight, bias)
+
+
+def test_rejects_tensors_on_different_devices():
+    y, weight, bias = make_inputs(1, 3, 5, 6, torch.float32)
+    with pytest.raises(ValueError, match=f"one device, got y on {DEVICE}.*, weight on meta"):
+        fca_channel_attention_triton(y, weight.to("meta"), bias)
+    with pytest.raises(ValueError, match="y_bias on meta"):
+        fca_channel_attention_triton(y, weight, bias, y_bias=bias.to("meta"))
+    with pytest.raises(ValueError, match="out on meta"):
+        fca_channel_attention_triton(y, weight, bias, out=torch.empty_like(y, device="meta"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_on_the_inputs_device_not_the_current_one():
+    """Triton launches on the current device: cuda:1 tensors while cuda:0 is current must still run on cuda:1."""
+    y, weight, bias = (t.to("cuda:1") for t in make_inputs(2, 17, 37, 53, torch.float16))
+    with torch.cuda.device(0):
+        z = fca_channel_attention_triton(y, weight, bias, y_bias=bias)
+    assert z.device == y.device
+    torch.testing.assert_close(z, fca_channel_attention_triton(y, weight, bias, y_bias=bias).to("cuda:1"))
+    assert not fca_attention.fused_op_applies(y, weight.to("cuda:0"), bias)
+
+
+def test_dispatchers_hand_fused_op_applies_every_op_input(monkeypatch):
+    """The op has no autograd formula, so a y_bias (conv1's bias) that alone needs a gradient must send the call to the
+    reference: fused_op_applies has to see it, from both call sites (what it then decides on CUDA: the gpu test)."""
+    from guidesr import guidance
+
+    seen, applies = [], fca_attention.fused_op_applies
+
+    def recording(y, *parameters):
+        seen.append(parameters)
+        return applies(y, *parameters)
+
+    for module in (guidance, fca_attention):
+        monkeypatch.setattr(module, "fused_op_applies", recording)
+    y, weight, bias = make_inputs(1, 3, 5, 6, torch.float32)
+    y_bias = bias.clone()
+    fca_channel_attention(y, weight, bias, y_bias)
+    block = guidance.FCABlock(3).to(DEVICE)
+    block(y)
+    assert any(t is y_bias for t in seen[0]) and any(t is block.conv1.bias for t in seen[1])
+
+
+@pytest.mark.gpu
+def test_reference_runs_when_only_conv1s_bias_needs_a_gradient():
+    from guidesr import guidance
+
+    y, weight, bias = make_inputs(2, 6, 13, 17, torch.float32)
+    y_bias = bias.clone().requires_grad_(True)
+    fca_channel_attention(y, weight, bias, y_bias, use_kernel=True).sum().backward()
+    expected = torch.autograd.grad(fca_channel_attention_reference(y, weight, bias, y_bias).sum(), y_bias)[0]
+    torch.testing.assert_close(y_bias.grad, expected)
+    block = guidance.FCABlock(6).to(DEVICE).requires_grad_(False)
+    block.conv1.bias.requires_grad_(True)
+    block(y).sum().backward()
+    assert block.conv1.bias.grad is not None and torch.isfinite(block.conv1.bias.grad).all()
+
+
 def test_custom_op_registered_with_fake_impl():
     y, weight, bias = make_inputs(2, 5, 6, 7, torch.float16)
     y = y.to(memory_format=torch.channels_last)

@@ -6,6 +6,11 @@ The op only moves data, so it must equal PyTorch bit for bit (the issue's "2x Py
 rule reduces to exactness: PyTorch's own error here is zero).
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,6 +25,7 @@ from kernels.pixel_unshuffle_concat import (  # noqa: E402
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REPO = Path(__file__).resolve().parents[1]
 require_interpreted_kernel(module._unshuffle_concat_kernel, "kernels.pixel_unshuffle_concat")
 OP = torch.ops.guidesr.pixel_unshuffle_concat.default
 
@@ -78,6 +84,49 @@ def test_rejects_mismatched_shapes():
         assert out.shape == shape
         with pytest.raises(ValueError, match="out must be"):
             pixel_unshuffle_concat_triton(h, f, 2, out=out)
+
+
+# h and f: views of one 2 GiB uint8 buffer with a W stride of 2^30 elements; only the six elements read are written.
+_COLUMN_STRIDE_PAST_INT32 = """
+import sys, torch
+from kernels.pixel_unshuffle_concat import pixel_unshuffle_concat_reference, pixel_unshuffle_concat_triton
+buffer = torch.empty(2**31 + 2, dtype=torch.uint8, device=sys.argv[1])
+h, f = (buffer.as_strided((1, 1, 1, 3), (3, 3, 3, 2**30), storage_offset=k) for k in (0, 1))
+h.copy_(torch.tensor([1, 2, 3]).reshape(h.shape))
+f.copy_(torch.tensor([4, 5, 6]).reshape(f.shape))
+joined = pixel_unshuffle_concat_triton(h, f, 1)
+assert torch.equal(joined, pixel_unshuffle_concat_reference(h, f, 1)), joined.flatten().tolist()
+print("ok")
+"""
+
+
+def test_column_offsets_past_int32():
+    """Element offsets x * stride_x of 2^31 and more (here x = 2, stride 2^30: a view whose W axis is outermost) are
+    64-bit. In int32 they wrapped to an address 2 GiB before the tensor (a segmentation fault in the interpreter,
+    an illegal access on a GPU), hence the subprocess."""
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", _COLUMN_STRIDE_PAST_INT32, DEVICE], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", (result.returncode, result.stderr[-3000:])
+
+
+def test_rejects_tensors_on_different_devices():
+    h, f = make_inputs(1, 2, 3, 4, 5, 2, torch.float32)
+    with pytest.raises(ValueError, match=f"one device, got h on {DEVICE}.*, f on meta"):
+        pixel_unshuffle_concat_triton(h, f.to("meta"), 2)
+    with pytest.raises(ValueError, match="out on meta"):
+        pixel_unshuffle_concat_triton(h, f, 2, out=torch.empty((1, 14, 4, 5), device="meta"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_on_the_inputs_device_not_the_current_one():
+    h, f = (t.to("cuda:1") for t in make_inputs(2, 17, 5, 9, 7, 4, torch.float16))
+    with torch.cuda.device(0):
+        joined = pixel_unshuffle_concat_triton(h, f, 4)
+    assert joined.device == h.device
+    assert torch.equal(joined, pixel_unshuffle_concat_reference(h, f, 4))
+    assert not module.fused_op_applies(h, f.to("cuda:0"))
 
 
 def test_custom_op_registered_with_fake_impl():

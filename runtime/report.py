@@ -720,11 +720,13 @@ def _interrupt(signum, frame) -> None:
 QUALITY = "quality"  # the work item of --quality, run on the backend built for its crop size
 
 
-def work_plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, str, dict]]:
+def work_plan(args: argparse.Namespace, device: torch.device, size_multiple: int) -> list[tuple[str, str, dict]]:
     """[(backend, precision, {tile the backend is built for: [Geometry or QUALITY, ...]})] in run order.
 
     Static backends (compiled, onnxruntime's own export) are built for one tile shape: a whole size
-    is its own tile, tiled sizes share --tile. Geometries with the same tile share one build.
+    (and the --quality crop) is its own tile, rounded up to the size multiple as the model pads it
+    (a static backend rounds a tile down, and a larger image does not fit it); tiled sizes share
+    --tile. Geometries with the same tile share one build.
     """
     precisions = args.precisions or (["fp16", "fp32"] if device.type == "cuda" else ["fp32"])
     backends = args.backends or [name for name in BACKENDS if BACKENDS[name].unavailable_reason(device) is None]
@@ -734,14 +736,20 @@ def work_plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str,
         groups: dict[tuple[int, int], list] = {}
         if name in backends:
             for height, width in args.sizes:
-                groups.setdefault((height, width), []).append(Geometry(height, width, False))
+                groups.setdefault(padded_shape(height, width, size_multiple), []).append(
+                    Geometry(height, width, False))
         if name in tiled_backends:
             for height, width in args.tiled:
                 groups.setdefault((args.tile, args.tile), []).append(Geometry(height, width, True))
         if args.quality and name in backends:
-            groups.setdefault((args.quality_crop, args.quality_crop), []).append(QUALITY)
+            groups.setdefault(padded_shape(args.quality_crop, args.quality_crop, size_multiple), []).append(QUALITY)
         plan += [(name, precision, groups) for precision in precisions if groups]
     return plan
+
+
+def padded_shape(height: int, width: int, size_multiple: int) -> tuple[int, int]:
+    """height x width rounded up to the size multiple: the shape the model runs an image of that size at."""
+    return -(-height // size_multiple) * size_multiple, -(-width // size_multiple) * size_multiple
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -765,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
             reason = spec.unavailable_reason(device)
             if reason is not None:
                 report.data["skipped"].append({"backend": name, "precision": None, "reason": reason})
-    plan = work_plan(args, device)
+    plan = work_plan(args, device, model.config.size_multiple)
     evaluation = None
     if args.quality:
         names, lq, hr = evaluation = _evaluation_set(args)

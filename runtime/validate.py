@@ -130,7 +130,7 @@ def compare_images(output: np.ndarray, reference: np.ndarray,
         band, band_reference = (_as_batch(output[start : start + band_rows]),
                                 _as_batch(reference[start : start + band_rows]))
         squared_error += (band.double() - band_reference.double()).square().sum().item()
-        worst = max(worst, metrics.max_abs(band, band_reference))
+        worst = float(np.max([worst, metrics.max_abs(band, band_reference)]))  # NaN stays NaN
         if start + reach < height and width > reach:
             stop = min(height, start + band_rows + reach)
             positions = (stop - start - reach) * (width - reach)

@@ -8,6 +8,7 @@ changes the output, saved as a checkpoint (so it has a sha256, which keys the ON
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from runtime.backends import (
     create_backend,
 )
 from runtime.backends.compiled import compiled_unavailable_reason
-from runtime.backends.onnx_runtime import onnxruntime_unavailable_reason
+from runtime.backends.onnx_runtime import onnxruntime_unavailable_reason, weights_sha256
 from runtime.backends.tensorrt_engine import tensorrt_unavailable_reason
 from runtime.validate import ReferenceBackend
 from helpers import save_randomized_tiny
@@ -147,7 +148,8 @@ def test_onnxruntime_exports_caches_and_reexports_a_static_graph(model, tmp_path
     cache = tmp_path / "cache"
     first = ONNXRuntimeBackend(model, "cpu", "fp32", tile=(48, 48), batch=2, cache_dir=cache)
     assert first.origin.startswith("exported now into the cache")
-    assert first.graph_path == cache / model.descriptor.checkpoint_sha256 / "tiny-static-b2-48x48-fp32.onnx"
+    assert first.graph_path == (cache / model.descriptor.checkpoint_sha256 / weights_sha256(model)[:16]
+                                / "tiny-static-b2-48x48-fp32.onnx")
     assert (first.tile_shape, first.max_batch, first.provider) == ((48, 48), 2, "CPUExecutionProvider")
     assert sorted(p.name for p in first.graph_path.parent.iterdir()) == [first.graph_path.name]  # no leftovers
 
@@ -165,6 +167,21 @@ def test_onnxruntime_exports_caches_and_reexports_a_static_graph(model, tmp_path
     repaired = ONNXRuntimeBackend(model, "cpu", "fp32", tile=(48, 48), batch=2, cache_dir=cache)
     assert repaired.origin == "exported now into the cache (the cached file was unreadable)"
     torch.testing.assert_close(repaired(batch), result, rtol=0, atol=0)
+
+
+def test_onnxruntime_does_not_take_a_cached_graph_of_the_same_checkpoint_on_other_base_weights(model, tmp_path):
+    """A checkpoint holds the trained parts only: loaded on another --base-model it has the same sha256, and the
+    graph cached for the first base must not run the second."""
+    first = ONNXRuntimeBackend(model, "cpu", "fp32", tile=(32, 32), cache_dir=tmp_path)
+    other_base = copy.deepcopy(model)
+    with torch.no_grad():
+        other_base.vae.decoder.conv_out.bias.add_(0.25)
+    assert other_base.descriptor.checkpoint_sha256 == model.descriptor.checkpoint_sha256
+    second = ONNXRuntimeBackend(other_base, "cpu", "fp32", tile=(32, 32), cache_dir=tmp_path)
+    assert second.origin.startswith("exported now into the cache") and second.graph_path != first.graph_path
+    batch = tiles(1, 32, 32)
+    expected = TorchBackend(other_base, "cpu", "fp32")(batch)
+    assert (second(batch) - expected).abs().max().item() <= FP32_MAX_ABS
 
 
 @pytest.fixture(scope="module")

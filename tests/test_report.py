@@ -139,6 +139,17 @@ def test_the_overlap_is_checked_against_the_tile_actually_used(tmp_path):
                                    "output pixel about 25 times")
 
 
+def test_a_static_backend_measures_a_whole_size_off_the_size_multiple(tmp_path):
+    """72x72 is not a multiple of the tiny model's 16: onnxruntime's graph is built for 80x80, the model's own padded
+    shape, and the image is padded to it as the model pads (a 64x64 graph, the size rounded down, cannot take it)."""
+    argv = ["--preset", "tiny", "--random-weights", "--device", "cpu", "--sizes", "72", "--tiled", "--repeats", "1",
+            "--warmup", "1", "--warmup-s", "0", "--backends", "onnxruntime", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    [row] = json.loads((tmp_path / "report.json").read_text())["results"]
+    assert row["error"] is None and "tiles of 80x80" in row["description"]
+    assert row["accuracy"]["max_abs"] < 1e-4
+
+
 def test_sigterm_writes_what_was_measured(tmp_path):
     """A session's time limit (SIGTERM) stops the run; the measured rows, Markdown and plots are still written."""
     out = tmp_path / "partial"

@@ -78,6 +78,18 @@ def test_band_metrics_of_identical_and_of_small_images():
     assert compare_images(image[:8, :8], image[:8, :8] * 0.5)[1] is None  # smaller than the SSIM window
 
 
+@pytest.mark.parametrize("nan_row", [0, 40])
+def test_band_metrics_of_an_output_with_nan_fail_and_say_nan(nan_row):
+    """A NaN in any band makes PSNR and max-abs NaN (a failed validation), not a max-abs of the other bands."""
+    reference = np.random.default_rng(1).random((64, 16, 3), dtype=np.float32)
+    output = reference.copy()
+    output[nan_row, 3, 1] = np.nan
+    psnr, _, max_abs = compare_images(output, reference, band_rows=32)
+    assert np.isnan(psnr) and np.isnan(max_abs)
+    with pytest.raises(ValidationError, match="max-abs nan"):
+        Validator(None, 40.0).check(output, reference)
+
+
 # ----------------------------------------------------------------------------- acceptance 3 (the CLI)
 
 

@@ -10,9 +10,12 @@ Where the graph comes from:
   graph for the requested tile shape and tile batch, in the requested precision (auto: fp16 with
   the CUDA provider, fp32 on the CPU), cached as
 
-      ONNX_CACHE/<checkpoint sha256>/<preset>-static-b<batch>-<H>x<W>-<precision>.onnx
+      ONNX_CACHE/<checkpoint sha256>/<weights sha256, 16 digits>/<preset>-static-b<batch>-<H>x<W>-<precision>.onnx
 
   (ONNX_CACHE: --onnx-cache, default $XDG_CACHE_HOME/guidesr/onnx or ~/.cache/guidesr/onnx).
+  The checkpoint's sha256 covers its trained parts only; the weights' sha256 (`weights_sha256`:
+  every tensor of the model, the base UNet and VAE that --base-model chooses included) keeps apart
+  the graphs of one checkpoint on different base weights.
   A cached graph is reused when its metadata matches the checkpoint, precision, graph spec and
   guidesr version, and re-exported otherwise. An export is written into a temporary folder and
   renamed into place, so a killed export leaves no half graph and concurrent ranks do not clash.
@@ -25,6 +28,7 @@ to the CPU silently when its CUDA libraries do not load, which is refused here),
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -163,7 +167,7 @@ def cached_graph(model: GuideSR, spec: GraphSpec, precision: str, cache_dir: Pat
     from export.onnx_export import export_graphs, graph_filename
 
     checkpoint = model.descriptor.checkpoint_sha256
-    folder = cache_dir / checkpoint
+    folder = cache_dir / checkpoint / weights_sha256(model)[:16]
     path = folder / graph_filename(model.config.preset, spec, precision)
     stale = _stale_reason(path, checkpoint, spec, precision)
     if stale is None:
@@ -176,6 +180,16 @@ def cached_graph(model: GuideSR, spec: GraphSpec, precision: str, cache_dir: Pat
             os.replace(weights, path.with_name(path.name + ".data"))
         os.replace(graph.path, path)  # last: a graph in place is a complete one
     return path, f"exported now into the cache ({stale})"
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 of every tensor of the model's state dict (name, dtype, shape, bytes): the weights a graph holds."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {data.dtype} {tuple(data.shape)}\n".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _stale_reason(path: Path, checkpoint: str, spec: GraphSpec, precision: str) -> str | None:

@@ -11,8 +11,9 @@ first, then needs TensorRT: without it, it exits with status 3, the install comm
 `verify` needs Polygraphy and ONNX Runtime (without them: status 3 and the install command, before the
 model loads). It also checks every engine found next to a graph (NAME.engine for NAME.onnx) when TensorRT
 is installed, and exits with status 1 if a comparison fails; an engine named with --engine is refused
-(status 1) when its metadata names another preset or checkpoint or another graph than NAME.onnx (its
-sha256, with its external data), and without TensorRT exits with status 3.
+(status 1) when its metadata names another preset, checkpoint or weights (the same checkpoint on another
+--base-model) or another graph than NAME.onnx (its sha256, with its external data), and without TensorRT exits
+with status 3. A graph is refused (status 2) when it holds another checkpoint or weights than the model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
-from guidesr.checkpoint import CheckpointError
+from guidesr.checkpoint import CheckpointError, weights_sha256
 from guidesr.config import PRESETS, preset_config
 from guidesr.loading import DEFAULT_CHECKPOINT, BaseModelError, build_model, load_model
 from guidesr.model import GuideSR
@@ -242,10 +243,11 @@ def _run_verify(args, model: GuideSR, weights: str) -> int:
         raise ValueError(f"no graphs for preset {preset} and tile {args.tile[0]}x{args.tile[1]} in {args.out_dir}; "
                          f"run `python -m export onnx` (make onnx) first")
     graph_metadata = {path: args.graph_metadata.get(path) or read_graph_metadata(path) for path in graphs}
+    weights_digest = weights_sha256(model)
     engines = {path: path.with_suffix(".engine") for path in graphs if path.with_suffix(".engine").is_file()}
     if args.engine is not None:
         engines[args.engine.with_suffix(".onnx")] = args.engine
-        engine_metadata.check_model(args.engine_metadata, preset, model.descriptor.checkpoint_sha256)
+        engine_metadata.check_model(args.engine_metadata, preset, model.descriptor.checkpoint_sha256, weights_digest)
         engine_metadata.check_built_from(args.engine_metadata, args.engine, args.engine.with_suffix(".onnx"))
     if engines:
         try:
@@ -264,7 +266,7 @@ def _run_verify(args, model: GuideSR, weights: str) -> int:
         if args.sizes and GraphSpec.from_json(graph_metadata[path]["graph_spec"]).variant == "static":
             print("  note: a static graph runs its own shape only; --sizes applies to dynamic graphs")
         checked_engine = args.engine_metadata if engine == args.engine else None
-        comparisons = compare(model, path, args.sizes, engine, graph_metadata[path], checked_engine)
+        comparisons = compare(model, path, args.sizes, engine, graph_metadata[path], checked_engine, weights_digest)
         for comparison in comparisons:
             print("  " + comparison.describe())
             passed &= comparison.passed

@@ -1,9 +1,10 @@
 """What a serialized TensorRT engine was built for (NAME.engine.json), and the runtime's check of it.
 
 A TensorRT engine runs only on the GPU model and TensorRT version that built it, and it holds the
-weights of one checkpoint. `tensorrt_build.build_engine` writes this file next to the engine; the
-runtime calls `read` and `check_compatible` before deserializing, so a stale engine is refused with
-a message that says what differs, instead of failing inside TensorRT or silently running old weights.
+weights of one checkpoint on one base model (`weights_sha256`: every tensor of the model its graph was
+exported from). `tensorrt_build.build_engine` writes this file next to the engine; the runtime calls
+`read` and `check_compatible` before deserializing, so a stale engine is refused with a message that
+says what differs, instead of failing inside TensorRT or silently running old weights.
 `check_built_from` refuses an engine next to a graph other than the one it was built from (`graph_sha256`:
 the .onnx file and the external data files its weights are kept in). Nothing here imports TensorRT.
 """
@@ -19,7 +20,7 @@ from typing import Any, Iterator
 from .graphs import GraphSpec
 
 FORMAT = "guidesr-tensorrt-engine"
-FORMAT_VERSION = 3  # 2: plugin_ptx_isa; 3: graph_sha256 (with the external data) replaces onnx_sha256
+FORMAT_VERSION = 4  # 2: plugin_ptx_isa; 3: graph_sha256 (with external data) replaces onnx_sha256; 4: weights_sha256
 NO_CHECKPOINT = "none"  # checkpoint_sha256 of a model with untrained (random) weights
 
 
@@ -28,7 +29,7 @@ class EngineMetadataError(ValueError):
 
 
 class EngineMismatchError(RuntimeError):
-    """The engine was built for another GPU, TensorRT version or checkpoint, or from another ONNX graph."""
+    """The engine was built for another GPU, TensorRT version, checkpoint or weights, or from another ONNX graph."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class EngineMetadata:
     compute_capability: str  # "major.minor", e.g. "9.0"
     precision: str  # "fp32" | "fp16"
     checkpoint_sha256: str  # sha256 of the checkpoint's tensors, or NO_CHECKPOINT
+    weights_sha256: str  # guidesr.checkpoint.weights_sha256 of the model the graph was exported from (base included)
     preset: str
     scale: int
     size_multiple: int
@@ -125,10 +127,12 @@ def format_capability(capability: str | tuple[int, int]) -> str:
 
 
 def check_compatible(metadata: EngineMetadata, gpu_name: str, compute_capability: str | tuple[int, int],
-                     trt_version: str, checkpoint_sha256: str | None, driver_ptx_isa: int | None = None) -> None:
-    """Raise EngineMismatchError naming every way the engine does not fit this GPU, TensorRT and checkpoint.
+                     trt_version: str, checkpoint_sha256: str | None, weights_sha256: str,
+                     driver_ptx_isa: int | None = None) -> None:
+    """Raise EngineMismatchError naming every way the engine does not fit this GPU, TensorRT and model.
 
-    `checkpoint_sha256` is the loaded model's (None for an untrained model). `driver_ptx_isa`: the newest
+    `checkpoint_sha256` is the loaded model's (None for an untrained model), `weights_sha256` its
+    `guidesr.checkpoint.weights_sha256`. `driver_ptx_isa`: the newest
     PTX ISA this machine's CUDA driver compiles (None: unknown, not checked); the driver compiles the
     plugin kernels' PTX when the engine loads and refuses a newer ISA.
     """
@@ -144,7 +148,7 @@ def check_compatible(metadata: EngineMetadata, gpu_name: str, compute_capability
             f"it was built with TensorRT {metadata.tensorrt_version}, this is TensorRT {trt_version} "
             f"(an engine loads only in the version that built it)"
         )
-    mismatches += _checkpoint_mismatch(metadata, checkpoint_sha256)
+    mismatches += _weights_mismatch(metadata, checkpoint_sha256, weights_sha256)
     if metadata.plugin_ptx_isa is not None and driver_ptx_isa is not None and driver_ptx_isa < metadata.plugin_ptx_isa:
         mismatches.append(
             f"its plugin kernels are PTX ISA {_isa(metadata.plugin_ptx_isa)}, and this machine's CUDA driver compiles "
@@ -153,14 +157,14 @@ def check_compatible(metadata: EngineMetadata, gpu_name: str, compute_capability
     if mismatches:
         raise EngineMismatchError(
             f"the TensorRT engine for {metadata.onnx_file} cannot be used: " + "; ".join(mismatches)
-            + ". Rebuild it here with `make engine` (or `python -m export engine`) for this checkpoint."
+            + ". Rebuild it here with `make engine` (or `python -m export engine`) for this model."
         )
 
 
-def check_model(metadata: EngineMetadata, preset: str, checkpoint_sha256: str | None) -> None:
-    """Raise EngineMismatchError when the engine holds another preset or checkpoint than the model (no TensorRT
-    needed: this part of `check_compatible` reads the metadata alone)."""
-    mismatches = _checkpoint_mismatch(metadata, checkpoint_sha256)
+def check_model(metadata: EngineMetadata, preset: str, checkpoint_sha256: str | None, weights_sha256: str) -> None:
+    """Raise EngineMismatchError when the engine holds another preset, checkpoint or weights than the model (no
+    TensorRT needed: this part of `check_compatible` reads the metadata alone)."""
+    mismatches = _weights_mismatch(metadata, checkpoint_sha256, weights_sha256)
     if metadata.preset != preset:
         mismatches.insert(0, f"it is preset {metadata.preset!r}, the model is preset {preset!r}")
     if mismatches:
@@ -258,12 +262,18 @@ def check_built_from(metadata: EngineMetadata, engine_path: str | Path, onnx_pat
         )
 
 
-def _checkpoint_mismatch(metadata: EngineMetadata, checkpoint_sha256: str | None) -> list[str]:
+def _weights_mismatch(metadata: EngineMetadata, checkpoint_sha256: str | None, weights_sha256: str) -> list[str]:
+    """The checkpoint mismatch, or (same checkpoint) the weights mismatch; none when the engine holds the model's
+    weights."""
     expected = checkpoint_sha256 or NO_CHECKPOINT
-    if metadata.checkpoint_sha256 == expected:
-        return []
-    return [f"it holds the weights of checkpoint {_short(metadata.checkpoint_sha256)}, "
-            f"the model asked for is {_short(expected)}"]
+    if metadata.checkpoint_sha256 != expected:
+        return [f"it holds the weights of checkpoint {_short(metadata.checkpoint_sha256)}, "
+                f"the model asked for is {_short(expected)}"]
+    if metadata.weights_sha256 != weights_sha256:
+        return [f"it holds other weights than the model (weights {_short(metadata.weights_sha256)}, the model's are "
+                f"{_short(weights_sha256)}): the same checkpoint on another --base-model, or untrained weights of "
+                f"another seed; pass the --base-model (or --seed) it was built from"]
+    return []
 
 
 def _isa(version: int) -> str:

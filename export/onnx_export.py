@@ -27,6 +27,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from guidesr.checkpoint import weights_sha256
 from guidesr.model import GuideSR
 
 from .engine_metadata import external_data_files
@@ -86,10 +87,12 @@ def graph_filename(preset: str, spec: GraphSpec, precision: str) -> str:
 
 
 def export_graphs(model: GuideSR, out_dir: str | Path, specs: list[GraphSpec], precisions=PRECISIONS,
-                  weights: str = "checkpoint") -> list[ExportedGraph]:
+                  weights: str = "checkpoint", weights_digest: str | None = None) -> list[ExportedGraph]:
     """Write one ONNX file per (precision, spec) into `out_dir`; one trace per precision serves all specs.
 
-    `weights` says where the weights came from (stored in the metadata next to the checkpoint's sha256).
+    `weights` says where the weights came from (stored in the metadata next to the checkpoint's sha256);
+    `weights_digest`: the model's `weights_sha256`, when the caller has computed it (else it is computed here, of the
+    model as given, before LoRA is merged into the copy that is traced).
     """
     unknown = set(precisions) - set(PRECISIONS)
     if unknown:
@@ -101,6 +104,8 @@ def export_graphs(model: GuideSR, out_dir: str | Path, specs: list[GraphSpec], p
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trace_spec = guidesr_graph(size_multiple, (size_multiple, size_multiple), "dynamic")
+    if weights_digest is None:
+        weights_digest = weights_sha256(model)
     prepared = prepare_for_export(model)
     exported = []
     for precision in (p for p in PRECISIONS if p in precisions):
@@ -113,7 +118,7 @@ def export_graphs(model: GuideSR, out_dir: str | Path, specs: list[GraphSpec], p
                 trace(prepared, trace_spec, traced)
                 for spec in (s for s in specs if s.trt_plugins == trt_plugins):
                     path = out_dir / graph_filename(model.config.preset, spec, precision)
-                    metadata = graph_metadata(model, spec, precision, weights)
+                    metadata = graph_metadata(model, spec, precision, weights, weights_digest)
                     staged = Path(scratch) / path.name
                     finish_graph(ir.load(traced), spec, precision, metadata, staged)
                     publish_graph(staged, path)
@@ -175,7 +180,9 @@ def publish_graph(staged: Path, path: Path) -> None:
         data.unlink(missing_ok=True)  # an earlier export's external data, which this graph does not use
 
 
-def graph_metadata(model: GuideSR, spec: GraphSpec, precision: str, weights: str) -> dict[str, str]:
+def graph_metadata(model: GuideSR, spec: GraphSpec, precision: str, weights: str,
+                   weights_digest: str) -> dict[str, str]:
+    """The graph's metadata_props; `weights_digest` is the `weights_sha256` of `model` as it was given to the export."""
     descriptor = model.descriptor
     return {
         "preset": descriptor.preset,
@@ -183,6 +190,7 @@ def graph_metadata(model: GuideSR, spec: GraphSpec, precision: str, weights: str
         "size_multiple": str(descriptor.size_multiple),
         "precision": precision,
         "checkpoint_sha256": descriptor.checkpoint_sha256 or "none",
+        "weights_sha256": weights_digest,
         "weights": weights,
         "guidesr_version": guidesr_version(),
         "graph_spec": spec.to_json(),
@@ -190,18 +198,28 @@ def graph_metadata(model: GuideSR, spec: GraphSpec, precision: str, weights: str
     }
 
 
-REQUIRED_METADATA = ("preset", "size_multiple", "precision", "checkpoint_sha256", "graph_spec")
+REQUIRED_METADATA = ("preset", "size_multiple", "precision", "checkpoint_sha256", "graph_spec", "weights_sha256")
+ADDED_METADATA = ("weights_sha256",)  # required keys that graphs exported by an older guidesr lack
+
+
+class OutdatedGraphError(ValueError):
+    """A GuideSR graph exported by an older guidesr: its metadata lacks keys of ADDED_METADATA."""
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The metadata_props of a graph written by `python -m export onnx` (without loading its weights).
 
-    Raises ValueError naming the missing keys for any other ONNX file, and as `external_data_files` does for a graph
-    whose external data is missing or outside its folder.
+    Raises OutdatedGraphError for a graph exported by an older guidesr (it asks for a new export), ValueError naming
+    the missing keys for any other ONNX file, and as `external_data_files` does for a graph whose external data is
+    missing or outside its folder.
     """
     model = onnx.load(str(path), load_external_data=False)
     metadata = {prop.key: prop.value for prop in model.metadata_props}
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing and set(missing) <= set(ADDED_METADATA):
+        raise OutdatedGraphError(f"{Path(path).name} was exported by an older guidesr: its metadata lacks "
+                                 f"{', '.join(missing)} (the sha256 of the weights it holds), so it cannot be checked "
+                                 f"against the model; export it again (`python -m export onnx`)")
     if missing:
         raise ValueError(f"{Path(path).name} is not a GuideSR graph written by `python -m export onnx` "
                          f"(its metadata lacks {', '.join(missing)})")

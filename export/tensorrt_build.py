@@ -140,6 +140,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, optimization_le
         compute_capability=capability,
         precision=graph_metadata["precision"],
         checkpoint_sha256=graph_metadata["checkpoint_sha256"],
+        weights_sha256=graph_metadata["weights_sha256"],
         preset=graph_metadata["preset"],
         scale=int(graph_metadata["scale"]),
         size_multiple=int(graph_metadata["size_multiple"]),

@@ -39,6 +39,7 @@ from polygraphy.common import TensorMetadata
 from polygraphy.comparator import Comparator, PsnrCompareFunc, SimpleCompareFunc
 from polygraphy.datatype import DataType
 
+from guidesr.checkpoint import weights_sha256
 from guidesr.model import GuideSR
 
 from . import engine_metadata
@@ -129,13 +130,16 @@ def graph_shapes(spec: GraphSpec, sizes: list[tuple[int, int]] | None) -> list[t
 
 def compare(model: GuideSR, onnx_path: str | Path, sizes: list[tuple[int, int]] | None,
             engine_path: str | Path | None = None, graph_metadata: dict[str, str] | None = None,
-            checked_engine: engine_metadata.EngineMetadata | None = None) -> list[Comparison]:
+            checked_engine: engine_metadata.EngineMetadata | None = None,
+            weights_digest: str | None = None) -> list[Comparison]:
     """Run the reference, the ONNX graph on ONNX Runtime (and the engine) through Polygraphy.
 
-    The engine is refused (EngineMismatchError) unless it was built from this graph (`check_built_from`), before
-    TensorRT is imported, and then unless it fits this GPU, TensorRT and checkpoint. `graph_metadata`: the graph's
-    `read_metadata`, when the caller has read it already; `checked_engine`: the engine's metadata, when the caller
-    has read it and checked it with `check_built_from` already.
+    The graph is refused (ValueError) unless it holds the model's checkpoint and weights (`weights_sha256`). The engine
+    is refused (EngineMismatchError) unless it was built from this graph (`check_built_from`), before TensorRT is
+    imported, and then unless it fits this GPU, TensorRT and model. `graph_metadata`: the graph's `read_metadata`,
+    when the caller has read it already; `checked_engine`: the engine's metadata, when the caller has read it and
+    checked it with `check_built_from` already; `weights_digest`: the model's `weights_sha256`, when the caller has
+    computed it.
     """
     onnx_path = Path(onnx_path)
     metadata = read_metadata(onnx_path) if graph_metadata is None else graph_metadata
@@ -144,6 +148,13 @@ def compare(model: GuideSR, onnx_path: str | Path, sizes: list[tuple[int, int]] 
     if metadata["checkpoint_sha256"] != expected:
         raise ValueError(f"{onnx_path.name} was exported from checkpoint {metadata['checkpoint_sha256'][:12]}, "
                          f"the reference model is {expected[:12]}; compare a graph with the model it came from")
+    if weights_digest is None:
+        weights_digest = weights_sha256(model)
+    if metadata["weights_sha256"] != weights_digest:
+        raise ValueError(f"{onnx_path.name} holds other weights than the reference model (weights "
+                         f"{metadata['weights_sha256'][:12]}, the model's are {weights_digest[:12]}): the same "
+                         f"checkpoint on another --base-model, or untrained weights of another seed; pass the "
+                         f"--base-model (or --seed) it was exported from, or export it again from this model")
     shapes = graph_shapes(spec, sizes)
     session = SessionFromOnnx(str(onnx_path), providers=["cpu"])
     runners = [TorchRunner(model), OnnxrtRunner(session, name=onnx_path.name)]
@@ -159,7 +170,7 @@ def compare(model: GuideSR, onnx_path: str | Path, sizes: list[tuple[int, int]] 
             built = engine_metadata.read(engine_path)
             engine_metadata.check_built_from(built, engine_path, onnx_path)
         engine_metadata.check_compatible(built, *current_gpu(), import_tensorrt().__version__,
-                                         model.descriptor.checkpoint_sha256, driver_ptx_isa())
+                                         model.descriptor.checkpoint_sha256, weights_digest, driver_ptx_isa())
         runners.append(TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))), name=Path(engine_path).name))
     results = Comparator.run(runners, data_loader=sample_images(shapes))
     pairs = [(0, i) for i in range(1, len(runners))] + ([(1, 2)] if len(runners) == 3 else [])

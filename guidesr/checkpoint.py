@@ -39,6 +39,18 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 of every tensor of the model's state dict (name, dtype, shape, bytes): the weights a graph or engine of it
+    holds. Unlike a checkpoint's sha256 it covers the base UNet and VAE (--base-model) and untrained weights too; it is
+    taken of the model as loaded (LoRA not merged)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {data.dtype} {tuple(data.shape)}\n".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     """NAME, NAME.json or NAME.safetensors -> (json path, safetensors path); another suffix is part of NAME."""
     path = Path(path)

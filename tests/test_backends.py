@@ -21,6 +21,7 @@ from export import engine_metadata
 from export.graphs import guidesr_graph
 from export.onnx_export import export_graphs
 from guidesr import metrics
+from guidesr.checkpoint import weights_sha256
 from runtime.backends import (
     BACKENDS,
     BackendError,
@@ -31,7 +32,7 @@ from runtime.backends import (
     create_backend,
 )
 from runtime.backends.compiled import compiled_unavailable_reason
-from runtime.backends.onnx_runtime import onnxruntime_unavailable_reason, weights_sha256
+from runtime.backends.onnx_runtime import onnxruntime_unavailable_reason
 from runtime.backends.tensorrt_engine import tensorrt_unavailable_reason
 from runtime.validate import ReferenceBackend
 from helpers import save_randomized_tiny
@@ -44,6 +45,21 @@ def model(tmp_path_factory):
     import guidesr
 
     return guidesr.load_model(checkpoint=save_randomized_tiny(tmp_path_factory.mktemp("model")))
+
+
+@pytest.fixture(scope="module")
+def model_weights(model) -> str:
+    return weights_sha256(model)
+
+
+@pytest.fixture(scope="module")
+def other_base(model):
+    """The model's checkpoint on other base weights: the same checkpoint sha256, other weights."""
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.vae.decoder.conv_out.bias.add_(0.25)
+    assert other.descriptor.checkpoint_sha256 == model.descriptor.checkpoint_sha256
+    return other
 
 
 def tiles(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -169,14 +185,11 @@ def test_onnxruntime_exports_caches_and_reexports_a_static_graph(model, tmp_path
     torch.testing.assert_close(repaired(batch), result, rtol=0, atol=0)
 
 
-def test_onnxruntime_does_not_take_a_cached_graph_of_the_same_checkpoint_on_other_base_weights(model, tmp_path):
+def test_onnxruntime_does_not_take_a_cached_graph_of_the_same_checkpoint_on_other_base_weights(model, other_base,
+                                                                                               tmp_path):
     """A checkpoint holds the trained parts only: loaded on another --base-model it has the same sha256, and the
     graph cached for the first base must not run the second."""
     first = ONNXRuntimeBackend(model, "cpu", "fp32", tile=(32, 32), cache_dir=tmp_path)
-    other_base = copy.deepcopy(model)
-    with torch.no_grad():
-        other_base.vae.decoder.conv_out.bias.add_(0.25)
-    assert other_base.descriptor.checkpoint_sha256 == model.descriptor.checkpoint_sha256
     second = ONNXRuntimeBackend(other_base, "cpu", "fp32", tile=(32, 32), cache_dir=tmp_path)
     assert second.origin.startswith("exported now into the cache") and second.graph_path != first.graph_path
     batch = tiles(1, 32, 32)
@@ -228,15 +241,57 @@ def test_onnxruntime_refuses_a_graph_of_another_checkpoint_or_precision(model, d
         create_backend("onnxruntime", model, "cpu", onnx=tmp_path / "missing.onnx")
 
 
+def test_onnxruntime_refuses_a_given_graph_of_the_same_checkpoint_on_other_base_weights(model_weights, other_base,
+                                                                                        dynamic_graph):
+    with pytest.raises(BackendError) as err:
+        create_backend("onnxruntime", other_base, "cpu", onnx=dynamic_graph)
+    assert str(err.value) == (
+        f"{dynamic_graph.name} holds other weights than the model loaded (weights {model_weights[:12]}, the model's "
+        f"are {weights_sha256(other_base)[:12]}): the same checkpoint on another --base-model, or untrained weights of "
+        f"another seed; pass the --base-model (or --seed) it was exported from, or leave out --onnx to export the "
+        f"loaded model")
+
+
+def without_weights_sha256(graph: Path, path: Path) -> Path:
+    """The graph saved at `path` without the weights_sha256 key, as guidesr exported it before graphs recorded it."""
+    proto = onnx.load(str(graph))
+    kept = [prop for prop in proto.metadata_props if prop.key != "weights_sha256"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_onnxruntime_asks_to_export_again_a_given_graph_without_weights_sha256(model, dynamic_graph, tmp_path):
+    old = without_weights_sha256(dynamic_graph, tmp_path / "old.onnx")
+    with pytest.raises(BackendError) as err:
+        create_backend("onnxruntime", model, "cpu", onnx=old)
+    assert str(err.value) == ("old.onnx was exported by an older guidesr: its metadata lacks weights_sha256 (the sha256 "
+                              "of the weights it holds), so it cannot be checked against the model; export it again "
+                              "(`python -m export onnx`)")
+
+
+def test_onnxruntime_exports_again_a_cached_graph_without_weights_sha256(model, model_weights, tmp_path):
+    first = ONNXRuntimeBackend(model, "cpu", "fp32", tile=(32, 32), cache_dir=tmp_path)
+    without_weights_sha256(first.graph_path, first.graph_path)
+    again = ONNXRuntimeBackend(model, "cpu", "fp32", tile=(32, 32), cache_dir=tmp_path)
+    assert again.origin == "exported now into the cache (the cached file was exported by an older guidesr)"
+    assert again.graph_path == first.graph_path
+    assert {prop.key: prop.value for prop in onnx.load(str(again.graph_path)).metadata_props}["weights_sha256"] == (
+        model_weights)
+
+
 # ---------------------------------------------------------------------- TensorRT: the engine check
 
 
-def write_engine_metadata(engine: Path, model, **changes) -> Path:
-    """NAME.engine.json as export's builder writes it, for a model and a (made-up) build machine."""
+def write_engine_metadata(engine: Path, model, model_weights: str, **changes) -> Path:
+    """NAME.engine.json as export's builder writes it, for a model (of weights_sha256 `model_weights`) and a (made-up)
+    build machine."""
     spec = guidesr_graph(model.config.size_multiple, (64, 64), "static")
     fields = dict(
         tensorrt_version="10.13.3.9", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", precision="fp16",
-        checkpoint_sha256=model.descriptor.checkpoint_sha256, preset="tiny", scale=4, size_multiple=16,
+        checkpoint_sha256=model.descriptor.checkpoint_sha256, weights_sha256=model_weights, preset="tiny", scale=4,
+        size_multiple=16,
         input_names=("image",), output_names=("r1",), profiles=(), graph_spec=spec.to_json(),
         onnx_file="tiny-static-b1-64x64-fp16.onnx", graph_sha256="0" * 64, builder_optimization_level=3,
         guidesr_version="0.1.0",
@@ -255,9 +310,9 @@ def engine(tmp_path) -> Path:
 H100 = ("NVIDIA H100 80GB HBM3", "9.0", "10.13.3.9")
 
 
-def test_the_engine_check_accepts_an_engine_built_here_for_this_model(model, engine):
-    write_engine_metadata(engine, model)
-    metadata = check_engine(engine, model.descriptor, *H100)
+def test_the_engine_check_accepts_an_engine_built_here_for_this_model(model, model_weights, engine):
+    write_engine_metadata(engine, model, model_weights)
+    metadata = check_engine(engine, model.descriptor, model_weights, *H100)
     assert metadata.spec.tile == (64, 64) and metadata.precision == "fp16"
 
 
@@ -267,21 +322,23 @@ def test_the_engine_check_accepts_an_engine_built_here_for_this_model(model, eng
      "(compute capability 9.0)"),
     ({"tensorrt_version": "10.9.0.34"}, "it was built with TensorRT 10.9.0.34, this is TensorRT 10.13.3.9"),
     ({"checkpoint_sha256": "f" * 64}, "it holds the weights of checkpoint sha256 ffffffffffff"),
+    ({"weights_sha256": "f" * 64}, "it holds other weights than the model (weights sha256 ffffffffffff…, the model's "
+                                   "are sha256 "),
     ({"preset": "sd-turbo", "size_multiple": 64}, "was built for preset sd-turbo"),
     ({"input_names": ("x",)}, "has inputs ['x'] and outputs ['r1']"),
 ])
-def test_the_engine_check_refuses_a_mismatch_with_a_clear_message(model, engine, changes, message):
-    write_engine_metadata(engine, model, **changes)
+def test_the_engine_check_refuses_a_mismatch_with_a_clear_message(model, model_weights, engine, changes, message):
+    write_engine_metadata(engine, model, model_weights, **changes)
     with pytest.raises(BackendError) as caught:
-        check_engine(engine, model.descriptor, *H100)
+        check_engine(engine, model.descriptor, model_weights, *H100)
     assert message in str(caught.value)
 
 
-def test_the_engine_check_needs_the_metadata_file(model, engine):
+def test_the_engine_check_needs_the_metadata_file(model, model_weights, engine):
     with pytest.raises(BackendError, match="every GuideSR engine comes with its metadata file"):
-        check_engine(engine, model.descriptor, *H100)
+        check_engine(engine, model.descriptor, model_weights, *H100)
     with pytest.raises(BackendError, match="does not exist"):
-        check_engine(engine.with_name("missing.engine"), model.descriptor, *H100)
+        check_engine(engine.with_name("missing.engine"), model.descriptor, model_weights, *H100)
 
 
 # ------------------------------------------------------------------------------------------- on a GPU
@@ -380,7 +437,7 @@ def test_onnxruntime_on_the_cuda_provider(cuda_model, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
-def test_tensorrt_engine_runs_and_a_stale_one_is_refused(model, cuda_model, tmp_path):
+def test_tensorrt_engine_runs_and_a_stale_one_is_refused(model, cuda_model, other_base, tmp_path):
     from export.tensorrt_build import build_engine
 
     spec = guidesr_graph(model.config.size_multiple, (64, 64), "static")
@@ -391,6 +448,8 @@ def test_tensorrt_engine_runs_and_a_stale_one_is_refused(model, cuda_model, tmp_
     assert backend.name == "tensorrt" and why.startswith("--backend auto chose tensorrt")
     batch = tiles(1, 64, 64)
     assert psnr(backend(batch), ReferenceBackend(cuda_model, "cuda")(batch)) >= 40.0
+    with pytest.raises(BackendError, match="it holds other weights than the model"):
+        create_backend("tensorrt", copy.deepcopy(other_base).to("cuda"), "cuda", engine=engine)
 
     metadata = engine_metadata.read(engine)
     engine_metadata.write(engine_metadata.EngineMetadata(**{**metadata.__dict__, "checkpoint_sha256": "f" * 64}),

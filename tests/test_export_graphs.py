@@ -74,14 +74,15 @@ def test_parse_tile():
 
 
 H100 = "NVIDIA H100 80GB HBM3"
+WEIGHTS = "12" * 32  # the weights_sha256 of the model the engines of `_metadata` hold
 
 
 def _metadata(**changes) -> EngineMetadata:
     spec = guidesr_graph(16, (64, 64), "static")
     fields = dict(
         tensorrt_version="10.15.1.29", gpu_name=H100, compute_capability="9.0",
-        precision="fp16", checkpoint_sha256="ab" * 32, preset="tiny", scale=4, size_multiple=16,
-        input_names=("image",), output_names=("r1",), profiles=(), graph_spec=spec.to_json(),
+        precision="fp16", checkpoint_sha256="ab" * 32, weights_sha256=WEIGHTS, preset="tiny", scale=4,
+        size_multiple=16, input_names=("image",), output_names=("r1",), profiles=(), graph_spec=spec.to_json(),
         onnx_file="tiny-static-b1-64x64-fp16.onnx", graph_sha256="cd" * 32, builder_optimization_level=3,
         guidesr_version="0.1.0",
     )
@@ -122,9 +123,9 @@ def test_engine_metadata_read_refuses_bad_files(tmp_path):
 
 def test_check_compatible_accepts_the_build_environment():
     metadata = _metadata()
-    check_compatible(metadata, H100, (9, 0), "10.15.1.29", "ab" * 32)
+    check_compatible(metadata, H100, (9, 0), "10.15.1.29", "ab" * 32, WEIGHTS)
     untrained = _metadata(checkpoint_sha256=engine_metadata.NO_CHECKPOINT)
-    check_compatible(untrained, H100, "9.0", "10.15.1.29", None)
+    check_compatible(untrained, H100, "9.0", "10.15.1.29", None, WEIGHTS)
 
 
 @pytest.mark.parametrize("gpu, capability, version, checkpoint, message", [
@@ -135,7 +136,7 @@ def test_check_compatible_accepts_the_build_environment():
 ])
 def test_check_compatible_names_each_mismatch(gpu, capability, version, checkpoint, message):
     with pytest.raises(EngineMismatchError, match=message) as info:
-        check_compatible(_metadata(), gpu, capability, version, checkpoint)
+        check_compatible(_metadata(), gpu, capability, version, checkpoint, WEIGHTS)
     assert "Rebuild it here with `make engine`" in str(info.value)
 
 
@@ -145,15 +146,15 @@ def test_check_compatible_refuses_plugin_ptx_newer_than_the_driver(tmp_path):
     assert engine_metadata.read(tmp_path / "model.engine").plugin_ptx_isa == 94
     with pytest.raises(EngineMismatchError, match="its plugin kernels are PTX ISA 9.4, and this machine's CUDA driver "
                                                   r"compiles PTX up to ISA 9.0 \(a newer driver loads it too\)"):
-        check_compatible(plugins, H100, (9, 0), "10.15.1.29", "ab" * 32, driver_ptx_isa=90)
-    check_compatible(plugins, H100, (9, 0), "10.15.1.29", "ab" * 32, driver_ptx_isa=94)
-    check_compatible(plugins, H100, (9, 0), "10.15.1.29", "ab" * 32, driver_ptx_isa=None)  # unknown: not checked
-    check_compatible(_metadata(), H100, (9, 0), "10.15.1.29", "ab" * 32, driver_ptx_isa=80)  # no plugins
+        check_compatible(plugins, H100, (9, 0), "10.15.1.29", "ab" * 32, WEIGHTS, driver_ptx_isa=90)
+    check_compatible(plugins, H100, (9, 0), "10.15.1.29", "ab" * 32, WEIGHTS, driver_ptx_isa=94)
+    check_compatible(plugins, H100, (9, 0), "10.15.1.29", "ab" * 32, WEIGHTS, driver_ptx_isa=None)  # unknown: unchecked
+    check_compatible(_metadata(), H100, (9, 0), "10.15.1.29", "ab" * 32, WEIGHTS, driver_ptx_isa=80)  # no plugins
 
 
 def test_check_compatible_lists_all_mismatches_at_once():
     with pytest.raises(EngineMismatchError) as info:
-        check_compatible(_metadata(), "NVIDIA L4", (8, 9), "11.0.0", "ef" * 32)
+        check_compatible(_metadata(), "NVIDIA L4", (8, 9), "11.0.0", "ef" * 32, WEIGHTS)
     assert str(info.value).count(";") == 2
 
 
@@ -215,13 +216,34 @@ def test_tensorrt_check_refuses_opsets_outside_the_range():
 
 
 def test_check_model_names_another_preset_or_checkpoint():
-    engine_metadata.check_model(_metadata(), "tiny", "ab" * 32)
-    engine_metadata.check_model(_metadata(checkpoint_sha256=engine_metadata.NO_CHECKPOINT), "tiny", None)
+    engine_metadata.check_model(_metadata(), "tiny", "ab" * 32, WEIGHTS)
+    engine_metadata.check_model(_metadata(checkpoint_sha256=engine_metadata.NO_CHECKPOINT), "tiny", None, WEIGHTS)
     with pytest.raises(EngineMismatchError, match="it is preset 'tiny', the model is preset 'sd-turbo'"):
-        engine_metadata.check_model(_metadata(), "sd-turbo", "ab" * 32)
+        engine_metadata.check_model(_metadata(), "sd-turbo", "ab" * 32, WEIGHTS)
     with pytest.raises(EngineMismatchError,
                        match="holds another model: it holds the weights of checkpoint sha256 abab"):
-        engine_metadata.check_model(_metadata(), "tiny", "ef" * 32)
+        engine_metadata.check_model(_metadata(), "tiny", "ef" * 32, WEIGHTS)
+
+
+OTHER_WEIGHTS = ("it holds other weights than the model (weights sha256 121212121212…, the model's are sha256 "
+                 "343434343434…): the same checkpoint on another --base-model, or untrained weights of another seed; "
+                 "pass the --base-model (or --seed) it was built from")
+
+
+@pytest.mark.parametrize("checkpoint", ["ab" * 32, None])
+def test_an_engine_of_the_same_checkpoint_with_other_weights_is_refused(checkpoint):
+    """A checkpoint's sha256 covers its trained parts only, and an untrained model has none: the same checkpoint on
+    another --base-model, or another seed's untrained weights, are told apart by the weights' sha256."""
+    built = _metadata(checkpoint_sha256=checkpoint or engine_metadata.NO_CHECKPOINT)
+    with pytest.raises(EngineMismatchError) as info:
+        check_compatible(built, H100, (9, 0), "10.15.1.29", checkpoint, "34" * 32)
+    assert str(info.value) == (f"the TensorRT engine for {built.onnx_file} cannot be used: {OTHER_WEIGHTS}. Rebuild it "
+                               f"here with `make engine` (or `python -m export engine`) for this model.")
+    with pytest.raises(EngineMismatchError) as info:
+        engine_metadata.check_model(built, "tiny", checkpoint, "34" * 32)
+    assert str(info.value) == (f"the TensorRT engine for {built.onnx_file} holds another model: {OTHER_WEIGHTS}. Pass "
+                               f"the model it was built from, or rebuild it with `make engine` (or "
+                               f"`python -m export engine`).")
 
 
 def test_engine_metadata_with_unknown_fields_is_refused_clearly(tmp_path):
@@ -501,4 +523,18 @@ def test_engine_metadata_of_the_previous_format_asks_for_a_rebuild(tmp_path):
     with pytest.raises(EngineMetadataError) as err:
         engine_metadata.read(engine)
     assert str(err.value) == (f"{engine_metadata.metadata_path(engine)} has format version 2, this guidesr reads "
-                              f"version 3; rebuild the engine with `make engine` (or `python -m export engine`)")
+                              f"version 4; rebuild the engine with `make engine` (or `python -m export engine`)")
+
+
+def test_engine_metadata_without_the_weights_sha256_asks_for_a_rebuild(tmp_path):
+    """Format 3 recorded the checkpoint's sha256 alone, which does not tell its engines on two base models apart: they
+    are refused, not checked against the checkpoint."""
+    engine = tmp_path / "model.engine"
+    data = json.loads(_metadata().to_json())
+    data["format_version"] = 3
+    del data["weights_sha256"]
+    engine_metadata.metadata_path(engine).write_text(json.dumps(data))
+    with pytest.raises(EngineMetadataError) as err:
+        engine_metadata.read(engine)
+    assert str(err.value) == (f"{engine_metadata.metadata_path(engine)} has format version 3, this guidesr reads "
+                              f"version 4; rebuild the engine with `make engine` (or `python -m export engine`)")

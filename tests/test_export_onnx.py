@@ -7,6 +7,7 @@ three tile sizes and one dynamic graph.
 
 import argparse
 import collections
+import copy
 import importlib.util
 import shlex
 import shutil
@@ -27,7 +28,7 @@ from export.graphs import GraphSpec, guidesr_graph
 from export.onnx_export import OPSET, export_graphs, read_metadata
 from export.trt_supported_ops import tensorrt_problems
 from export.verify import compare
-from guidesr.checkpoint import CheckpointError
+from guidesr.checkpoint import CheckpointError, weights_sha256
 from guidesr.loading import DEFAULT_CHECKPOINT
 from helpers import randomized_tiny
 
@@ -189,8 +190,46 @@ def test_polygraphy_comparison_passes_and_catches_a_wrong_reference(graphs, mode
         (1, 3, opt_height, opt_width), (1, 3, opt_height // 2 // 16 * 16, opt_width)]
     (half,) = compare(model, graphs[("fp16", "static", SIZES[1])].path, sizes)
     assert half.passed and half.psnr >= FP16_MIN_PSNR and half.shape == (1, 3, 48, 80)
-    (wrong,) = compare(randomized_tiny(5), graphs[("fp32", "static", SIZES[0])].path, sizes)
+    other, graph = randomized_tiny(5), graphs[("fp32", "static", SIZES[0])].path
+    with pytest.raises(ValueError, match="holds other weights than the reference model"):
+        compare(other, graph, sizes)
+    # given the graph's weights_sha256 as the model's, compare skips past its weights check to the comparison
+    (wrong,) = compare(other, graph, sizes, weights_digest=read_metadata(graph)["weights_sha256"])
     assert not wrong.passed and wrong.max_abs > FP32_MAX_ABS
+
+
+def test_verify_refuses_a_graph_or_engine_of_the_same_checkpoint_on_other_base_weights(graphs, model, tmp_path,
+                                                                                       monkeypatch, capsys):
+    other_base = copy.deepcopy(model)
+    with torch.no_grad():
+        other_base.vae.decoder.conv_out.bias.add_(0.25)
+    assert other_base.descriptor.checkpoint_sha256 == model.descriptor.checkpoint_sha256
+    graph = graphs[("fp32", "static", SIZES[0])].path
+    graph_weights, other_weights = weights_sha256(model), weights_sha256(other_base)
+    monkeypatch.setattr("export.__main__.load_from_args", lambda args: (other_base, "test: another base"))
+    assert main(["verify", "--onnx", str(graph)]) == EXIT_USAGE
+    assert (f"error: {graph.name} holds other weights than the reference model (weights {graph_weights[:12]}, the "
+            f"model's are {other_weights[:12]}): the same checkpoint on another --base-model, or untrained weights of "
+            f"another seed; pass the --base-model (or --seed) it was exported from, or export it again from this "
+            f"model") in capsys.readouterr().err
+    engine = _engine_next_to(graphs[("fp16", "static", SIZES[0])], tmp_path, checkpoint_sha256="none")
+    assert main(["verify", "--tile", "64", "--out-dir", str(tmp_path), "--engine", str(engine)]) == EXIT_FAILED
+    assert (f"error: the TensorRT engine for {engine.with_suffix('.onnx').name} holds another model: it holds other "
+            f"weights than the model (weights sha256 {graph_weights[:12]}…, the model's are sha256 "
+            f"{other_weights[:12]}…)") in capsys.readouterr().err
+
+
+def test_verify_asks_to_export_again_a_graph_without_weights_sha256(graphs, tmp_path, capsys, no_model_loading):
+    proto = onnx.load(str(graphs[("fp32", "static", SIZES[0])].path))
+    kept = [prop for prop in proto.metadata_props if prop.key != "weights_sha256"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    old = tmp_path / "old.onnx"
+    onnx.save(proto, str(old))
+    assert main(["verify", "--random-weights", "--preset", "tiny", "--onnx", str(old)]) == EXIT_USAGE
+    assert ("error: old.onnx was exported by an older guidesr: its metadata lacks weights_sha256 (the sha256 of the "
+            "weights it holds), so it cannot be checked against the model; export it again (`python -m export onnx`)"
+            ) in capsys.readouterr().err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
@@ -249,7 +288,7 @@ def test_verify_checks_the_files_it_is_given_before_loading_the_model(tmp_path, 
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])), str(foreign))
     assert main(["verify", *model, "--onnx", str(foreign)]) == EXIT_USAGE
     assert ("foreign.onnx is not a GuideSR graph written by `python -m export onnx` (its metadata lacks preset, "
-            "size_multiple, precision, checkpoint_sha256, graph_spec)") in capsys.readouterr().err
+            "size_multiple, precision, checkpoint_sha256, graph_spec, weights_sha256)") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["onnx", "engine"])
@@ -339,7 +378,7 @@ def test_tensorrt_engine_matches_pytorch_and_onnx(graphs, model, tmp_path):
         engine = tmp_path / graph.path.with_suffix(".engine").name
         metadata = build_engine(graph.path, engine, timing_cache=tmp_path / "timing.cache")
         assert engine_metadata.read(engine) == metadata
-        engine_metadata.check_compatible(metadata, *current_gpu(), trt.__version__, None)
+        engine_metadata.check_compatible(metadata, *current_gpu(), trt.__version__, None, weights_sha256(model))
         assert (metadata.input_names, metadata.output_names) == (("image",), ("r1",))
         assert bool(metadata.profiles) == (variant == "dynamic")
         comparisons = compare(model, graph.path, SIZES, engine)
@@ -407,7 +446,7 @@ def test_a_failed_export_leaves_the_previous_graph_and_a_new_one_replaces_it_who
 
 def _engine_next_to(graph, folder: Path, **changes) -> Path:
     """A stand-in NAME.engine (not a real one) with NAME.onnx (and its NAME.onnx.data, if any) and NAME.engine.json
-    next to it, its metadata recording that it was built from that NAME.onnx."""
+    next to it, its metadata recording that it was built from that NAME.onnx (and holds its weights)."""
     from dataclasses import replace
 
     from export import engine_metadata
@@ -419,7 +458,8 @@ def _engine_next_to(graph, folder: Path, **changes) -> Path:
         shutil.copyfile(_external_data(graph.path), _external_data(onnx_path))
     engine = onnx_path.with_suffix(".engine")
     engine.write_bytes(b"not an engine")
-    built_from = dict(onnx_file=onnx_path.name, graph_sha256=graph_sha256(onnx_path))
+    built_from = dict(onnx_file=onnx_path.name, graph_sha256=graph_sha256(onnx_path),
+                      weights_sha256=read_metadata(onnx_path)["weights_sha256"])
     engine_metadata.write(replace(_metadata(), **{**built_from, **changes}), engine)
     return engine
 
@@ -440,12 +480,13 @@ def _reexport_over(engine: Path, graph) -> Path:
     return onnx_path
 
 
-def test_verify_refuses_an_engine_built_from_another_graph_before_importing_tensorrt(graphs, tmp_path, capsys,
-                                                                                     no_tensorrt_import):
+def test_verify_refuses_an_engine_built_from_another_graph_before_importing_tensorrt(graphs, model, tmp_path, capsys,
+                                                                                     monkeypatch, no_tensorrt_import):
     built_from = graphs[("fp16", "static", SIZES[0])]
     engine = _engine_next_to(built_from, tmp_path, preset="tiny", checkpoint_sha256="none")
     onnx_path = _reexport_over(engine, graphs[("fp32", "static", SIZES[0])])
-    argv = ["verify", "--random-weights", "--preset", "tiny", "--tile", "64", "--engine", str(engine)]
+    monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
+    argv = ["verify", "--tile", "64", "--engine", str(engine)]
     assert main(argv) == EXIT_FAILED
     err = capsys.readouterr().err
     assert (f"error: the TensorRT engine {engine} was built from {built_from.path.name} "
@@ -454,15 +495,16 @@ def test_verify_refuses_an_engine_built_from_another_graph_before_importing_tens
     assert "Rebuild it with `make engine` (or `python -m export engine`" in err
 
 
-def test_verify_refuses_an_engine_whose_graphs_external_data_changed(external_data_graph, tmp_path, capsys,
-                                                                      no_tensorrt_import):
+def test_verify_refuses_an_engine_whose_graphs_external_data_changed(external_data_graph, model, tmp_path, capsys,
+                                                                      monkeypatch, no_tensorrt_import):
     engine = _engine_next_to(external_data_graph, tmp_path, preset="tiny", checkpoint_sha256="none")
     onnx_path = engine.with_suffix(".onnx")
     from test_export_graphs import _change_last_byte
 
     built_from = graph_sha256(onnx_path)
     _change_last_byte(_external_data(onnx_path))
-    argv = ["verify", "--random-weights", "--preset", "tiny", "--tile", "64", "--engine", str(engine)]
+    monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
+    argv = ["verify", "--tile", "64", "--engine", str(engine)]
     assert main(argv) == EXIT_FAILED
     assert (f"error: the TensorRT engine {engine} was built from {onnx_path.name} (sha256 {built_from[:12]}…), "
             f"not from the graph {onnx_path} (sha256 {graph_sha256(onnx_path)[:12]}…); the sha256 covers the .onnx "
@@ -557,10 +599,12 @@ def test_verify_refuses_an_engine_of_another_model_without_needing_tensorrt(grap
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
-def test_verify_of_a_named_engine_without_tensorrt_fails_with_the_install_hint(graphs, tmp_path, capsys):
+def test_verify_of_a_named_engine_without_tensorrt_fails_with_the_install_hint(graphs, model, tmp_path, capsys,
+                                                                                 monkeypatch):
     graph = graphs[("fp16", "static", SIZES[0])]
     engine = _engine_next_to(graph, tmp_path, preset="tiny", checkpoint_sha256="none")
-    argv = ["verify", "--random-weights", "--preset", "tiny", "--tile", "64", "--engine", str(engine)]
+    monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
+    argv = ["verify", "--tile", "64", "--engine", str(engine)]
     assert main(argv) == EXIT_MISSING_PACKAGE
     err = capsys.readouterr().err
     assert f"error: cannot check {engine}" in err and "pip install tensorrt-cu12" in err

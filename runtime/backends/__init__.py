@@ -5,7 +5,7 @@ out (same shape, float32, on the CPU). The tiler does not care what is behind it
 
 | name | module | what |
 | --- | --- | --- |
-| `tensorrt` | tensorrt_engine.py | a serialized TensorRT engine (--engine), checked against GPU, TensorRT and checkpoint |
+| `tensorrt` | tensorrt_engine.py | a serialized TensorRT engine (--engine), checked against GPU, TensorRT and weights |
 | `compiled` | compiled.py | torch.compile + one CUDA graph, fp16, channels_last, Triton kernels (CUDA) |
 | `onnxruntime` | onnx_runtime.py | an exported ONNX graph (--onnx, or exported and cached on the fly) |
 | `torch` | eager.py | eager PyTorch, CPU or CUDA |

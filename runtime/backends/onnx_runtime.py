@@ -3,7 +3,8 @@
 Where the graph comes from:
 
 - `--onnx PATH`: a graph written by `python -m export onnx`. Its metadata must name the loaded
-  model's checkpoint (sha256) and, when --precision is explicit, that precision. A static graph
+  model's checkpoint (sha256) and weights (`weights_sha256`: the same checkpoint on another
+  --base-model holds other weights) and, when --precision is explicit, that precision. A static graph
   dictates the tile shape and batch; a dynamic one takes tiles of any multiple of the size multiple
   (smaller edge tiles are padded like the model pads) up to its profile's largest.
 - otherwise it is exported now from the loaded model with export's own `export_graphs`: a static
@@ -16,9 +17,10 @@ Where the graph comes from:
   The checkpoint's sha256 covers its trained parts only; the weights' sha256 (`weights_sha256`:
   every tensor of the model, the base UNet and VAE that --base-model chooses included) keeps apart
   the graphs of one checkpoint on different base weights.
-  A cached graph is reused when its metadata matches the checkpoint, precision, graph spec and
-  guidesr version, and re-exported otherwise. An export is written into a temporary folder and
-  renamed into place, so a killed export leaves no half graph and concurrent ranks do not clash.
+  A cached graph is reused when its metadata matches the checkpoint, weights, precision, graph spec
+  and guidesr version, and re-exported otherwise (a graph of an older guidesr, without
+  weights_sha256, too). An export is written into a temporary folder and renamed into place, so a
+  killed export leaves no half graph and concurrent ranks do not clash.
   A model without a checkpoint (untrained weights) has nothing to key the cache on: its graph is
   exported into a temporary folder and not kept.
 
@@ -28,7 +30,6 @@ to the CPU silently when its CUDA libraries do not load, which is refused here),
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -79,7 +80,7 @@ class ONNXRuntimeBackend(Backend):
         self.descriptor = model.descriptor
         if onnx is not None:
             self.graph_path, self.origin = Path(onnx), "given"
-            self.spec, self.precision = self._check_given_graph(self.graph_path, precision)
+            self.spec, self.precision = self._check_given_graph(self.graph_path, precision, model)
             self.session = self._session(self.graph_path)
         else:
             if tile is None:
@@ -101,7 +102,9 @@ class ONNXRuntimeBackend(Backend):
         self.tile_shape, self.max_batch = graph_limits(self.spec)
         self.provider = self.session.get_providers()[0]
 
-    def _check_given_graph(self, path: Path, precision: str | None) -> tuple[GraphSpec, str]:
+    def _check_given_graph(self, path: Path, precision: str | None, model: GuideSR) -> tuple[GraphSpec, str]:
+        from guidesr.checkpoint import weights_sha256
+
         metadata = _graph_metadata(path)
         graph_checkpoint = metadata["checkpoint_sha256"]
         model_checkpoint = self.descriptor.checkpoint_sha256 or "none"
@@ -110,6 +113,14 @@ class ONNXRuntimeBackend(Backend):
                 f"{path.name} was exported from checkpoint {graph_checkpoint[:12]}, the model loaded is "
                 f"{model_checkpoint[:12]}: pass the --checkpoint it came from, or leave out --onnx to export the "
                 f"loaded model"
+            )
+        model_weights = weights_sha256(model)
+        if metadata["weights_sha256"] != model_weights:
+            raise BackendError(
+                f"{path.name} holds other weights than the model loaded (weights {metadata['weights_sha256'][:12]}, "
+                f"the model's are {model_weights[:12]}): the same checkpoint on another --base-model, or untrained "
+                f"weights of another seed; pass the --base-model (or --seed) it was exported from, or leave out "
+                f"--onnx to export the loaded model"
             )
         if int(metadata["size_multiple"]) != self.descriptor.size_multiple:
             raise BackendError(f"{path.name} is for size multiple {metadata['size_multiple']}, the model's is "
@@ -165,16 +176,18 @@ def cached_graph(model: GuideSR, spec: GraphSpec, precision: str, cache_dir: Pat
     """The cached graph of `model` (which has a checkpoint) for `spec` and `precision`, exported when
     missing or stale; returns its path and where it came from."""
     from export.onnx_export import export_graphs, graph_filename
+    from guidesr.checkpoint import weights_sha256
 
-    checkpoint = model.descriptor.checkpoint_sha256
-    folder = cache_dir / checkpoint / weights_sha256(model)[:16]
+    checkpoint, weights_digest = model.descriptor.checkpoint_sha256, weights_sha256(model)
+    folder = cache_dir / checkpoint / weights_digest[:16]
     path = folder / graph_filename(model.config.preset, spec, precision)
-    stale = _stale_reason(path, checkpoint, spec, precision)
+    stale = _stale_reason(path, checkpoint, weights_digest, spec, precision)
     if stale is None:
         return path, "from the cache"
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as scratch:
-        (graph,) = export_graphs(model, scratch, [spec], [precision], weights=f"checkpoint sha256 {checkpoint}")
+        (graph,) = export_graphs(model, scratch, [spec], [precision], weights=f"checkpoint sha256 {checkpoint}",
+                                 weights_digest=weights_digest)
         weights = graph.path.with_name(graph.path.name + ".data")  # external data of graphs above 1 GiB
         if weights.exists():
             os.replace(weights, path.with_name(path.name + ".data"))
@@ -182,28 +195,20 @@ def cached_graph(model: GuideSR, spec: GraphSpec, precision: str, cache_dir: Pat
     return path, f"exported now into the cache ({stale})"
 
 
-def weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 of every tensor of the model's state dict (name, dtype, shape, bytes): the weights a graph holds."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{name} {data.dtype} {tuple(data.shape)}\n".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def _stale_reason(path: Path, checkpoint: str, spec: GraphSpec, precision: str) -> str | None:
+def _stale_reason(path: Path, checkpoint: str, weights_digest: str, spec: GraphSpec, precision: str) -> str | None:
     """Why the cached file cannot be used, or None when it can."""
-    from export.onnx_export import guidesr_version, read_metadata
+    from export.onnx_export import OutdatedGraphError, guidesr_version, read_metadata
 
     if not path.is_file():
         return "the first use of this graph"
     try:
         metadata = read_metadata(path)
+    except OutdatedGraphError:
+        return "the cached file was exported by an older guidesr"
     except (DecodeError, OSError, ValueError):
         return "the cached file was unreadable"
-    expected = {"checkpoint_sha256": checkpoint, "precision": precision, "graph_spec": spec.to_json(),
-                "guidesr_version": guidesr_version()}
+    expected = {"checkpoint_sha256": checkpoint, "weights_sha256": weights_digest, "precision": precision,
+                "graph_spec": spec.to_json(), "guidesr_version": guidesr_version()}
     differing = [key for key, value in expected.items() if metadata.get(key) != value]
     return f"the cached file differed in {', '.join(differing)}" if differing else None
 

@@ -2,10 +2,11 @@
 
 Before the engine is deserialized, `check_engine` reads its metadata and refuses, with
 export's `check_compatible` message, an engine built on another GPU (name, compute capability),
-with another TensorRT version or from another checkpoint than the loaded model's; it also checks
-the preset, scale and I/O names. An engine only loads in the TensorRT version and on the GPU
-model that built it, and it holds one checkpoint's weights, so this turns a crash inside TensorRT
-or a silently stale result into a message saying what to rebuild.
+with another TensorRT version or from another checkpoint or weights than the loaded model's (the
+weights' sha256 tells one checkpoint on two --base-model folders apart); it also checks the preset,
+scale and I/O names. An engine only loads in the TensorRT version and on the GPU model that built
+it, and it holds one model's weights, so this turns a crash inside TensorRT or a silently stale
+result into a message saying what to rebuild.
 
 Running it (TensorRT 10 / 11 Python API, torch CUDA tensors as the I/O buffers):
 
@@ -47,9 +48,11 @@ if TYPE_CHECKING:
     from guidesr.model import GuideSR, ModelDescriptor
 
 
-def check_engine(engine_path: str | os.PathLike, descriptor: ModelDescriptor, gpu_name: str, compute_capability: str,
-                 tensorrt_version: str, driver_ptx_isa: int | None = None) -> engine_metadata.EngineMetadata:
-    """Read NAME.engine.json and refuse an engine that does not fit this GPU, TensorRT and model.
+def check_engine(engine_path: str | os.PathLike, descriptor: ModelDescriptor, weights_sha256: str, gpu_name: str,
+                 compute_capability: str, tensorrt_version: str,
+                 driver_ptx_isa: int | None = None) -> engine_metadata.EngineMetadata:
+    """Read NAME.engine.json and refuse an engine that does not fit this GPU, TensorRT and model (`weights_sha256`:
+    the model's `guidesr.checkpoint.weights_sha256`).
 
     Needs neither TensorRT nor a GPU: the caller passes what it runs on. Raises BackendError.
     """
@@ -59,7 +62,7 @@ def check_engine(engine_path: str | os.PathLike, descriptor: ModelDescriptor, gp
     try:
         metadata = engine_metadata.read(engine_path)
         engine_metadata.check_compatible(metadata, gpu_name, compute_capability, tensorrt_version,
-                                         descriptor.checkpoint_sha256, driver_ptx_isa)
+                                         descriptor.checkpoint_sha256, weights_sha256, driver_ptx_isa)
     except (engine_metadata.EngineMetadataError, engine_metadata.EngineMismatchError) as err:
         raise BackendError(str(err)) from err
     model = (descriptor.preset, descriptor.scale, descriptor.size_multiple)
@@ -83,6 +86,7 @@ class TensorRTBackend(Backend):
             raise BackendError(f"the tensorrt backend cannot run on {self.device}: {reason}")
         from export.tensorrt_build import TensorRTUnavailableError, import_tensorrt
         from export.tensorrt_plugins import driver_ptx_isa
+        from guidesr.checkpoint import weights_sha256
 
         try:
             trt = import_tensorrt()
@@ -92,8 +96,9 @@ class TensorRTBackend(Backend):
         self.descriptor = model.descriptor
         self.engine_path = Path(engine)
         major, minor = torch.cuda.get_device_capability(self.device)
-        metadata = check_engine(self.engine_path, self.descriptor, torch.cuda.get_device_name(self.device),
-                                f"{major}.{minor}", trt.__version__, driver_ptx_isa())
+        metadata = check_engine(self.engine_path, self.descriptor, weights_sha256(model),
+                                torch.cuda.get_device_name(self.device), f"{major}.{minor}", trt.__version__,
+                                driver_ptx_isa())
         require_same_precision(precision, metadata.precision, f"the engine {self.engine_path.name}")
         self.precision = metadata.precision
         self.spec = metadata.spec
@@ -163,7 +168,7 @@ def create_tensorrt_backend(model: GuideSR, request: BackendRequest) -> TensorRT
 TENSORRT = BackendSpec(
     name="tensorrt",
     speed_rank=10,
-    summary="a serialized TensorRT engine (--engine), checked against this GPU, TensorRT and checkpoint",
+    summary="a serialized TensorRT engine (--engine), checked against this GPU, TensorRT and the model's weights",
     unavailable_reason=tensorrt_unavailable_reason,
     create=create_tensorrt_backend,
     auto_skip_reason=_auto_skip_reason,

@@ -492,7 +492,8 @@ def format_markdown(data: dict) -> str:
         f"{data['settings']['compile_mode']}; compiler "
         f"environment: {data['environment']['compiler_env'] or 'none'}",
         f"- floor: FLOPs ({data['flops_measure']}) / measured matmul rate ("
-        + ", ".join(f"{p} {r / 1e12:.2f} TFLOP/s" for p, r in data["matmul_rate_flops"].items()) + ")",
+        + (", ".join(f"{p} {r / 1e12:.2f} TFLOP/s" for p, r in data["matmul_rate_flops"].items()) or "not measured")
+        + ")",
         "",
         "| backend | precision | size (HxW) | tiles | median ms | p90 ms | device I/O median ms | MP/s "
         "| peak MiB (+calls) | PSNR dB | SSIM | max-abs | TFLOP | floor ms | gap | build s |",
@@ -506,8 +507,8 @@ def format_markdown(data: dict) -> str:
     for row in rows:
         size = f"{row['height']}x{row['width']}"
         if row["error"] is not None:
-            lines.append(f"| {row['backend']} | {row['precision']} | {size} | {row['mode']} | failed: {row['error']} "
-                         + "| " * 11 + "|")
+            lines.append(f"| {row['backend']} | {row['precision']} | {size} | {row['mode']} | "
+                         f"failed: {_table_cell(row['error'])} " + "| " * 11 + "|")
             continue
         acc, lat = row["accuracy"], row["latency_ms"]
         tiles = f"{row['tiles']} x {row['tile'][0]}x{row['tile'][1]}" if row["mode"] == "tiled" else "whole"
@@ -529,10 +530,15 @@ def format_markdown(data: dict) -> str:
         lines += ["", f"## Quality against ground truth ({quality['data']}, {quality['crop_size']} px crops, "
                       f"{quality['border']} px border)", "", "| method | PSNR RGB | SSIM RGB |", "|---|---|---|",
                   f"| bicubic | {quality['bicubic']['psnr_rgb']:.2f} | {quality['bicubic']['ssim_rgb']:.4f} |"]
-        lines += [f"| {q['backend']} {q['precision']} | failed: {q['error']} | |" if "error" in q
+        lines += [f"| {q['backend']} {q['precision']} | failed: {_table_cell(q['error'])} | |" if "error" in q
                   else f"| {q['backend']} {q['precision']} | {q['psnr_rgb']:.2f} | {q['ssim_rgb']:.4f} |"
                   for q in quality["results"]]
     return "\n".join(lines) + "\n"
+
+
+def _table_cell(text: str) -> str:
+    """`text` as one Markdown table cell: a `|` escaped, line breaks as spaces (an error message may hold both)."""
+    return " ".join(text.replace("|", "\\|").split())
 
 
 def _clamped_percent(data: dict) -> str:

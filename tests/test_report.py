@@ -97,6 +97,17 @@ def test_markdown_says_n_a_for_an_image_smaller_than_the_ssim_window(report_dir)
     assert len(rows) == 1 and rows[0].split(" | ")[10] == "n/a"
 
 
+def test_markdown_keeps_a_failed_rows_message_in_its_cell_and_says_when_no_rate_was_measured(report_dir):
+    data = json.loads((report_dir / "report.json").read_text())
+    data["results"][0]["error"] = "RuntimeError: shapes [1, 3] | [1, 4]\nsecond line"
+    data["matmul_rate_flops"] = {}
+    lines = format_markdown(data).splitlines()
+    [failed] = [line for line in lines if "failed: " in line and line.startswith("| torch")]
+    assert "failed: RuntimeError: shapes [1, 3] \\| [1, 4] second line |" in failed
+    assert failed.replace("\\|", "").count("|") == lines[lines.index(failed) - 1].count("|")
+    assert any(line.endswith("/ measured matmul rate (not measured)") for line in lines)
+
+
 def test_parse_size():
     assert parse_size("512") == (512, 512)
     assert parse_size("2160x3840") == (2160, 3840)

@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: only the NAME.engine files found next to the graphs)")
     verify.add_argument("--sizes", nargs="+", type=size_argument("size"),
                         help="HxW sizes for dynamic graphs (default: each graph's opt size and half its height)")
+    verify.add_argument("--batch", type=bounded_int(1), default=1,
+                        help="batch size of the static graphs to find in --out-dir (default 1)")
     return parser
 
 
@@ -234,14 +236,15 @@ def _run_verify(args, model: GuideSR, weights: str) -> int:
     from .verify import compare, ort_fp32_fallback_ops
 
     multiple, preset = model.config.size_multiple, model.config.preset
-    candidates = [args.out_dir / graph_filename(preset, guidesr_graph(multiple, args.tile, variant), precision)
-                  for precision in PRECISIONS for variant in VARIANTS]
+    specs = [guidesr_graph(multiple, args.tile, "static", batch=args.batch),
+             guidesr_graph(multiple, args.tile, "dynamic")]
+    candidates = [args.out_dir / graph_filename(preset, spec, precision) for precision in PRECISIONS for spec in specs]
     graphs = args.onnx or [path for path in candidates if path.is_file()]
     if args.engine is not None and args.engine.with_suffix(".onnx") not in graphs:
         graphs.append(args.engine.with_suffix(".onnx"))
     if not graphs:
-        raise ValueError(f"no graphs for preset {preset} and tile {args.tile[0]}x{args.tile[1]} in {args.out_dir}; "
-                         f"run `python -m export onnx` (make onnx) first")
+        raise ValueError(f"no graphs for preset {preset}, tile {args.tile[0]}x{args.tile[1]} and static batch "
+                         f"{args.batch} in {args.out_dir}; run `python -m export onnx` (make onnx) first")
     graph_metadata = {path: args.graph_metadata.get(path) or read_graph_metadata(path) for path in graphs}
     weights_digest = weights_sha256(model)
     engines = {path: path.with_suffix(".engine") for path in graphs if path.with_suffix(".engine").is_file()}

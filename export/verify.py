@@ -70,7 +70,7 @@ class TorchRunner(BaseRunner):
         with torch.no_grad():
             r1 = self.model(image).r1
         self.inference_time = time.perf_counter() - start
-        return collections.OrderedDict({OUTPUT_NAME: r1.float().cpu().numpy()})
+        return collections.OrderedDict({OUTPUT_NAME: r1.float().cpu().contiguous().numpy()})  # Polygraphy views it
 
     def deactivate_impl(self):
         pass

@@ -588,6 +588,15 @@ def test_verify_reads_each_graphs_metadata_once(graphs, model, tmp_path, monkeyp
     assert reads == [graph.name]
 
 
+def test_verify_finds_the_static_graphs_of_the_batch_it_is_given(model, tmp_path, monkeypatch, capsys):
+    export_graphs(model, tmp_path, [guidesr_graph(16, (32, 32), "static", batch=2)], ["fp32"], weights="test")
+    monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
+    assert main(["verify", "--tile", "32", "--out-dir", str(tmp_path)]) == EXIT_USAGE
+    assert "no graphs for preset tiny, tile 32x32 and static batch 1" in capsys.readouterr().err
+    assert main(["verify", "--tile", "32", "--batch", "2", "--out-dir", str(tmp_path)]) == 0
+    assert "tiny-static-b2-32x32-fp32.onnx" in capsys.readouterr().out
+
+
 def test_verify_refuses_an_engine_of_another_model_without_needing_tensorrt(graphs, tmp_path, capsys):
     graph = graphs[("fp16", "static", SIZES[0])]
     engine = _engine_next_to(graph, tmp_path, preset="sd-turbo", checkpoint_sha256="ab" * 32)

@@ -17,11 +17,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path, PurePath
 from typing import Any, Iterator
 
+from runtime.cli import write_whole
+
 from .graphs import GraphSpec
 
 FORMAT = "guidesr-tensorrt-engine"
 FORMAT_VERSION = 4  # 2: plugin_ptx_isa; 3: graph_sha256 (with external data) replaces onnx_sha256; 4: weights_sha256
 NO_CHECKPOINT = "none"  # checkpoint_sha256 of a model with untrained (random) weights
+OTHER_WEIGHTS_CAUSE = "the same checkpoint on another --base-model, or untrained weights of another seed"
 
 
 class EngineMetadataError(ValueError):
@@ -83,14 +86,6 @@ def publish_engine(engine_path: Path, serialized: bytes | memoryview, metadata: 
     metadata_path(engine_path).unlink(missing_ok=True)
     write_whole(engine_path, serialized)
     write(metadata, engine_path)
-
-
-def write_whole(path: Path, data: bytes | memoryview) -> None:
-    """Into PATH.partial, then renamed: a write that fails or is killed leaves the previous file or none, never part
-    of one."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    partial.replace(path)
 
 
 def read(engine_path: str | Path) -> EngineMetadata:
@@ -271,8 +266,8 @@ def _weights_mismatch(metadata: EngineMetadata, checkpoint_sha256: str | None, w
                 f"the model asked for is {_short(expected)}"]
     if metadata.weights_sha256 != weights_sha256:
         return [f"it holds other weights than the model (weights {_short(metadata.weights_sha256)}, the model's are "
-                f"{_short(weights_sha256)}): the same checkpoint on another --base-model, or untrained weights of "
-                f"another seed; pass the --base-model (or --seed) it was built from"]
+                f"{_short(weights_sha256)}): {OTHER_WEIGHTS_CAUSE}; pass the --base-model (or --seed) it was built "
+                f"from"]
     return []
 
 

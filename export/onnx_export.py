@@ -30,7 +30,7 @@ from torch import nn
 from guidesr.checkpoint import weights_sha256
 from guidesr.model import GuideSR
 
-from .engine_metadata import external_data_files
+from .engine_metadata import OTHER_WEIGHTS_CAUSE, external_data_files
 from .fp16 import add_fp32_islands
 from .graphs import GraphSpec, guidesr_graph
 from .merge import merged_copy
@@ -204,6 +204,16 @@ ADDED_METADATA = ("weights_sha256",)  # required keys that graphs exported by an
 
 class OutdatedGraphError(ValueError):
     """A GuideSR graph exported by an older guidesr: its metadata lacks keys of ADDED_METADATA."""
+
+
+def other_weights_problem(graph_name: str, metadata: dict[str, str], model_weights: str, model_name: str) -> str | None:
+    """Why the graph (its `read_metadata`) holds other weights than the model called `model_name` whose
+    `weights_sha256` is `model_weights`, or None when it holds the same."""
+    if metadata["weights_sha256"] == model_weights:
+        return None
+    return (f"{graph_name} holds other weights than {model_name} (weights {metadata['weights_sha256'][:12]}, the "
+            f"model's are {model_weights[:12]}): {OTHER_WEIGHTS_CAUSE}; pass the --base-model (or --seed) it was "
+            f"exported from")
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -24,7 +24,9 @@ from types import ModuleType
 
 import torch
 
-from .engine_metadata import EngineMetadata, graph_sha256, publish_engine, write_whole
+from runtime.cli import write_whole
+
+from .engine_metadata import EngineMetadata, graph_sha256, publish_engine
 from .graphs import GraphSpec
 from .onnx_export import read_metadata
 from .tensorrt_plugins import PluginRegistrationError, plugin_ptx_isa, register_fca_plugins

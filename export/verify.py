@@ -44,7 +44,7 @@ from guidesr.model import GuideSR
 
 from . import engine_metadata
 from .graphs import INPUT_NAME, OUTPUT_NAME, GraphSpec
-from .onnx_export import read_metadata
+from .onnx_export import other_weights_problem, read_metadata
 
 FP32_MAX_ABS = 1e-4
 FP16_MIN_PSNR = 40.0
@@ -150,11 +150,9 @@ def compare(model: GuideSR, onnx_path: str | Path, sizes: list[tuple[int, int]] 
                          f"the reference model is {expected[:12]}; compare a graph with the model it came from")
     if weights_digest is None:
         weights_digest = weights_sha256(model)
-    if metadata["weights_sha256"] != weights_digest:
-        raise ValueError(f"{onnx_path.name} holds other weights than the reference model (weights "
-                         f"{metadata['weights_sha256'][:12]}, the model's are {weights_digest[:12]}): the same "
-                         f"checkpoint on another --base-model, or untrained weights of another seed; pass the "
-                         f"--base-model (or --seed) it was exported from, or export it again from this model")
+    problem = other_weights_problem(onnx_path.name, metadata, weights_digest, "the reference model")
+    if problem is not None:
+        raise ValueError(f"{problem}, or export it again from this model")
     shapes = graph_shapes(spec, sizes)
     session = SessionFromOnnx(str(onnx_path), providers=["cpu"])
     runners = [TorchRunner(model), OnnxrtRunner(session, name=onnx_path.name)]

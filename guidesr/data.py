@@ -58,7 +58,7 @@ def _max_megapixels() -> float | None:
 
 
 def _training_reason(error: ImageReadError) -> str:
-    """Why training cannot read an image; over the pixel limit, which limit that is (training has no option for it)."""
+    """Why training cannot read an image; over the pixel limit, which limit (training has no option for it)."""
     if isinstance(error, ImageTooLargeError):
         return (f"{error.over_limit} (Pillow's decompression-bomb limit, 2 x PIL.Image.MAX_IMAGE_PIXELS, which training "
                 f"keeps)")
@@ -223,13 +223,17 @@ def batch_seed(seed: int, rank: int, index: int) -> int:
     """The seed of micro-batch `index` on `rank`: batches depend on nothing else. For `index` under
     `RANK_MICRO_BATCHES` and `rank` under `MAX_RANKS`, no two (rank, index) of one seed share the low
     32 bits."""
-    return (seed * 1_000_003 + rank * RANK_MICRO_BATCHES + index) % (2**63 - 1)
+    return _offset_seed(seed, rank * RANK_MICRO_BATCHES + index)
 
 
 def draw_seed(seed: int, image: int, draw: int) -> int:
     """The seed of `eval_pairs`' draw `draw` of image `image` (the evaluation inputs of every recorded
     result; distinct for up to 7_919 draws per image)."""
-    return (seed * 1_000_003 + image * 7_919 + draw) % (2**63 - 1)
+    return _offset_seed(seed, image * 7_919 + draw)
+
+
+def _offset_seed(seed: int, offset: int) -> int:
+    return (seed * 1_000_003 + offset) % (2**63 - 1)
 
 
 class StepCrops(Dataset):

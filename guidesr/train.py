@@ -280,10 +280,9 @@ class Trainer:
         params = [p for _, p in self.model.trainable_parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.disc_optimizer = None
-        self.disc_params: list[nn.Parameter] = []  # what the discriminator trains (a CLIP backbone stays frozen)
         if self.discriminator is not None:
-            self.disc_params = [p for p in self.discriminator.parameters() if p.requires_grad]
-            self.disc_optimizer = torch.optim.AdamW(self.disc_params, lr=config.disc_lr, betas=(0.5, 0.999))
+            disc_params = [p for p in self.discriminator.parameters() if p.requires_grad]  # a CLIP backbone is frozen
+            self.disc_optimizer = torch.optim.AdamW(disc_params, lr=config.disc_lr, betas=(0.5, 0.999))
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16" and self.device.type == "cuda")
         self.step = 0
         self.elapsed_s = 0.0  # seconds of training up to self.step, over every run of this folder since step 0
@@ -325,8 +324,11 @@ class Trainer:
     def _discriminator_learns(self, learns: bool) -> None:
         """Gradients for the discriminator's trained parameters during its own step only; its frozen parts never
         get one."""
-        for param in self.disc_params:
-            param.requires_grad_(learns)
+        if self.disc_optimizer is None:
+            return
+        for group in self.disc_optimizer.param_groups:
+            for param in group["params"]:
+                param.requires_grad_(learns)
 
     def train_step(self) -> dict[str, float]:
         config = self.config

@@ -92,8 +92,14 @@ def check_out_argument(parser: argparse.ArgumentParser, path: Path, option: str 
 
 
 def write_json(data: dict, path: Path) -> None:
-    """Into PATH.partial, then renamed: a run killed while writing leaves the previous complete file (no NaN/inf)."""
+    """`write_whole` of the JSON (no NaN/inf), its folder made first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    temporary.replace(path)
+    write_whole(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
+
+
+def write_whole(path: Path, data: bytes | memoryview) -> None:
+    """Into PATH.partial, then renamed: a write that fails or is killed leaves the previous file or none, never part
+    of one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(path)

@@ -103,6 +103,7 @@ class ONNXRuntimeBackend(Backend):
         self.provider = self.session.get_providers()[0]
 
     def _check_given_graph(self, path: Path, precision: str | None, model: GuideSR) -> tuple[GraphSpec, str]:
+        from export.onnx_export import other_weights_problem
         from guidesr.checkpoint import weights_sha256
 
         metadata = _graph_metadata(path)
@@ -114,14 +115,9 @@ class ONNXRuntimeBackend(Backend):
                 f"{model_checkpoint[:12]}: pass the --checkpoint it came from, or leave out --onnx to export the "
                 f"loaded model"
             )
-        model_weights = weights_sha256(model)
-        if metadata["weights_sha256"] != model_weights:
-            raise BackendError(
-                f"{path.name} holds other weights than the model loaded (weights {metadata['weights_sha256'][:12]}, "
-                f"the model's are {model_weights[:12]}): the same checkpoint on another --base-model, or untrained "
-                f"weights of another seed; pass the --base-model (or --seed) it was exported from, or leave out "
-                f"--onnx to export the loaded model"
-            )
+        problem = other_weights_problem(path.name, metadata, weights_sha256(model), "the model loaded")
+        if problem is not None:
+            raise BackendError(f"{problem}, or leave out --onnx to export the loaded model")
         if int(metadata["size_multiple"]) != self.descriptor.size_multiple:
             raise BackendError(f"{path.name} is for size multiple {metadata['size_multiple']}, the model's is "
                                f"{self.descriptor.size_multiple}")

@@ -15,6 +15,10 @@ Every failure to read becomes an `ImageReadError` that names the file and the re
 over the pixel limit becomes an `ImageTooLargeError` (a subclass) that names the size and the
 `--max-megapixels` option.
 
+Physical resolution: `read_image` gives the pixels per inch the file states (PNG pHYs, JPEG JFIF density or
+else EXIF, TIFF resolution tags, BMP header, WebP EXIF; None where it states none, or only an aspect ratio) and
+`write_image(dpi=)` writes it to the same places, so an upscaled image can keep its print size.
+
 Writing (`write_image`): the format comes from the file extension. The write is atomic: the
 bytes go to an unnamed O_TMPFILE file in the destination folder (Linux) or, where that is not
 available, to a hidden temporary file there; it is fsynced and only then linked to its name
@@ -28,6 +32,8 @@ import contextlib
 import ctypes
 import errno
 import io
+import math
+import numbers
 import os
 import re
 import secrets
@@ -59,6 +65,10 @@ ALPHA_FORMATS = frozenset({"png", "webp", "tiff"})  # BMP alpha is not read back
 SIXTEEN_BIT_FORMATS = frozenset({"png", "tiff"})
 
 _EXIF_ORIENTATION = 0x0112
+_X_RESOLUTION, _Y_RESOLUTION, _RESOLUTION_UNIT = 0x011A, 0x011B, 0x0128  # TIFF and EXIF tags
+_INCH, _CENTIMETRE = 2, 3  # ResolutionUnit values; 1 means an aspect ratio only (no unit), 2 is the default
+_CENTIMETRES_PER_INCH = 2.54
+_METRES_PER_INCH = 0.0254
 
 
 class ImageReadError(Exception):
@@ -110,6 +120,7 @@ class ImageInfo:
     width: int
     height: int
     icc_profile: bytes | None = None
+    dpi: tuple[float, float] | None = None  # (horizontal, vertical) pixels per inch of the returned array
 
     @property
     def has_alpha(self) -> bool:
@@ -134,7 +145,7 @@ def read_image(path: str | os.PathLike,
     with _read_errors(path, max_pixels), _pillow_pixel_limit(max_pixels):
         if _is_16bit_multisample_tiff(path):
             # Pillow has no 16-bit RGB / grey + alpha modes; tifffile reads these exactly.
-            array, mode, orientation, icc = _read_tiff_16bit(path, max_pixels)
+            array, mode, orientation, icc, dpi = _read_tiff_16bit(path, max_pixels)
             depth, fmt = 16, "tiff"
         else:
             with _open_with_pillow(path) as image:
@@ -149,14 +160,17 @@ def read_image(path: str | os.PathLike,
                     array, mode, depth = _pillow_to_array(image)
                 orientation = _orientation(image)
                 icc = image.info.get("icc_profile")
+                dpi = _pillow_dpi(image)
     array = _apply_orientation(array, orientation)
+    if dpi is not None and orientation >= 5:  # turned by a quarter: the axes swap
+        dpi = dpi[::-1]
     icc = _profile_of_mode(icc, mode)
     scale = 65535.0 if depth == 16 else 255.0
     out = array.astype(np.float32)
     out /= scale
     height, width = out.shape[:2]
     info = ImageInfo(path=str(path), format=fmt, mode=mode, bit_depth=depth,
-                     width=width, height=height, icc_profile=icc)
+                     width=width, height=height, icc_profile=icc, dpi=dpi)
     return out, info
 
 
@@ -300,10 +314,48 @@ def _profile_of_mode(icc: bytes | None, mode: str) -> bytes | None:
     return icc
 
 
+def _pillow_dpi(image: Image.Image) -> tuple[float, float] | None:
+    """The pixels per inch a file opened by Pillow states, or None. Pillow's own info["dpi"] serves PNG (pHYs in
+    metres) and BMP; for JPEG and TIFF it is not used, because Pillow reports 72 for a JPEG whose EXIF has no
+    resolution and 1 for a TIFF without resolution tags, where the file states nothing."""
+    if image.format in ("JPEG", "MPO") and image.info.get("jfif_unit") in (1, 2):
+        per_unit = 1.0 if image.info["jfif_unit"] == 1 else _CENTIMETRES_PER_INCH
+        return _positive_dpi(tuple(value * per_unit for value in image.info["jfif_density"]))
+    if image.format in ("JPEG", "MPO", "WEBP", "TIFF"):
+        tags = image.tag_v2 if image.format == "TIFF" else image.getexif()
+        return _tagged_dpi(tags.get(_X_RESOLUTION), tags.get(_Y_RESOLUTION), tags.get(_RESOLUTION_UNIT, _INCH))
+    return _positive_dpi(image.info.get("dpi"))
+
+
+def _tagged_dpi(x, y, unit) -> tuple[float, float] | None:
+    """TIFF / EXIF XResolution, YResolution and ResolutionUnit as pixels per inch, or None when one is missing (or
+    not a single number) or the unit is not a length."""
+    if not (isinstance(x, numbers.Real) and isinstance(y, numbers.Real)) or unit not in (_INCH, _CENTIMETRE):
+        return None
+    per_unit = 1.0 if unit == _INCH else _CENTIMETRES_PER_INCH
+    return _positive_dpi((float(x) * per_unit, float(y) * per_unit))
+
+
+def _positive_dpi(dpi: tuple[float, float] | None) -> tuple[float, float] | None:
+    """`dpi` as floats when both are finite and positive (a zero or broken rational states no size), else None."""
+    if dpi is None:
+        return None
+    values = tuple(float(value) for value in dpi)
+    return values if all(math.isfinite(value) and value > 0 for value in values) else None
+
+
 def pillow_pixels(image: Image.Image) -> np.ndarray:
     """A Pillow image's pixels as `read_image` lays them out, before scaling: uint8 [H, W, C] (C: 1 grey,
-    2 grey + alpha, 3 RGB, 4 RGBA) or uint16 [H, W, 1] for 16- and 32-bit integer grey."""
-    return _pillow_to_array(image)[0]
+    2 grey + alpha, 3 RGB, 4 RGBA) or uint16 [H, W, 1] for 16- and 32-bit integer grey, turned upright by
+    the image's EXIF orientation (`upright`)."""
+    return upright(_pillow_to_array(image)[0], image)
+
+
+def upright(array: np.ndarray, image: Image.Image) -> np.ndarray:
+    """`array`, the [H, W, C] pixels of `image`, turned the way the image's EXIF orientation says, as `read_image`
+    turns a file's. `ImageOps.exif_transpose` removes the tag from the image it returns, so its result stays as
+    it is."""
+    return _apply_orientation(array, _orientation(image))
 
 
 def _pillow_to_array(image: Image.Image) -> tuple[np.ndarray, str, int]:
@@ -348,7 +400,8 @@ def _is_16bit_multisample_tiff(path: Path) -> bool:
         return page.bitspersample == 16 and page.samplesperpixel > 1
 
 
-def _read_tiff_16bit(path: Path, max_pixels: int | None) -> tuple[np.ndarray, str, int, bytes | None]:
+def _read_tiff_16bit(path: Path,
+                     max_pixels: int | None) -> tuple[np.ndarray, str, int, bytes | None, tuple[float, float] | None]:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
@@ -362,6 +415,9 @@ def _read_tiff_16bit(path: Path, max_pixels: int | None) -> tuple[np.ndarray, st
         icc_tag = page.tags.get("InterColorProfile")
         orientation = int(orientation_tag.value) if orientation_tag is not None else 1
         icc = bytes(icc_tag.value) if icc_tag is not None else None
+        resolution = [_tiff_rational(page.tags.get(name)) for name in ("XResolution", "YResolution")]
+        unit = page.tags.get("ResolutionUnit")
+        dpi = _tagged_dpi(*resolution, int(unit.value) if unit is not None else _INCH)
     if array.ndim != 3 or array.dtype != np.uint16:
         raise ImageReadError(path, f"unsupported 16-bit TIFF layout (shape {array.shape}, dtype {array.dtype})")
     if photometric == tifffile.PHOTOMETRIC.MINISBLACK and array.shape[2] == 1 + extra:
@@ -375,7 +431,16 @@ def _read_tiff_16bit(path: Path, max_pixels: int | None) -> tuple[np.ndarray, st
         alpha = array[..., -1:].astype(np.float64)
         colour = np.where(alpha > 0, array[..., :-1] * 65535.0 / np.maximum(alpha, 1), 0)
         array = np.concatenate([np.clip(np.rint(colour), 0, 65535).astype(np.uint16), array[..., -1:]], axis=-1)
-    return array, mode, orientation if 1 <= orientation <= 8 else 1, icc
+    return array, mode, orientation if 1 <= orientation <= 8 else 1, icc, dpi
+
+
+def _tiff_rational(tag) -> float | None:
+    """A tifffile RATIONAL tag's (numerator, denominator) as a number (NaN for a zero denominator); None when absent
+    or not one rational."""
+    if tag is None or not (isinstance(tag.value, tuple) and len(tag.value) == 2):
+        return None
+    numerator, denominator = tag.value
+    return numerator / denominator if denominator else math.nan
 
 
 # Pillow's raw mode of a 16-bit colour PNG -> the mode we return it in.
@@ -440,11 +505,14 @@ def to_integer(array: np.ndarray, bit_depth: int) -> np.ndarray:
 
 
 def write_image(path: str | os.PathLike, array: np.ndarray, *, bit_depth: int = 8, overwrite: bool = False,
-                quality: int = 95, icc_profile: bytes | None = None) -> Path:
+                quality: int = 95, icc_profile: bytes | None = None, dpi: tuple[float, float] | None = None) -> Path:
     """Write a float [H, W, C] array in [0, 1] (C = 1, 2, 3, 4) atomically; returns the path.
 
     16 bits are kept for PNG and TIFF (else 8); alpha is kept for PNG, WebP and TIFF and dropped
     for JPEG and BMP, each loss with an OutputFormatWarning. `quality` is the JPEG / WebP quality.
+    `dpi` (horizontal, vertical pixels per inch) goes to PNG pHYs, JPEG JFIF density (whole numbers up to
+    65535; a larger one is dropped with an OutputFormatWarning), TIFF resolution tags, the BMP header or WebP
+    EXIF; None writes no physical resolution.
     """
     path = Path(path)
     fmt = output_format(path)
@@ -459,6 +527,10 @@ def write_image(path: str | os.PathLike, array: np.ndarray, *, bit_depth: int = 
         warnings.warn(f"{path}: {fmt.upper()} has no alpha channel; the alpha channel is dropped "
                       f"(PNG, WebP and TIFF keep it)", OutputFormatWarning, stacklevel=2)
         array = array[..., : array.shape[2] - 1]
+    if dpi is not None and fmt == "jpeg" and round(max(dpi)) > _JFIF_MAX_DENSITY:
+        warnings.warn(f"{path}: JPEG holds at most {_JFIF_MAX_DENSITY} pixels per inch; the resolution "
+                      f"{dpi[0]:g}x{dpi[1]:g} dpi is not written", OutputFormatWarning, stacklevel=2)
+        dpi = None
     depth = bit_depth if fmt in SIXTEEN_BIT_FORMATS else 8
     if depth < bit_depth:
         warnings.warn(f"{path}: {fmt.upper()} holds 8 bits a channel; the {bit_depth}-bit image is written with 8 "
@@ -469,11 +541,15 @@ def write_image(path: str | os.PathLike, array: np.ndarray, *, bit_depth: int = 
         raise ImageWriteError(path, f"the folder {path.parent} does not exist")
     pixels = to_integer(array, depth)
     with _atomic_file(path, overwrite) as stream:
-        _encode(stream, pixels, fmt, quality, icc_profile)
+        _encode(stream, pixels, fmt, quality, icc_profile, dpi)
     return path
 
 
-def _encode(stream, pixels: np.ndarray, fmt: str, quality: int, icc_profile: bytes | None) -> None:
+_JFIF_MAX_DENSITY = 65535  # a 16-bit field; Pillow would write a larger value modulo 65536
+
+
+def _encode(stream, pixels: np.ndarray, fmt: str, quality: int, icc_profile: bytes | None,
+            dpi: tuple[float, float] | None) -> None:
     channels = pixels.shape[2]
     if pixels.dtype == np.uint16 and (fmt == "tiff" and channels > 1):
         import tifffile
@@ -482,36 +558,49 @@ def _encode(stream, pixels: np.ndarray, fmt: str, quality: int, icc_profile: byt
         extrasamples = ["unassalpha"] if channels in (2, 4) else None
         buffer = io.BytesIO()  # tifffile wants a file with a name; an O_TMPFILE has none
         tifffile.imwrite(buffer, pixels, photometric=photometric, extrasamples=extrasamples, compression="zlib",
-                         iccprofile=icc_profile)
+                         iccprofile=icc_profile, resolution=dpi, resolutionunit="INCH" if dpi else None)
         stream.write(buffer.getbuffer())
         return
     if pixels.dtype == np.uint16 and fmt == "png" and channels > 1:
-        _write_png_16bit(stream, pixels, icc_profile)
+        _write_png_16bit(stream, pixels, icc_profile, dpi)
         return
     # uint16 [H, W] -> I;16 (16-bit grey PNG/TIFF); uint8 [H, W] / [H, W, 2|3|4] -> L / LA / RGB / RGBA
     image = Image.fromarray(np.ascontiguousarray(pixels[..., 0] if channels == 1 else pixels))
     options: dict = {}
     if icc_profile:
         options["icc_profile"] = icc_profile
+    if dpi is not None and fmt != "webp":
+        options["dpi"] = dpi
     if fmt == "jpeg":
         options.update(quality=quality, subsampling=0 if quality >= 90 else 2)
     elif fmt == "webp":
         options.update(quality=quality, method=4)
+        if dpi is not None:  # WebP has no resolution field of its own
+            options["exif"] = _resolution_exif(dpi)
     elif fmt == "png":
         options.update(compress_level=6)
     elif fmt == "tiff":
         options.update(compression="tiff_deflate")
     elif fmt == "bmp":
         options.pop("icc_profile", None)
+        options.setdefault("dpi", (0, 0))  # 0: unstated; Pillow's default would state 96 dpi
     pillow_format = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "tiff": "TIFF", "bmp": "BMP"}[fmt]
     image.save(stream, format=pillow_format, **options)
+
+
+def _resolution_exif(dpi: tuple[float, float]) -> Image.Exif:
+    exif = Image.Exif()
+    exif[_X_RESOLUTION], exif[_Y_RESOLUTION] = dpi
+    exif[_RESOLUTION_UNIT] = _INCH
+    return exif
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def _write_png_16bit(stream, pixels: np.ndarray, icc_profile: bytes | None) -> None:
+def _write_png_16bit(stream, pixels: np.ndarray, icc_profile: bytes | None,
+                     dpi: tuple[float, float] | None) -> None:
     """16-bit grey+alpha / RGB / RGBA PNG (Pillow cannot write these). Every row uses the Sub filter."""
     height, width, channels = pixels.shape
     color_type = {2: 4, 3: 2, 4: 6}[channels]
@@ -520,6 +609,9 @@ def _write_png_16bit(stream, pixels: np.ndarray, icc_profile: bytes | None) -> N
     stream.write(_png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)))
     if icc_profile:
         stream.write(_png_chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc_profile)))
+    if dpi is not None:  # pixels per metre, unit 1 (the metre)
+        per_metre = (round(value / _METRES_PER_INCH) for value in dpi)
+        stream.write(_png_chunk(b"pHYs", struct.pack(">IIB", *per_metre, 1)))
     compressor = zlib.compressobj(6)
     idat = bytearray()
     rows_per_step = max(1, (1 << 20) // (width * bytes_per_pixel))

@@ -59,6 +59,7 @@ from .imageio import (
     pillow_pixels,
     read_image,
     stale_partial_files,
+    upright,
     write_image,
 )
 from .sharding import Shard, ShardingError, device_for_shard, shard_from_env, shard_items
@@ -114,7 +115,8 @@ def upscale_array(
 ) -> np.ndarray:
     """[h, w, C] float32 in [0, 1] (C: 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA) -> [h*s, w*s, C].
 
-    With a `validator`, its reference runs on the same tiles and the colour result is checked
+    An overlap that does not suit the tile actually used is refused with the command line's ValueError
+    (`checked_tile`). With a `validator`, its reference runs on the same tiles and the colour result is checked
     against it (ValidationError below its threshold).
     """
     if image.ndim == 2:
@@ -138,7 +140,7 @@ def upscale_array(
         low_res = low_res.expand(3, -1, -1)
     low_res = low_res * 2 - 1  # the model's [-1, 1]
     source = BicubicSource(low_res, scale)
-    plan = plan_tiles(source.height, source.width, effective_tile(backend, tile), overlap)
+    plan = plan_tiles(source.height, source.width, checked_tile(backend, tile, overlap), overlap)
     functions = [backend] if validator is None else [backend, validator.reference]
     if backend.tile_shape is not None:  # the reference gets the very tiles the backend gets, padded alike
         functions = [fit_to_shape(function, backend.tile_shape) for function in functions]
@@ -191,7 +193,7 @@ def _as_float_image(image) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         return read_image(image)[0]
     if isinstance(image, Image.Image):
-        image = np.asarray(image) if image.mode == "F" else pillow_pixels(image)
+        image = upright(np.asarray(image)[..., None], image) if image.mode == "F" else pillow_pixels(image)
     array = np.asarray(image)
     if array.dtype.kind == "u" and array.dtype.itemsize == 1:
         return array.astype(np.float32) / 255
@@ -215,6 +217,10 @@ def upscale(
 ) -> np.ndarray:
     """Upscale one image: a path, a PIL image or an [H, W] / [H, W, C] array (uint8, uint16 or float in [0, 1]).
 
+    A file's EXIF orientation is applied, and so is a PIL image's: `upscale(Image.open(path))` gives what
+    `upscale(path)` gives (an image from `ImageOps.exif_transpose` has no orientation tag left, so it is not
+    turned twice).
+
     Returns float32 [H*scale, W*scale, C] in [0, 1]. `backend` is a `Backend` or a name
     ('auto', 'torch', ...) built around `model` (default: `guidesr.load_default_model()`) for
     this call only; on a GPU 'auto' means compiling the model, so for several images build the
@@ -233,10 +239,15 @@ def upscale_file(source: str | os.PathLike, destination: str | os.PathLike, back
                  max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
                  on_batch: Callable[[TileBatch], None] | None = None,
                  validator: Validator | None = None) -> Path:
-    """Read, upscale, write atomically (16 bits and alpha kept where the output format allows).
+    """Read, upscale, write atomically (16 bits and alpha kept where the output format allows; the ICC profile and
+    the physical print size too: the output's pixels per inch are the input's times the scale).
 
-    With a `validator`, an output that fails validation raises ValidationError and is not written.
+    A `destination` that is the source file itself (another spelling, a link) is refused with ImageWriteError, even
+    with `overwrite`. With a `validator`, an output that fails validation raises ValidationError and is not written.
     """
+    if same_file(source, destination):
+        raise ImageWriteError(destination, f"it is the input {source} itself; the input is never replaced, even with "
+                                           f"overwrite")
     array, info = read_image(source, max_megapixels=max_megapixels)
     try:
         result = upscale_array(array, backend, scale=scale, tile=tile, overlap=overlap, tile_batch=tile_batch,
@@ -245,8 +256,10 @@ def upscale_file(source: str | os.PathLike, destination: str | os.PathLike, back
         raise NonFiniteOutputError(err.function_index, err.boxes, path=str(source)) from None
     except ValidationError as err:
         raise ValidationError(err.report, path=str(source)) from None
+    dpi = None if info.dpi is None else (info.dpi[0] * result.shape[1] / info.width,
+                                         info.dpi[1] * result.shape[0] / info.height)
     return write_image(destination, result, bit_depth=info.bit_depth, overwrite=overwrite, quality=quality,
-                       icc_profile=info.icc_profile)
+                       icc_profile=info.icc_profile, dpi=dpi)
 
 
 # ------------------------------------------------------------------------------------------- jobs
@@ -268,6 +281,18 @@ class JobList:
 EXIT_FAILED_IMAGES = 1
 EXIT_CANNOT_RUN = 2  # argparse's status for usage errors too
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process that Ctrl-C stopped
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether `a` and `b` name one existing file, however spelled: relative or absolute, through a symbolic link,
+    a hard link, or in another case on a case-insensitive filesystem."""
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def _file_identity(path: Path) -> tuple[int, int]:
+    """(device, inode): what `same_file` compares, as a key."""
+    status = path.stat()
+    return status.st_dev, status.st_ino
 
 
 def _is_inside(path: Path, folder: Path) -> bool:
@@ -308,7 +333,7 @@ def collect_jobs(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
         if len(input_paths) != 1 or input_paths[0].is_dir():
             raise ValueError(f"-o {output} is a file name, but the input is not a single file; "
                              f"give a folder to -o for several images")
-        if output.resolve() == input_paths[0].resolve():
+        if same_file(output, input_paths[0]):
             raise ValueError(f"-o {output} is the input itself; the input is never replaced, even with --overwrite")
         return JobList([Job(input_paths[0], output)], [])
     if output.exists() and not output.is_dir():
@@ -333,10 +358,15 @@ def collect_jobs(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
             jobs.append(Job(path, output / (path.stem + extension)))
         else:
             failures.append(f"{path}: no such file or folder")
-    sources = {job.source.resolve() for job in jobs}
+    # One file reached twice (a.png and ./a.png or its absolute path, a folder and a file in it, a linked folder)
+    # is one job when both ways lead to the same output.
+    distinct: dict[tuple[tuple[int, int], Path], Job] = {}
+    for job in sorted(jobs, key=lambda j: str(j.source)):
+        distinct.setdefault((_file_identity(job.source), job.output), job)
+    sources = {identity for identity, _ in distinct}
     by_output: dict[Path, list[Job]] = {}
-    for job in sorted(set(jobs), key=lambda j: str(j.source)):
-        if job.output.resolve() in sources:
+    for job in distinct.values():
+        if job.output.exists() and _file_identity(job.output) in sources:
             failures.append(f"{job.source}: its output {job.output} is an input; the input is never replaced, "
                             f"even with --overwrite (give another -o or --format)")
             continue

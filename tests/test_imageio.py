@@ -526,3 +526,51 @@ def test_a_file_that_appears_during_the_write_is_not_replaced(tmp_path, monkeypa
         write_image(path, np.zeros((4, 6, 3), np.float32))
     assert path.read_bytes() == b"the other writer's image"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
+@pytest.mark.parametrize("name,channels,bits", [
+    ("grey.png", 1, 8), ("rgb.png", 3, 8), ("grey16.png", 1, 16), ("rgba16.png", 4, 16), ("rgb.jpg", 3, 8),
+    ("rgb.tif", 3, 8), ("grey16.tif", 1, 16), ("rgba16.tif", 4, 16), ("rgb.bmp", 3, 8), ("rgba.webp", 4, 8),
+])
+def test_the_physical_resolution_is_written_and_read_back_in_every_format(tmp_path, name, channels, bits):
+    pixels = random_pixels(5, 6, channels, bits) / (255 if bits == 8 else 65535)
+    stated = write_image(tmp_path / name, pixels, bit_depth=bits, dpi=(288.0, 144.0))
+    np.testing.assert_allclose(read_image(stated)[1].dpi, (288.0, 144.0), rtol=1e-4)
+    unstated = write_image(tmp_path / f"none-{name}", pixels, bit_depth=bits)
+    assert read_image(unstated)[1].dpi is None
+
+
+def test_the_resolution_is_what_the_file_states_not_what_pillow_assumes(tmp_path):
+    pixels = random_pixels(5, 6, 3, 8)
+    exif = Image.Exif()
+    exif[0x0112] = 1  # EXIF without a resolution: Pillow reports 72 dpi
+    Image.fromarray(pixels).save(tmp_path / "exif.jpg", exif=exif)
+    Image.fromarray(pixels).save(tmp_path / "bare.tif")  # no resolution tags: Pillow reports 1 dpi
+    Image.fromarray(pixels).save(tmp_path / "ratio.tif", resolution=2, resolution_unit=1)  # 1: an aspect ratio only
+    Image.fromarray(pixels).save(tmp_path / "cm.tif", resolution=100, resolution_unit=3)
+    exif_cm = Image.Exif()
+    exif_cm[0x011A], exif_cm[0x011B], exif_cm[0x0128] = 40, 20, 3
+    Image.fromarray(pixels).save(tmp_path / "exif_cm.jpg", exif=exif_cm)
+    tifffile.imwrite(tmp_path / "deep.tif", random_pixels(5, 6, 3, 16), photometric="rgb", resolution=(30, 60),
+                     resolutionunit="CENTIMETER")
+    dpi = {path.name: read_image(path)[1].dpi for path in sorted(tmp_path.iterdir())}
+    assert {name: value for name, value in dpi.items() if value is None} == dict.fromkeys(
+        ["bare.tif", "exif.jpg", "ratio.tif"])
+    np.testing.assert_allclose([dpi["cm.tif"], dpi["exif_cm.jpg"], dpi["deep.tif"]],
+                               [(254, 254), (101.6, 50.8), (76.2, 152.4)])
+
+
+def test_a_quarter_turn_orientation_swaps_the_resolution(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(random_pixels(5, 6, 3, 8)).save(tmp_path / "turned.png", exif=exif, dpi=(300, 100))
+    array, info = read_image(tmp_path / "turned.png")
+    assert array.shape[:2] == (6, 5)
+    np.testing.assert_allclose(info.dpi, (100, 300), rtol=1e-4)
+
+
+def test_a_resolution_jpeg_cannot_hold_is_not_written_and_says_so(tmp_path):
+    with pytest.warns(OutputFormatWarning, match="JPEG holds at most 65535 pixels per inch; the resolution "
+                                                 "70000x300 dpi is not written"):
+        path = write_image(tmp_path / "fine.jpg", random_pixels(5, 6, 3, 8) / 255, dpi=(70000, 300))
+    assert read_image(path)[1].dpi is None  # not 70000 modulo 65536

@@ -6,6 +6,7 @@ passed with --checkpoint (the way a user runs their own model); images are tiny 
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -17,12 +18,12 @@ import pytest
 import tifffile
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 import runtime
 from runtime import imageio
 from runtime.backends import Backend, TorchBackend
-from runtime.imageio import read_image, write_image
+from runtime.imageio import ImageWriteError, read_image, write_image
 from runtime.tiling import NonFiniteOutputError
 import runtime.upscale as upscale_module
 from runtime.upscale import (EXIT_CANNOT_RUN, EXIT_FAILED_IMAGES, EXIT_INTERRUPTED, collect_jobs, effective_tile, main,
@@ -174,11 +175,11 @@ def test_a_failed_write_leaves_no_partial_file_and_the_batch_goes_on(tmp_path, c
     make_inputs(tmp_path / "in")
     real_encode = imageio._encode
 
-    def disk_full_for_grey(stream, pixels, fmt, quality, icc_profile):
+    def disk_full_for_grey(stream, pixels, *options):
         if pixels.ndim == 3 and pixels.shape[2] == 1 and pixels.dtype == np.uint8:  # grey.png's output
             stream.write(b"\x89PNG\r\n\x1a\n half an image")
             raise OSError(28, "No space left on device")
-        return real_encode(stream, pixels, fmt, quality, icc_profile)
+        return real_encode(stream, pixels, *options)
 
     monkeypatch.setattr(imageio, "_encode", disk_full_for_grey)
     code = main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--checkpoint", str(checkpoint)])
@@ -596,3 +597,92 @@ def test_an_output_folder_that_cannot_be_made_fails_its_images_before_the_model_
     for name in ("a", "b"):
         assert (f"error: {tmp_path / 'in' / name}.png: cannot write {tmp_path / 'blocker' / 'out' / name}.png: "
                 f"{tmp_path / 'blocker'} is not a folder") in err
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))  # 1 is upright
+def test_a_pil_images_exif_orientation_is_applied_as_for_its_file(tmp_path, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "oriented.jpg"
+    Image.fromarray(RNG.integers(0, 256, (6, 9, 3), dtype=np.uint8)).save(path, exif=exif, quality=95)
+    backend = ChannelAffineBackend(scale=2)
+    from_file = runtime.upscale(path, backend=backend)
+    with Image.open(path) as image:
+        np.testing.assert_array_equal(runtime.upscale(image, backend=backend), from_file)
+        np.testing.assert_array_equal(runtime.upscale(ImageOps.exif_transpose(image), backend=backend), from_file)
+
+
+def test_a_float_pil_images_exif_orientation_is_applied():
+    values = RNG.random((6, 9), dtype=np.float32)
+    image = Image.fromarray(values)
+    image.getexif()[0x0112] = 8  # rotate 90 degrees counter-clockwise to display
+    backend = ChannelAffineBackend(scale=2)
+    np.testing.assert_array_equal(runtime.upscale(image, backend=backend),
+                                  upscale_array(np.rot90(values)[..., None].copy(), backend))
+
+
+def test_upscale_file_keeps_the_print_size(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a quarter turn: the output's x is the stored y
+    source = tmp_path / "scan.png"
+    Image.fromarray(RNG.integers(0, 256, (5, 7, 3), dtype=np.uint8)).save(source, exif=exif, dpi=(72, 150))
+    for name in ("out.png", "out.jpg", "out.tif"):
+        out = upscale_file(source, tmp_path / name, ChannelAffineBackend(), scale=2)
+        array, info = read_image(out)
+        assert array.shape[:2] == (14, 10)
+        np.testing.assert_allclose(info.dpi, (300, 144), rtol=1e-3, err_msg=name)
+    plain = write_image(tmp_path / "plain.png", RNG.random((5, 7, 3), dtype=np.float32))
+    assert read_image(upscale_file(plain, tmp_path / "plain_x2.png", ChannelAffineBackend(), scale=2))[1].dpi is None
+
+
+def test_one_file_given_twice_is_one_job(tmp_path, stand_in_model, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    source = write_image(folder / "a.png", RNG.random((5, 6, 3), dtype=np.float32))
+    (tmp_path / "linked").symlink_to(folder)
+    spellings = [folder, source.resolve(), tmp_path / "in" / ".." / "in" / "a.png", tmp_path / "linked"]
+    jobs = collect_jobs(spellings, tmp_path / "out")
+    assert (len(jobs.jobs), jobs.failures) == (1, [])
+    assert main([*map(str, spellings), "-o", str(tmp_path / "out")]) == 0
+    assert "1 written, 0 skipped (already there), 0 failed" in capsys.readouterr().out
+
+
+def test_an_output_that_is_an_input_under_another_name_is_refused(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    source = write_image(folder / "a.png", RNG.random((5, 6, 3), dtype=np.float32))
+    (tmp_path / "out").mkdir()
+    os.link(source, tmp_path / "out" / "a.png")  # a hard link: the same file, whose path resolves elsewhere
+    with pytest.raises(ValueError, match="is the input itself; the input is never replaced, even with --overwrite"):
+        collect_jobs([source], tmp_path / "out" / "a.png")
+    jobs = collect_jobs([folder], tmp_path / "out")
+    assert jobs.jobs == []
+    assert jobs.failures == [f"{source}: its output {tmp_path / 'out' / 'a.png'} is an input; the input is never "
+                             f"replaced, even with --overwrite (give another -o or --format)"]
+
+
+def test_upscale_file_never_replaces_its_source(tmp_path):
+    (tmp_path / "sub").mkdir()
+    source = write_image(tmp_path / "in.png", RNG.random((5, 6, 3), dtype=np.float32))
+    before = source.read_bytes()
+    other_spelling = tmp_path / "sub" / ".." / "in.png"
+    with pytest.raises(ImageWriteError, match=re.escape(f"cannot write image {other_spelling}: it is the input "
+                                                        f"{source} itself; the input is never replaced")):
+        upscale_file(source, other_spelling, ChannelAffineBackend(), scale=2, overwrite=True)
+    assert source.read_bytes() == before
+
+
+@pytest.mark.parametrize("tile,overlap,message", [
+    (90, 64, "--overlap 64 with the tile actually used, 80x80 computes every output pixel about 25 times; keep the "
+             "overlap under 3/4 of the tile"),
+    (96, 96, "--overlap 96 must be smaller than the tile actually used, 96x96"),
+])
+def test_the_api_refuses_the_tiles_the_command_line_refuses(tile, overlap, message):
+    """The message of test_the_overlap_is_checked_against_the_tile_actually_used, from the array API; the image is
+    small enough that the old tiler would have run it (in one tile, or doing 25 times the work)."""
+    image = RNG.random((10, 10, 3), dtype=np.float32)
+    backend = ChannelAffineBackend(size_multiple=16)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        upscale_array(image, backend, tile=tile, overlap=overlap)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        runtime.upscale(image, backend=backend, tile=tile, overlap=overlap)

@@ -45,6 +45,7 @@ from .discriminators import DiscriminatorConfig, build_discriminator
 from .loading import build_model, has_text_encoder
 from .losses import GuideSRLoss, LossConfig, discriminator_loss
 from .model import GuideSR
+from .prompt import StoredPromptEmbedding
 
 STATE_FORMAT = "guidesr-train-state"
 
@@ -69,7 +70,12 @@ class TrainConfig:
     warmup_steps: int = 500
     min_lr_ratio: float = 0.0
     weight_decay: float = 1e-2
+    # "all": every trained parameter decays; "matrices": biases, norm gains and the learned prompt embedding do not
+    weight_decay_scope: str = "all"
     disc_lr: float = 1e-4
+    disc_weight_decay: float = 1e-2
+    disc_lr_schedule: str = "constant"  # "constant", or "generator": --disc-lr scaled by the generator's schedule
+    max_grad_norm: float | None = None  # clip each model's gradient norm to this per step; None: no clipping
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; CUDA only for the half precisions)
     seed: int = 0
     checkpoint_every: int = 1000
@@ -89,6 +95,26 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def discriminator_learning_rate(config: TrainConfig, step: int) -> float:
+    """--disc-lr, constant or, with disc_lr_schedule "generator", following the generator's warm-up and decay."""
+    if config.disc_lr_schedule == "constant":
+        return config.disc_lr
+    return config.disc_lr * learning_rate(config, step) / config.lr
+
+
+def optimizer_groups(module: nn.Module, scope: str) -> list[dict[str, Any]]:
+    """AdamW parameter groups over `module`'s trained parameters. Scope "all": one group, every parameter decays.
+    Scope "matrices": a second group with weight decay 0 holds the parameters that decay would pull away from a
+    meaningful start or scale: biases and norm gains (under two dimensions) and the learned prompt embedding."""
+    trained = [p for p in module.parameters() if p.requires_grad]
+    if scope == "all":
+        return [{"params": trained}]
+    prompt = {id(p) for m in module.modules() if isinstance(m, StoredPromptEmbedding) for p in m.parameters()}
+    undecayed = [p for p in trained if p.ndim < 2 or id(p) in prompt]
+    return [{"params": [p for p in trained if p.ndim >= 2 and id(p) not in prompt]},
+            {"params": undecayed, "weight_decay": 0.0}]
 
 
 @dataclass
@@ -277,12 +303,13 @@ class Trainer:
         self.criterion = GuideSRLoss(config.loss).to(self.device)  # fails here, at start, without LPIPS weights
         self.discriminator = (build_discriminator(config.discriminator).to(self.device)
                               if config.loss.w_gan > 0 else None)
-        params = [p for _, p in self.model.trainable_parameters()]
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(optimizer_groups(self.model, config.weight_decay_scope), lr=config.lr,
+                                           weight_decay=config.weight_decay)
         self.disc_optimizer = None
-        if self.discriminator is not None:
-            disc_params = [p for p in self.discriminator.parameters() if p.requires_grad]  # a CLIP backbone is frozen
-            self.disc_optimizer = torch.optim.AdamW(disc_params, lr=config.disc_lr, betas=(0.5, 0.999))
+        if self.discriminator is not None:  # a CLIP backbone is frozen: its heads only
+            self.disc_optimizer = torch.optim.AdamW(optimizer_groups(self.discriminator, config.weight_decay_scope),
+                                                    lr=config.disc_lr, betas=(0.5, 0.999),
+                                                    weight_decay=config.disc_weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16" and self.device.type == "cuda")
         self.step = 0
         self.elapsed_s = 0.0  # seconds of training up to self.step, over every run of this folder since step 0
@@ -330,13 +357,28 @@ class Trainer:
             for param in group["params"]:
                 param.requires_grad_(learns)
 
+    def _clip_gradients(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """Clips the global norm of `optimizer`'s gradients (unscaled first under fp16; after DDP's all-reduce and
+        every micro-batch, so the whole step's gradient) to max_grad_norm; returns the norm before clipping."""
+        self.scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+
     def train_step(self) -> dict[str, float]:
+        """One optimiser step of the generator, then of the discriminator. The loss terms stay on the device until
+        the step's end, where one transfer reads them (a GPU is not stalled per micro-batch); a non-finite term
+        raises FloatingPointError there, before the step is logged or saved, except under fp16's GradScaler, which
+        skips such a step (its gradients are not finite) and lowers the loss scale."""
         config = self.config
         lr = learning_rate(config, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.disc_optimizer is not None:
+            for group in self.disc_optimizer.param_groups:
+                group["lr"] = discriminator_learning_rate(config, self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        logs: dict[str, float] = {}
+        losses: list[tuple[str, int, torch.Tensor]] = []  # (term, micro-batch, value) in the order computed
+        norms: dict[str, torch.Tensor] = {}
         batches = []
         for micro in range(config.grad_accum):
             lq, hr = next(self.batches)
@@ -346,8 +388,9 @@ class Trainer:
                 loss, terms = self.criterion(out.r1, out.r2, hr, self.discriminator)
             self.scaler.scale(loss / config.grad_accum).backward()
             batches.append((hr, out.r1.detach(), out.r2.detach()))
-            for key, value in terms.items():
-                logs[key] = logs.get(key, 0.0) + value.item() / config.grad_accum
+            losses += [(key, micro, value) for key, value in terms.items()]
+        if config.max_grad_norm is not None:
+            norms["grad_norm"] = self._clip_gradients(self.optimizer)
         self.scaler.step(self.optimizer)
         if self.discriminator is not None:
             self._discriminator_learns(True)
@@ -356,9 +399,22 @@ class Trainer:
                 with self._reduces_gradients(self.ddp_disc, micro == len(batches) - 1), self._autocast():
                     d_loss = discriminator_loss(self.ddp_disc, hr, r1, r2)
                 self.scaler.scale(d_loss / config.grad_accum).backward()
-                logs["disc"] = logs.get("disc", 0.0) + d_loss.item() / config.grad_accum
+                losses.append(("disc", micro, d_loss.detach()))
+            if config.max_grad_norm is not None:
+                norms["disc_grad_norm"] = self._clip_gradients(self.disc_optimizer)
             self.scaler.step(self.disc_optimizer)
         self.scaler.update()
+        values = torch.stack([value.float() for *_, value in losses] + list(norms.values())).tolist()
+        logs: dict[str, float] = {}
+        for (key, micro, _), value in zip(losses, values):
+            if not math.isfinite(value) and not self.scaler.is_enabled():
+                where = f" on rank {self.env.rank}" if self.env.world_size > 1 else ""
+                raise FloatingPointError(
+                    f"step {self.step + 1}{where}: loss term {key} is {value} (micro-batch {micro + 1} of "
+                    f"{config.grad_accum}); stopped before logging or saving it, the last checkpoint is at step "
+                    f"{self.saved_step}")
+            logs[key] = logs.get(key, 0.0) + value / config.grad_accum
+        logs |= dict(zip(norms, values[len(losses):]))
         self.step += 1
         logs["lr"] = lr
         return logs
@@ -472,7 +528,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
     p.add_argument("--num-workers", type=count, default=defaults.num_workers, help="DataLoader workers reading images")
     p.add_argument("--lr", type=rate, default=defaults.lr, help="peak learning rate (AdamW)")
     p.add_argument("--weight-decay", type=weight, default=defaults.weight_decay, help="AdamW weight decay")
+    p.add_argument("--weight-decay-scope", default=defaults.weight_decay_scope, choices=["all", "matrices"],
+                   help="which trained parameters decay, in both models: all, or matrices (LoRA, conv and linear "
+                        "kernels), not biases, norm gains and the learned prompt embedding")
     p.add_argument("--disc-lr", type=rate, default=defaults.disc_lr, help="the discriminator's learning rate")
+    p.add_argument("--disc-weight-decay", type=weight, default=defaults.disc_weight_decay,
+                   help="the discriminator's AdamW weight decay")
+    p.add_argument("--disc-lr-schedule", default=defaults.disc_lr_schedule, choices=["constant", "generator"],
+                   help="constant: --disc-lr throughout; generator: --disc-lr with the generator's warm-up and decay")
+    p.add_argument("--max-grad-norm", type=rate, default=None,
+                   help="clip the generator's and, apart, the discriminator's gradient norm to this each step, and "
+                        "log both norms before clipping (default: no clipping)")
     p.add_argument("--min-lr-ratio", type=probability, default=defaults.min_lr_ratio,
                    help="the cosine decay's end, as a fraction of --lr")
     p.add_argument("--precision", default=defaults.precision, choices=["fp32", "bf16", "fp16"],
@@ -517,7 +583,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
         preset=a.preset, base_model=a.base_model, random_base=a.random_base,
         prompt_init=None if a.prompt_init_random else a.prompt_init, data=a.data, out=a.out, name=a.name,
         steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, crop_size=a.crop_size, lr=a.lr,
-        warmup_steps=a.warmup_steps, min_lr_ratio=a.min_lr_ratio, weight_decay=a.weight_decay, disc_lr=a.disc_lr,
+        warmup_steps=a.warmup_steps, min_lr_ratio=a.min_lr_ratio, weight_decay=a.weight_decay,
+        weight_decay_scope=a.weight_decay_scope, disc_lr=a.disc_lr, disc_weight_decay=a.disc_weight_decay,
+        disc_lr_schedule=a.disc_lr_schedule, max_grad_norm=a.max_grad_norm,
         precision=a.precision, seed=a.seed, checkpoint_every=a.checkpoint_every, log_every=a.log_every,
         num_workers=a.num_workers,
         resume=not a.no_resume, save_every_rank=a.save_every_rank,

@@ -29,6 +29,10 @@ def small_config(out: Path, **overrides) -> TrainConfig:
     return replace(config, **overrides)
 
 
+def gradient_norm(parameters) -> float:
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None])).item()
+
+
 def test_learning_rate_warmup_then_cosine():
     config = TrainConfig(lr=1e-3, warmup_steps=10, steps=110)
     assert learning_rate(config, 0) == pytest.approx(1e-4)
@@ -364,12 +368,15 @@ def test_the_training_state_keeps_the_fp16_loss_scale(tmp_path):
     assert resumed.state_dict() == scaler.state_dict()
 
 
-def test_under_ddp_a_step_all_reduces_each_models_gradients_once_whatever_the_grad_accum(tmp_path):
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3])
+def test_under_ddp_a_step_all_reduces_each_models_gradients_once_whatever_the_grad_accum(tmp_path, max_grad_norm):
     """The generator's and the discriminator's micro-batches but the last accumulate their gradients locally
-    (no_sync); a one-process gloo group stands in for the ranks, a comm hook counts the all-reduces."""
+    (no_sync); a one-process gloo group stands in for the ranks, a comm hook counts the all-reduces. Clipping works on
+    the all-reduced gradients and adds no collective."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        trainer = Trainer(small_config(tmp_path / "run", batch_size=1, grad_accum=3), env=Distributed(0, 2, 0))
+        config = small_config(tmp_path / "run", batch_size=1, grad_accum=3, max_grad_norm=max_grad_norm)
+        trainer = Trainer(config, env=Distributed(0, 2, 0))
         reductions = {"generator": 0, "discriminator": 0}
 
         def counting(name):
@@ -382,10 +389,14 @@ def test_under_ddp_a_step_all_reduces_each_models_gradients_once_whatever_the_gr
 
         trainer.ddp_model.register_comm_hook(None, counting("generator"))
         trainer.ddp_disc.register_comm_hook(None, counting("discriminator"))
-        trainer.train_step()
+        logs = trainer.train_step()
     finally:
         dist.destroy_process_group()
     assert reductions == {"generator": 1, "discriminator": 1}
+    if max_grad_norm is not None:
+        assert logs["grad_norm"] > max_grad_norm and logs["disc_grad_norm"] > max_grad_norm
+        assert gradient_norm(trainer.model.parameters()) == pytest.approx(max_grad_norm, rel=1e-4)
+        assert gradient_norm(trainer.discriminator.parameters()) == pytest.approx(max_grad_norm, rel=1e-4)
 
 
 def test_a_run_longer_than_a_ranks_own_batches_is_refused_at_start(tmp_path):
@@ -404,3 +415,137 @@ def test_the_training_state_holds_a_clip_discriminators_heads_not_its_frozen_bac
     assert not any(k.startswith("discriminator.backbone.") for k in saved)
     resumed = Trainer(config).discriminator.state_dict()
     assert all(torch.equal(tensor, resumed[name]) for name, tensor in trainer.discriminator.state_dict().items())
+
+
+# ---- GPU-scale training: host syncs, non-finite losses, clipping, decay groups, the discriminator's schedule -----
+
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__")
+
+
+def test_a_step_reads_its_losses_to_the_host_once_and_logs_what_per_micro_batch_reads_did(tmp_path, monkeypatch):
+    """Each read of a device tensor's value on the host (.item(), .tolist(), float(), ...) waits for a GPU's queue: a
+    step makes one, not one per loss term and micro-batch, and logs bit for bit the averages that per-term .item()
+    reads summed in Python gave (the demo model's metrics.jsonl). AdamW's step counters are host tensors on a GPU too:
+    their reads are no wait and are not counted."""
+    import guidesr.train as train
+
+    trainer = Trainer(small_config(tmp_path, batch_size=1, grad_accum=3))
+    trainer.batches = iter([next(trainer.batches) for _ in range(3)])  # the degradations' own reads happen here
+    computed: list[dict[str, torch.Tensor]] = []
+    criterion, disc_loss = trainer.criterion, train.discriminator_loss
+
+    def recorded_criterion(*args):
+        loss, terms = criterion(*args)
+        computed.append({key: value.detach().clone() for key, value in terms.items()})
+        return loss, terms
+
+    def recorded_disc_loss(*args):
+        loss = disc_loss(*args)
+        computed.append({"disc": loss.detach().clone()})
+        return loss
+
+    trainer.criterion = recorded_criterion
+    monkeypatch.setattr(train, "discriminator_loss", recorded_disc_loss)
+    reads = []
+    for name in HOST_READS:
+        def counting(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            reads.append((_name, self))
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    logs = trainer.train_step()
+    monkeypatch.undo()
+    step_counters = [state["step"] for optimizer in (trainer.optimizer, trainer.disc_optimizer)
+                     for state in optimizer.state.values()]
+    assert [name for name, tensor in reads if not any(tensor is counter for counter in step_counters)] == ["tolist"]
+    expected: dict[str, float] = {}
+    for terms in computed:
+        for key, value in terms.items():
+            expected[key] = expected.get(key, 0.0) + value.item() / 3
+    assert len(computed) == 6 and logs == {**expected, "lr": trainer.config.lr}
+
+
+def test_a_non_finite_loss_stops_the_run_naming_its_step_and_term_before_logging_or_saving_it(tmp_path):
+    config = small_config(tmp_path, batch_size=1, grad_accum=2, steps=3, checkpoint_every=1)
+    trainer = Trainer(config)
+    clean = trainer.batches
+
+    def poisoned():
+        for micro, (lq, hr) in enumerate(clean):
+            yield (torch.full_like(lq, float("nan")) if micro == 3 else lq), hr
+
+    trainer.batches = poisoned()
+    with pytest.raises(FloatingPointError, match=r"^step 2: loss term r1/mse is nan \(micro-batch 2 of 2\); stopped "
+                                                 r"before logging or saving it, the last checkpoint is at step 1$"):
+        trainer.fit()
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1]
+    assert json.loads((tmp_path / "guidesr.json").read_text())["training"]["step"] == 1
+
+
+def test_max_grad_norm_clips_each_models_whole_step_gradient_and_is_off_by_default(tmp_path):
+    config = small_config(tmp_path, batch_size=1, grad_accum=2)
+    assert config.max_grad_norm is None
+    unclipped = Trainer(config)
+    logs = unclipped.train_step()
+    assert "grad_norm" not in logs and "disc_grad_norm" not in logs
+    generator_norm = gradient_norm(unclipped.model.parameters())
+    disc_norm = gradient_norm(unclipped.discriminator.parameters())
+    assert generator_norm > 1e-3 and disc_norm > 1e-3
+
+    clipped = Trainer(replace(config, out=str(tmp_path / "clipped"), max_grad_norm=1e-3))
+    logs = clipped.train_step()
+    assert logs["grad_norm"] == pytest.approx(generator_norm, rel=1e-5)
+    assert logs["disc_grad_norm"] == pytest.approx(disc_norm, rel=1e-5)
+    assert gradient_norm(clipped.model.parameters()) == pytest.approx(1e-3, rel=1e-4)
+    assert gradient_norm(clipped.discriminator.parameters()) == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_weight_decay_scope_matrices_spares_biases_and_the_prompt_embedding_in_both_models(tmp_path):
+    """With zero gradients an AdamW step is its weight decay alone: every trained parameter shrinks by default,
+    only the matrices (LoRA, conv kernels, the discriminator's) with scope "matrices"."""
+    def shrunk_parameters(scope: str) -> set[str]:
+        trainer = Trainer(small_config(tmp_path / scope, weight_decay_scope=scope))
+        assert trainer.disc_optimizer.param_groups[0]["weight_decay"] == 1e-2  # AdamW's default, as before
+        shrunk = set()
+        for prefix, module, optimizer in (("", trainer.model, trainer.optimizer),
+                                          ("disc.", trainer.discriminator, trainer.disc_optimizer)):
+            trained = {name: p for name, p in module.named_parameters() if p.requires_grad}
+            before = {name: p.detach().clone() for name, p in trained.items()}
+            for p in trained.values():
+                p.grad = torch.zeros_like(p)
+            optimizer.step()
+            shrunk |= {prefix + name for name, p in trained.items() if not torch.equal(p, before[name])}
+        return shrunk
+
+    everything = shrunk_parameters("all")
+    matrices = shrunk_parameters("matrices")
+    spared = everything - matrices
+    assert "prompt.embedding" in spared and "disc.net.0.bias" in spared and "guidance.head.bias" in spared
+    assert all(name == "prompt.embedding" or name.endswith(".bias") for name in spared)
+    assert "guidance.head.weight" in matrices and "disc.net.0.parametrizations.weight.original" in matrices
+    assert any("lora_A" in name for name in matrices) and matrices < everything
+
+
+def test_the_discriminator_follows_the_generators_lr_schedule_only_when_asked(tmp_path):
+    from guidesr.train import discriminator_learning_rate
+
+    config = small_config(tmp_path, warmup_steps=2, steps=4, disc_lr=1e-4)
+    assert [discriminator_learning_rate(config, step) for step in range(4)] == [1e-4] * 4
+    scheduled = replace(config, disc_lr_schedule="generator")
+    assert [discriminator_learning_rate(scheduled, step) for step in range(5)] == pytest.approx(
+        [5e-5, 1e-4, 1e-4, 5e-5, 0.0], abs=1e-12)
+    trainer = Trainer(replace(scheduled, batch_size=1))
+    trainer.train_step()
+    assert trainer.disc_optimizer.param_groups[0]["lr"] == pytest.approx(5e-5)
+
+
+def test_cli_sets_the_gpu_scale_training_options():
+    from guidesr.train import parse_args
+
+    config, _ = parse_args(cli())
+    assert (config.max_grad_norm, config.weight_decay_scope, config.disc_lr_schedule, config.disc_weight_decay) == (
+        None, "all", "constant", 1e-2)
+    config, _ = parse_args(cli("--max-grad-norm", "1", "--weight-decay-scope", "matrices", "--disc-lr-schedule",
+                               "generator", "--disc-weight-decay", "0"))
+    assert (config.max_grad_norm, config.weight_decay_scope, config.disc_lr_schedule, config.disc_weight_decay) == (
+        1.0, "matrices", "generator", 0.0)

@@ -29,7 +29,7 @@ from runtime.cli import write_whole
 from .engine_metadata import EngineMetadata, graph_sha256, publish_engine
 from .graphs import GraphSpec
 from .onnx_export import read_metadata
-from .tensorrt_plugins import PluginRegistrationError, plugin_ptx_isa, register_fca_plugins
+from .tensorrt_plugins import PluginRegistrationError, graph_shape_problems, plugin_ptx_isa, register_fca_plugins
 
 INSTALL_COMMAND = "pip install tensorrt-cu12   # CUDA 12 wheels from NVIDIA (or tensorrt-cu13 for CUDA 13)"
 MIN_TENSORRT_MAJOR = 10
@@ -98,9 +98,14 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, optimization_le
         try:
             register_fca_plugins(trt)
             ptx_isa = plugin_ptx_isa(int(capability.replace(".", "")))
+            largest = spec.inputs[0].max
+            problems = graph_shape_problems(onnx_path, largest)
         except PluginRegistrationError as err:
             raise EngineBuildError(f"{onnx_path.name} holds FCA plugin nodes, and their TensorRT plugins cannot be "
                                    f"registered: {err}") from err
+        if problems:
+            raise EngineBuildError(f"{onnx_path.name}'s profile admits {spec.inputs[0].name} up to {list(largest)}, "
+                                   f"past what its FCA plugin kernels address: {'; '.join(problems)}")
 
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -16,10 +16,12 @@ Not yet run in TensorRT: written against the TensorRT 10.x Python plugin documen
 NVIDIA's quickly_deployable_plugins sample; docs/design/export.md lists what is verified.
 """
 
+from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 from types import ModuleType
 
-from .plugin_nodes import CHANNEL_GATE, GATED_GELU, GELU_PARTIAL_SUM, PLUGIN_NAMESPACE
+from .plugin_nodes import CHANNEL_GATE, DOMAIN, GATED_GELU, GELU_PARTIAL_SUM, PLUGIN_NAMESPACE
 
 # AOT Python plugins (tensorrt.plugin.aot_impl) arrived in 10.9 (its release notes); 10.10's ONNX parser also
 # takes a plugin node's namespace from its domain (CHANGELOG 10.10), a second route beside the
@@ -123,6 +125,30 @@ def _kernel_launch(trt: ModuleType, trtp: ModuleType, aot: ModuleType, op_type: 
     params.shared_mem = kernel.shared_mem
     scalars = trtp.SymIntExprs.from_tuple([trtp.SymInt32(value) for value in launch.scalars])
     return kernel.name.encode(), kernel.ptx.encode(), params, scalars
+
+
+def graph_shape_problems(onnx_path: Path, max_image_shape: Sequence[int]) -> list[str]:
+    """What the plugin kernels cannot address in the graph at `onnx_path` for its largest input, `max_image_shape`
+    ([B, 3, H, W], the profile's max); empty where they run. Every FCA block runs at the image's B, H and W
+    (`type_plugin_outputs`), with the C of its partial-sum node's y_bias; the limits are
+    `kernels.fca_attention_aot.plugin_shape_problems`'. The graph is read without its external data."""
+    import onnx
+
+    from kernels.fca_attention_aot import plugin_shape_problems
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializer_dims = {t.name: tuple(t.dims) for t in graph.initializer}
+    channels = set()
+    for node in graph.node:
+        if node.domain == DOMAIN and node.op_type == GELU_PARTIAL_SUM:
+            if node.input[1] not in initializer_dims:
+                raise PluginRegistrationError(f"the {GELU_PARTIAL_SUM} node {node.name!r} takes y_bias "
+                                              f"{node.input[1]!r}, which is not an initializer, so its channel count "
+                                              "is unknown")
+            channels.add(initializer_dims[node.input[1]][0])
+    batch, _, height, width = max_image_shape
+    return [f"C = {c}, [B, C, H, W] = {[batch, c, height, width]}: {problem}"
+            for c in sorted(channels) for problem in plugin_shape_problems(batch, c, height * width)]
 
 
 def plugin_ptx_isa(capability: int) -> int:

@@ -157,7 +157,6 @@ def fused_op_applies(y: torch.Tensor, *parameters: torch.Tensor | None) -> bool:
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         and y.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and y.dim() == 4
-        and y.numel() > 0
     )
 
 
@@ -166,7 +165,7 @@ def _hw_stride(t: torch.Tensor) -> int | None:
     _, _, h, w = t.shape
     if w == 1:
         return t.stride(2)
-    if h == 1 or t.stride(2) == w * t.stride(3):
+    if h <= 1 or w == 0 or t.stride(2) == w * t.stride(3):  # an empty H·W flattens whatever the strides
         return t.stride(3)
     return None
 
@@ -176,6 +175,19 @@ def gate_block_sizes(channels: int) -> tuple[int, int]:
     channels_pow2 = 1 << (channels - 1).bit_length()
     block_co = min(channels_pow2, 64)
     return block_co, min(channels_pow2, 4096 // block_co)
+
+
+def _shares_memory_between_elements(t: torch.Tensor) -> bool:
+    """Whether two of t's elements may lie at one address: its axes of size > 1, taken by increasing stride, do not
+    each step over the whole extent of the ones before (a stride-0 expanded axis, for instance)."""
+    if t.numel() == 0:
+        return False
+    extent = 1
+    for stride, size in sorted((t.stride(d), t.shape[d]) for d in range(t.dim()) if t.shape[d] > 1):
+        if stride < extent:
+            return True
+        extent = stride * size
+    return False
 
 
 def _empty_output(y: torch.Tensor) -> torch.Tensor:
@@ -294,10 +306,11 @@ if triton is not None:
         Takes any strides: NCHW and channels_last tensors are read in place (the tile runs along
         whichever of C or H·W is the inner axis); a tensor whose H and W do not flatten into one
         axis (e.g. a crop) is made contiguous first. `out` must have y's shape and dtype and
-        flattenable H·W. On CPU tensors this runs under TRITON_INTERPRET=1 only.
+        flattenable H·W, and no two of its elements at one address. An empty y (B, C, H or W of 0) gives an
+        empty z, as the reference does, without a launch. On CPU tensors this runs under TRITON_INTERPRET=1 only.
         """
-        if y.dim() != 4 or y.numel() == 0:
-            raise ValueError(f"expected a non-empty [B, C, H, W] tensor, got shape {tuple(y.shape)}")
+        if y.dim() != 4:
+            raise ValueError(f"expected a [B, C, H, W] tensor, got shape {tuple(y.shape)}")
         if y.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"y must be float32, float16 or bfloat16 (the kernels compute in float32), not {y.dtype}")
         on_device = launch_device(y=y, weight=weight, bias=bias, y_bias=y_bias, out=out)
@@ -309,12 +322,17 @@ if triton is not None:
             out = _empty_output(y)
         elif out.shape != y.shape or out.dtype != y.dtype or _hw_stride(out) is None:
             raise ValueError("out must have y's shape and dtype and a flattenable H*W axis")
+        elif _shares_memory_between_elements(out):
+            raise ValueError(f"out's elements must not share memory (programs would race to write them), got strides "
+                             f"{out.stride()} for shape {tuple(out.shape)}")
         if _hw_stride(y) is None:
             y = y.contiguous()
         weight = weight.reshape(channels, channels)
         if bias.shape != (channels,) or (y_bias is not None and y_bias.shape != (channels,)):
             shapes = tuple(bias.shape), None if y_bias is None else tuple(y_bias.shape)
             raise ValueError(f"bias and y_bias must have shape ({channels},), got {shapes[0]} and {shapes[1]}")
+        if y.numel() == 0:
+            return out
         bias = bias.contiguous()  # the kernels read both at unit stride; a no-op for the model's parameters
         y_bias = None if y_bias is None else y_bias.contiguous()
         flags = {"HAS_Y_BIAS": y_bias is not None,

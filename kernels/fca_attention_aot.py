@@ -12,6 +12,10 @@ The op's three kernels therefore become three plugins, in the graph as three nod
 A plugin's scalar arguments can only be computed from its inputs' shapes, and the gate divides by
 H·W, which the partial sums' shape does not tell: the gate plugin takes y as well, for its shape,
 and `_channel_gate_plugin_kernel` is the gate kernel with that (never read) pointer argument.
+TensorRT passes a plugin's scalars as 32-bit integers, and C·H·W, the NCHW sample stride, passes
+2^31 - 1 at C = 32 and 8192² (a dynamic profile for 4096² tiles): the partial-sum and gated-GELU plugin
+kernels wrap theirs to form it in 64 bits from C and H·W. `plugin_shape_problems` lists the sizes
+that are still past a 32-bit scalar or CUDA's grid limits; the engine builder refuses those.
 
 A plugin kernel is compiled once per engine, before H and W are known (dynamic profiles), so its
 tiles depend on the channel count alone: NCHW (TensorRT's linear format), one channel per program
@@ -49,6 +53,8 @@ PLUGIN_BLOCK_HW = 2048
 PLUGIN_CHUNK = 8 * PLUGIN_BLOCK_HW
 PLUGIN_BLOCK_K = 64
 NUM_WARPS = 4
+INT32_MAX = 2**31 - 1
+GRID_LIMITS = (2**31 - 1, 65535)  # CUDA's most blocks in a grid along x, along y
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,28 @@ class PluginLaunch:
 
 
 @triton.jit
+def _gelu_partial_sum_plugin_kernel(
+    y_ptr, y_bias_ptr, C, HW, n_chunks, chunk, partial_ptr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, HAS_Y_BIAS: tl.constexpr, FAST_GELU: tl.constexpr,
+):
+    """`_gelu_partial_sum_kernel` on an NCHW y whose sample stride C·H·W is formed here in 64 bits: TensorRT passes
+    a plugin's scalars as 32-bit integers, and C·H·W passes 2^31 - 1 at C = 32 and 8192²."""
+    fca_attention._gelu_partial_sum_kernel(y_ptr, y_bias_ptr, C, HW, n_chunks, chunk, C.to(tl.int64) * HW, HW, 1,
+                                           partial_ptr, BLOCK_C, BLOCK_HW, HAS_Y_BIAS, FAST_GELU)
+
+
+@triton.jit
+def _gated_gelu_plugin_kernel(
+    y_ptr, y_bias_ptr, gate_ptr, C, HW, n_hw_blocks, out_ptr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, HAS_Y_BIAS: tl.constexpr, FAST_GELU: tl.constexpr,
+):
+    """`_gated_gelu_kernel` on NCHW y and z, their sample stride C·H·W formed here in 64 bits (as above)."""
+    sample_stride = C.to(tl.int64) * HW
+    fca_attention._gated_gelu_kernel(y_ptr, y_bias_ptr, gate_ptr, C, HW, n_hw_blocks, sample_stride, HW, 1,
+                                     sample_stride, HW, 1, out_ptr, BLOCK_C, BLOCK_HW, HAS_Y_BIAS, FAST_GELU)
+
+
+@triton.jit
 def _channel_gate_plugin_kernel(
     partial_ptr, w_ptr, bias_ptr, shape_only_ptr, C, n_chunks, HW, stride_wo, gate_ptr,
     stride_wi: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -104,16 +132,31 @@ def plugin_launches(batch: Any, channels: int, hw: Any, cdiv: Callable[[Any, Any
     n_chunks = partial_sum_chunks(hw, cdiv)
     n_hw_blocks = cdiv(hw, PLUGIN_BLOCK_HW)
     block_co, _ = fca_attention.gate_block_sizes(channels)
-    image_stride = hw * channels
     return {
-        "gelu_partial_sum": PluginLaunch(
-            (batch * channels, n_chunks), (channels, hw, n_chunks, PLUGIN_CHUNK, image_stride, hw)),
-        "channel_gate": PluginLaunch(
-            (batch, triton.cdiv(channels, block_co)), (channels, n_chunks, hw, channels)),
-        "gated_gelu": PluginLaunch(
-            (n_hw_blocks * batch * channels,),
-            (channels, hw, n_hw_blocks, image_stride, hw, image_stride, hw)),
+        "gelu_partial_sum": PluginLaunch((batch * channels, n_chunks), (channels, hw, n_chunks, PLUGIN_CHUNK)),
+        "channel_gate": PluginLaunch((batch, triton.cdiv(channels, block_co)), (channels, n_chunks, hw, channels)),
+        "gated_gelu": PluginLaunch((n_hw_blocks * batch * channels,), (channels, hw, n_hw_blocks)),
     }
+
+
+def plugin_shape_problems(batch: int, channels: int, hw: int) -> list[str]:
+    """What the plugin kernels cannot address on NCHW tensors of B = `batch`, C = `channels`, H·W = `hw`; empty
+    where they run.
+
+    TensorRT passes a plugin kernel's scalars as 32-bit integers (`SymInt32`; its plugin argument types end at
+    INT32), CUDA bounds a grid at 2^31 - 1 blocks along x and 65535 along y, and the kernels index the partial
+    sums and H·W in 32 bits. Offsets into y and z are 64-bit, so B·C·H·W itself is not limited.
+    """
+    launches = plugin_launches(batch, channels, hw, triton.cdiv)
+    n_chunks = partial_sum_chunks(hw, triton.cdiv)
+    checks = [(f"the {name} kernel's grid along {axis}", size, limit)
+              for name, launch in launches.items() for axis, size, limit in zip("xy", launch.grid, GRID_LIMITS)]
+    checks += [(f"the {name} kernel's 32-bit scalar argument", value, INT32_MAX)
+               for name, launch in launches.items() for value in launch.scalars]
+    checks += [("the partial sums' 32-bit element count B·C·ceil(H·W / PLUGIN_CHUNK)", batch * channels * n_chunks,
+                INT32_MAX),
+               ("the 32-bit H·W index, rounded up to whole partial-sum chunks", n_chunks * PLUGIN_CHUNK, INT32_MAX)]
+    return [f"{what} is {value}, past its limit of {limit}" for what, value, limit in checks if value > limit]
 
 
 def plugin_kernels(dtype: str, channels: int) -> dict[str, PluginKernel]:
@@ -126,20 +169,20 @@ def plugin_kernels(dtype: str, channels: int) -> dict[str, PluginKernel]:
     block_co, block_ci = fca_attention.gate_block_sizes(channels)
     return {
         "gelu_partial_sum": PluginKernel(
-            fca_attention._gelu_partial_sum_kernel,
+            _gelu_partial_sum_plugin_kernel,
             {"y_ptr": y, "y_bias_ptr": y, "C": "i32", "HW": "i32", "n_chunks": "i32", "chunk": "i32",
-             "stride_yb": "i32", "stride_yc": "i32", "partial_ptr": "*fp32"},
-            {"stride_yhw": 1} | tiles),
+             "partial_ptr": "*fp32"},
+            tiles),
         "channel_gate": PluginKernel(
             _channel_gate_plugin_kernel,
             {"partial_ptr": "*fp32", "w_ptr": y, "bias_ptr": y, "shape_only_ptr": y, "C": "i32", "n_chunks": "i32",
              "HW": "i32", "stride_wo": "i32", "gate_ptr": "*fp32"},
             {"stride_wi": 1, "BLOCK_CO": block_co, "BLOCK_CI": block_ci, "BLOCK_K": PLUGIN_BLOCK_K}),
         "gated_gelu": PluginKernel(
-            fca_attention._gated_gelu_kernel,
+            _gated_gelu_plugin_kernel,
             {"y_ptr": y, "y_bias_ptr": y, "gate_ptr": "*fp32", "C": "i32", "HW": "i32", "n_hw_blocks": "i32",
-             "stride_yb": "i32", "stride_yc": "i32", "stride_ob": "i32", "stride_oc": "i32", "out_ptr": y},
-            {"stride_yhw": 1, "stride_ohw": 1} | tiles),
+             "out_ptr": y},
+            tiles),
     }
 
 

@@ -66,7 +66,8 @@ def pixel_unshuffle_concat(h: torch.Tensor, f: torch.Tensor, s: int, use_kernel:
 
 
 def fused_op_applies(h: torch.Tensor, f: torch.Tensor) -> bool:
-    """The Triton op runs on 4-D CUDA tensors of one dtype and device, outside ONNX export, without a gradient."""
+    """The Triton op runs on 4-D CUDA tensors of one real dtype and device, outside ONNX export, without a
+    gradient."""
     return (
         triton is not None
         and h.is_cuda
@@ -74,6 +75,7 @@ def fused_op_applies(h: torch.Tensor, f: torch.Tensor) -> bool:
         and not torch.onnx.is_in_onnx_export()
         and not (torch.is_grad_enabled() and (h.requires_grad or f.requires_grad))
         and h.dtype == f.dtype
+        and not h.is_complex()
         and h.dim() == 4
         and f.dim() == 4
     )
@@ -165,6 +167,8 @@ if triton is not None:
         shape = _output_shape(h, f, s)
         if h.dtype != f.dtype:
             raise ValueError(f"h and f must share a dtype, got {h.dtype} and {f.dtype}")
+        if h.is_complex():
+            raise ValueError(f"Triton has no complex types, got {h.dtype}; pixel_unshuffle_concat_reference takes them")
         on_device = launch_device(h=h, f=f, out=out)
         if out is None:
             out = h.new_empty(shape)

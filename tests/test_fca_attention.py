@@ -176,6 +176,59 @@ def test_rejects_bad_out():
         fca_channel_attention_triton(y, weight, bias, out=torch.empty(1, 3, 6, 5, device=DEVICE))
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape", [(0, 5, 6, 7), (2, 5, 0, 7), (2, 5, 6, 0), (3, 0, 6, 7)])
+def test_empty_input_gives_the_references_empty_output(shape, layout):
+    """B, C, H or W of 0: the launcher, the op and its fake give the reference's empty z (shape, dtype, strides),
+    as PyTorch's own ops do; a batch of 0 through FCABlock's kernel path too."""
+    channels = shape[1]
+    generator = torch.Generator().manual_seed(10)
+    y = torch.randn(shape, generator=generator).to(DEVICE, torch.float16).contiguous(memory_format=layout)
+    weight, bias = (torch.randn(size, generator=generator).to(DEVICE, torch.float16)
+                    for size in [(channels, channels, 1, 1), (channels,)])
+    expected = fca_channel_attention_reference(y, weight, bias, bias)
+    for z in (fca_channel_attention_triton(y, weight, bias, y_bias=bias), OP(y, weight, bias, bias)):
+        assert (z.shape, z.dtype, z.stride()) == (expected.shape, expected.dtype, expected.stride())
+    out = torch.empty_like(y)
+    assert fca_channel_attention_triton(y, weight, bias, out=out) is out
+    utils = None if DEVICE == "cuda" else ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(OP, (y, weight, bias, bias), test_utils=utils)
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake = OP(*(mode.from_tensor(t) for t in (y, weight, bias, bias)))
+    assert (fake.shape, fake.stride()) == (expected.shape, expected.stride())
+
+
+def test_fca_block_with_a_batch_of_zero_through_the_op(monkeypatch):
+    from guidesr import guidance
+
+    for module in (guidance, fca_attention):
+        monkeypatch.setattr(module, "fused_op_applies", lambda *tensors: True)
+    block = guidance.FCABlock(6).to(DEVICE).eval()
+    with torch.no_grad(), OpRecorder() as recorder:
+        z = block(torch.randn(0, 6, 13, 17, device=DEVICE))
+    assert "guidesr.fca_channel_attention.default" in recorder.ops and z.shape == (0, 6, 13, 17)
+
+
+def test_rejects_an_out_whose_elements_share_memory():
+    """An `out` expanded along B (stride 0) would have every sample's programs write one buffer: refused, as PyTorch
+    refuses such an out= tensor, instead of returning whichever sample was written last."""
+    y, weight, bias = make_inputs(2, 3, 5, 6, torch.float32)
+    out = torch.empty(1, 3, 5, 6, device=DEVICE).expand(2, 3, 5, 6)
+    with pytest.raises(ValueError, match=r"out's elements must not share memory .* \(0, 30, 6, 1\)"):
+        fca_channel_attention_triton(y, weight, bias, out=out)
+    sliced = torch.full((2, 6, 5, 6), float("nan"), device=DEVICE)[:, ::2]  # strided, but no element shared
+    fca_channel_attention_triton(y, weight, bias, out=sliced)
+    torch.testing.assert_close(sliced, fca_channel_attention_reference(y, weight, bias), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_dispatcher_on_cuda_hands_an_empty_batch_to_the_op():
+    y, weight, bias = make_inputs(2, 5, 6, 7, torch.float16)
+    with OpRecorder() as recorder, torch.no_grad():
+        z = fca_channel_attention(y[:0], weight, bias, use_kernel=True)
+    assert recorder.ops == ["guidesr.fca_channel_attention.default"] and z.shape == (0, 5, 6, 7)
+
+
 def test_rejects_dtypes_the_kernels_would_round_to_float32():
     y, weight, bias = make_inputs(1, 3, 5, 6, torch.float32)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16.*not torch.float64"):

@@ -86,6 +86,15 @@ def test_rejects_mismatched_shapes():
             pixel_unshuffle_concat_triton(h, f, 2, out=out)
 
 
+def test_refuses_complex_tensors_by_name():
+    """Triton has no complex type: the launcher says so (it raised KeyError: 'complex64' from Triton's type table),
+    and the dispatcher keeps complex tensors on the reference."""
+    h, f = (t.to(torch.complex64) for t in make_inputs(1, 2, 3, 4, 5, 2, torch.float32))
+    with pytest.raises(ValueError, match="Triton has no complex types, got torch.complex64"):
+        pixel_unshuffle_concat_triton(h, f, 2)
+    assert torch.equal(pixel_unshuffle_concat(h, f, 2, use_kernel=True), pixel_unshuffle_concat_reference(h, f, 2))
+
+
 # h and f: views of one 2 GiB uint8 buffer with a W stride of 2^30 elements; only the six elements read are written.
 _COLUMN_STRIDE_PAST_INT32 = """
 import sys, torch

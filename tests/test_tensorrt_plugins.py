@@ -250,12 +250,55 @@ def test_plugin_launches_cover_odd_shapes(batch, channels, height, width):
     launches = plugin_launches(batch, channels, hw, cdiv)
     (programs, chunks), scalars = launches["gelu_partial_sum"].grid, launches["gelu_partial_sum"].scalars
     assert programs == batch * channels and (chunks - 1) * PLUGIN_CHUNK < hw <= chunks * PLUGIN_CHUNK
-    assert scalars == (channels, hw, chunks, PLUGIN_CHUNK, channels * hw, hw)
+    assert scalars == (channels, hw, chunks, PLUGIN_CHUNK)
     block_co, _ = gate_block_sizes(channels)
     assert launches["channel_gate"].grid == (batch, cdiv(channels, block_co))
     assert launches["channel_gate"].scalars == (channels, chunks, hw, channels)
     (gated_programs,) = launches["gated_gelu"].grid
+    assert launches["gated_gelu"].scalars == (channels, hw, cdiv(hw, PLUGIN_BLOCK_HW))
     assert gated_programs == cdiv(hw, PLUGIN_BLOCK_HW) * batch * channels
+
+
+@pytest.mark.parametrize("batch, channels, height, width", [
+    (4, 32, 8192, 8192),  # the sd-turbo preset's C at the max of a dynamic profile for 4096² tiles: C·H·W = 2^31
+    (4, 128, 4320, 7680),  # 4K UHD tiles, max 2x: C·H·W = 4.2e9
+])
+def test_plugin_scalars_fit_32_bits_where_c_times_hw_does_not(batch, channels, height, width):
+    """TensorRT passes plugin scalars as 32-bit integers; a sample stride C·H·W past 2^31 - 1 among them would wrap
+    (a negative offset for every sample after the first). The kernels form it in 64 bits instead."""
+    from triton import cdiv
+
+    from kernels import fca_attention_aot
+
+    assert channels * height * width > 2**31 - 1
+    for name, launch in fca_attention_aot.plugin_launches(batch, channels, height * width, cdiv).items():
+        assert max(launch.scalars) <= 2**31 - 1, (name, launch.scalars)
+    assert fca_attention_aot.plugin_shape_problems(batch, channels, height * width) == []
+
+
+def test_plugin_shape_problems_name_the_limit_they_pass():
+    from kernels.fca_attention_aot import PLUGIN_CHUNK, plugin_shape_problems
+
+    largest = 65535 * PLUGIN_CHUNK  # H·W of 65535 partial-sum chunks, CUDA's most grid blocks along y
+    assert plugin_shape_problems(4, 64, largest) == []
+    assert plugin_shape_problems(1, 1, largest + 1) == [
+        "the gelu_partial_sum kernel's grid along y is 65536, past its limit of 65535"]
+    problems = plugin_shape_problems(1, 1, 2**31)
+    assert ("the gelu_partial_sum kernel's 32-bit scalar argument is 2147483648, past its limit of 2147483647"
+            in problems)
+    assert "the 32-bit H·W index, rounded up to whole partial-sum chunks is 2147483648, past its limit of 2147483647" \
+        in problems
+
+
+def test_graph_shape_problems_take_c_from_the_plugin_graph(graphs):
+    """The engine builder's check: the tiny preset's blocks (C = 16) at the profile's largest image."""
+    from export.tensorrt_plugins import graph_shape_problems
+
+    for key in [("static", "fp16", True), ("dynamic", "fp32", True)]:
+        assert graph_shape_problems(graphs[key], (4, 3, 8192, 8192)) == []
+        assert graph_shape_problems(graphs[key], (2, 3, 32768, 32768)) == [
+            "C = 16, [B, C, H, W] = [2, 16, 32768, 32768]: the gelu_partial_sum kernel's grid along y is 65536, past "
+            "its limit of 65535"]
 
 
 def run_plugin_chain(y, weight, bias, y_bias, launch) -> torch.Tensor:

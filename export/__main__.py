@@ -13,7 +13,10 @@ model loads). It also checks every engine found next to a graph (NAME.engine for
 is installed, and exits with status 1 if a comparison fails; an engine named with --engine is refused
 (status 1) when its metadata names another preset, checkpoint or weights (the same checkpoint on another
 --base-model) or another graph than NAME.onnx (its sha256, with its external data), and without TensorRT exits
-with status 3. A graph is refused (status 2) when it holds another checkpoint or weights than the model.
+with status 3. A graph is refused when it holds another checkpoint or weights than the model: every such graph is
+named, the others are compared, and the status is 2. --tile is bounded: a graph whose largest input makes a tensor of
+2^31 values or more (TensorRT's limit per tensor) is refused before the export (status 2). Ctrl-C stops any command with
+status 130 and one line saying what was done; a graph or engine is published whole or not at all.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import importlib
 import shlex
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
@@ -35,18 +39,37 @@ from runtime.cli import bounded_float, bounded_int, output_folder_problem
 from . import engine_metadata
 from .engine_metadata import EngineMetadata, EngineMetadataError, EngineMismatchError
 from .graphs import VARIANTS, GraphSpec, guidesr_graph, size_argument
-from .onnx_export import PRECISIONS, export_graphs, graph_filename, read_metadata
+from .onnx_export import PRECISIONS, ExportedGraph, export_graphs, graph_filename, read_metadata
 from .tensorrt_build import EngineBuildError, TensorRTUnavailableError, build_engine, import_tensorrt
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_MISSING_PACKAGE = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process that Ctrl-C stopped, as runtime.upscale
+TENSORRT_MAX_VALUES = 1 << 31  # TensorRT's ITensor: "The volume of the tensor must be less than 2^31 elements"
+
+
+class GraphsRefused(ValueError):
+    """Graphs verify cannot compare, each with its reason in `problems`."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass
+class Progress:
+    """What a command has finished, for the line Ctrl-C prints."""
+    written: list[Path] = field(default_factory=list)  # graphs in place (onnx, engine)
+    compared: list[Path] = field(default_factory=list)  # graphs whose comparisons are printed (verify)
+    to_compare: int = 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    progress = Progress()
     try:
         if args.command == "verify":
             try:
@@ -61,13 +84,38 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "engine" and args.timing_cache is not None:
             check_timing_cache(args.timing_cache)
         model, weights = load_from_args(args)
-        return args.run(args, model, weights)
+        return args.run(args, model, weights, progress)
+    except KeyboardInterrupt:
+        print(f"interrupted: {interrupted_summary(args.command, progress)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except GraphsRefused as err:
+        for problem in err.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     except (CheckpointError, BaseModelError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except (EngineBuildError, EngineMetadataError, EngineMismatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def interrupted_summary(command: str, progress: Progress) -> str:
+    """What the interrupted `command` finished and what it did not; each graph and engine is published whole (renamed
+    into place with its data or metadata) or not at all, so the line says so."""
+    written = ", ".join(path.name for path in progress.written)
+    if command == "verify":
+        compared = (f"{len(progress.compared)} of {progress.to_compare} graphs compared (results above)"
+                    if progress.to_compare else "before any graph was compared")
+        return f"{compared}; verify writes no files"
+    if command == "engine":
+        if not progress.written:
+            return ("before the graph was written: nothing was published (a graph there is a whole one from before); "
+                    "the same command again does it all")
+        return (f"{written} is written, its engine is not: nothing half-written was published (an engine is used only "
+                f"with its NAME.engine.json, written last); the same command again builds it")
+    return (f"{f'wrote {written}' if written else 'no graph written'}; the graph being exported was not published, so "
+            f"each graph there is a whole one, new or from before; the same command again exports them all")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,7 +202,21 @@ def check_verify_inputs(args) -> tuple[dict[Path, dict[str, str]], EngineMetadat
                          f"an engine needs its graph NAME.onnx and its metadata NAME.engine.json next to it)")
     named_engine = engine_metadata.read(args.engine) if args.engine is not None else None
     graphs = list(args.onnx or []) + ([args.engine.with_suffix(".onnx")] if args.engine is not None else [])
-    return {path: read_graph_metadata(path) for path in graphs}, named_engine
+    metadata, problems = read_graphs_metadata(graphs)
+    if problems:
+        raise GraphsRefused(problems)
+    return metadata, named_engine
+
+
+def read_graphs_metadata(graphs: list[Path]) -> tuple[dict[Path, dict[str, str]], list[str]]:
+    """`read_graph_metadata` of every graph that reads, and why each other one does not."""
+    metadata, problems = {}, []
+    for path in graphs:
+        try:
+            metadata[path] = read_graph_metadata(path)
+        except ValueError as err:
+            problems.append(str(err))
+    return metadata, problems
 
 
 def check_out_dir(path: Path) -> None:
@@ -203,18 +265,42 @@ def load_from_args(args) -> tuple[GuideSR, str]:
 
 def _specs(args, model: GuideSR, variants: list[str]) -> list[GraphSpec]:
     multiple = model.config.size_multiple
-    return [guidesr_graph(multiple, args.tile, v, batch=args.batch, max_batch=args.max_batch,
-                          trt_plugins=args.trt_plugins) for v in variants]
+    specs = [guidesr_graph(multiple, args.tile, v, batch=args.batch, max_batch=args.max_batch,
+                           trt_plugins=args.trt_plugins) for v in variants]
+    for spec in specs:
+        check_tensor_values(spec, 2 * model.config.guidance.channels)
+    return specs
 
 
-def _run_onnx(args, model: GuideSR, weights: str) -> int:
-    for graph in export_graphs(model, args.out_dir, _specs(args, model, args.variant), args.precision, weights):
+def check_tensor_values(spec: GraphSpec, full_resolution_channels: int) -> None:
+    """Raise ValueError when the graph's largest input (for the dynamic graph: max batch, twice the tile) makes a
+    tensor of `full_resolution_channels` channels at full resolution (GuideSR's guidance features F_r have 2C) hold
+    2^31 values or more: TensorRT cannot build such a graph, and ONNX Runtime or the PyTorch reference of `verify` would
+    need that many values per tensor, several tensors at once. Checked before the export, which would succeed."""
+    batch, _, height, width = spec.inputs[0].max
+    values = batch * full_resolution_channels * height * width
+    if values >= TENSORRT_MAX_VALUES:
+        tile_height, tile_width = spec.tile
+        smaller = "a smaller tile or --max-batch" if spec.variant == "dynamic" else "a smaller tile or --batch"
+        raise ValueError(
+            f"--tile {tile_height}x{tile_width}: the {spec.variant} graph takes inputs up to "
+            f"{'x'.join(str(s) for s in spec.inputs[0].max)}, where the model's full-resolution guidance features "
+            f"({full_resolution_channels} channels) are one tensor of {values:,} values; TensorRT takes fewer than "
+            f"2^31 ({TENSORRT_MAX_VALUES:,}) per tensor, so no engine could be built from it: choose {smaller}")
+
+
+def _run_onnx(args, model: GuideSR, weights: str, progress: Progress) -> int:
+    def report(graph: ExportedGraph) -> None:
+        progress.written.append(graph.path)
         print(f"wrote {graph.path}")
+
+    export_graphs(model, args.out_dir, _specs(args, model, args.variant), args.precision, weights, on_published=report)
     return 0
 
 
-def _run_engine(args, model: GuideSR, weights: str) -> int:
+def _run_engine(args, model: GuideSR, weights: str, progress: Progress) -> int:
     (graph,) = export_graphs(model, args.out_dir, _specs(args, model, [args.variant]), [args.precision], weights)
+    progress.written.append(graph.path)
     print(f"wrote {graph.path}")
     try:
         import_tensorrt()
@@ -232,8 +318,8 @@ def _run_engine(args, model: GuideSR, weights: str) -> int:
     return 0
 
 
-def _run_verify(args, model: GuideSR, weights: str) -> int:
-    from .verify import compare, ort_fp32_fallback_ops
+def _run_verify(args, model: GuideSR, weights: str, progress: Progress) -> int:
+    from .verify import compare, ort_fp32_fallback_ops, other_model_problem
 
     multiple, preset = model.config.size_multiple, model.config.preset
     specs = [guidesr_graph(multiple, args.tile, "static", batch=args.batch),
@@ -245,13 +331,24 @@ def _run_verify(args, model: GuideSR, weights: str) -> int:
     if not graphs:
         raise ValueError(f"no graphs for preset {preset}, tile {args.tile[0]}x{args.tile[1]} and static batch "
                          f"{args.batch} in {args.out_dir}; run `python -m export onnx` (make onnx) first")
-    graph_metadata = {path: args.graph_metadata.get(path) or read_graph_metadata(path) for path in graphs}
+    graph_metadata, problems = read_graphs_metadata([path for path in graphs if path not in args.graph_metadata])
+    graph_metadata.update(args.graph_metadata)
     weights_digest = weights_sha256(model)
-    engines = {path: path.with_suffix(".engine") for path in graphs if path.with_suffix(".engine").is_file()}
+    for path in [path for path in graphs if path in graph_metadata]:
+        problem = other_model_problem(model, path, graph_metadata[path], weights_digest)
+        if problem is not None:
+            problems.append(problem)
+            del graph_metadata[path]
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    comparable = [path for path in graphs if path in graph_metadata]
+    engines = {path: path.with_suffix(".engine") for path in comparable if path.with_suffix(".engine").is_file()}
     if args.engine is not None:
-        engines[args.engine.with_suffix(".onnx")] = args.engine
         engine_metadata.check_model(args.engine_metadata, preset, model.descriptor.checkpoint_sha256, weights_digest)
         engine_metadata.check_built_from(args.engine_metadata, args.engine, args.engine.with_suffix(".onnx"))
+        engines[args.engine.with_suffix(".onnx")] = args.engine
+    if not comparable:
+        return EXIT_USAGE
     if engines:
         try:
             import_tensorrt()
@@ -263,7 +360,8 @@ def _run_verify(args, model: GuideSR, weights: str) -> int:
             engines = {}
     print(f"reference: PyTorch, {weights}")
     passed = True
-    for path in graphs:
+    progress.to_compare = len(comparable)
+    for path in comparable:
         engine = engines.get(path)
         print(f"\n{path.name}" + (f" and {engine.name}" if engine else ""))
         if args.sizes and GraphSpec.from_json(graph_metadata[path]["graph_spec"]).variant == "static":
@@ -277,7 +375,11 @@ def _run_verify(args, model: GuideSR, weights: str) -> int:
             fallback = ort_fp32_fallback_ops(path)
             listed = ", ".join(f"{op} x{count}" for op, count in fallback.most_common())
             print(f"  note: ONNX Runtime's CPU provider ran these fp16 ops through fp32 kernels: {listed or 'none'}")
+        progress.compared.append(path)
     print("\nall comparisons passed" if passed else "\nSOME COMPARISONS FAILED")
+    if problems:
+        print(f"{len(problems)} of the {len(graphs)} graphs were not compared (the errors above say why)")
+        return EXIT_USAGE
     return 0 if passed else EXIT_FAILED
 
 

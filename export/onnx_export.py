@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
+import shutil
+import socket
+import stat
 import tempfile
 import tomllib
 import warnings
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +46,7 @@ from .trt_supported_ops import tensorrt_problems
 OPSET = 18
 PRECISIONS = ("fp32", "fp16")  # fp32 first: the fp16 graph is traced from the same module after .half()
 EXTERNAL_DATA_BYTES = 1 << 30  # weights beyond this go to NAME.onnx.data (protobuf's limit is 2 GiB)
+SCRATCH_PREFIX = ".trace-"  # scratch folders in the output folder: .trace-PID-HOST-RANDOM
 
 
 class ExportModule(nn.Module):
@@ -87,12 +93,15 @@ def graph_filename(preset: str, spec: GraphSpec, precision: str) -> str:
 
 
 def export_graphs(model: GuideSR, out_dir: str | Path, specs: list[GraphSpec], precisions=PRECISIONS,
-                  weights: str = "checkpoint", weights_digest: str | None = None) -> list[ExportedGraph]:
+                  weights: str = "checkpoint", weights_digest: str | None = None,
+                  on_published: Callable[[ExportedGraph], None] | None = None) -> list[ExportedGraph]:
     """Write one ONNX file per (precision, spec) into `out_dir`; one trace per precision serves all specs.
 
     `weights` says where the weights came from (stored in the metadata next to the checkpoint's sha256);
     `weights_digest`: the model's `weights_sha256`, when the caller has computed it (else it is computed here, of the
-    model as given, before LoRA is merged into the copy that is traced).
+    model as given, before LoRA is merged into the copy that is traced); `on_published` is called with each graph as
+    soon as it is in place. The scratch folders of exports into `out_dir` that were killed are removed first
+    (`remove_dead_scratch`).
     """
     unknown = set(precisions) - set(PRECISIONS)
     if unknown:
@@ -103,6 +112,7 @@ def export_graphs(model: GuideSR, out_dir: str | Path, specs: list[GraphSpec], p
             raise ValueError(f"graph spec for size multiple {spec.size_multiple}, the model needs {size_multiple}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_dead_scratch(out_dir)
     trace_spec = guidesr_graph(size_multiple, (size_multiple, size_multiple), "dynamic")
     if weights_digest is None:
         weights_digest = weights_sha256(model)
@@ -113,7 +123,7 @@ def export_graphs(model: GuideSR, out_dir: str | Path, specs: list[GraphSpec], p
             prepared.half()
         for trt_plugins in sorted({spec.trt_plugins for spec in specs}):
             nodes = fca_plugin_nodes(prepared) if trt_plugins else nullcontext()
-            with tempfile.TemporaryDirectory(dir=out_dir, prefix=".trace-") as scratch, nodes:
+            with tempfile.TemporaryDirectory(dir=out_dir, prefix=scratch_prefix()) as scratch, nodes:
                 traced = Path(scratch) / "traced.onnx"
                 trace(prepared, trace_spec, traced)
                 for spec in (s for s in specs if s.trt_plugins == trt_plugins):
@@ -123,7 +133,65 @@ def export_graphs(model: GuideSR, out_dir: str | Path, specs: list[GraphSpec], p
                     finish_graph(ir.load(traced), spec, precision, metadata, staged)
                     publish_graph(staged, path)
                     exported.append(ExportedGraph(path, spec, precision))
+                    if on_published is not None:
+                        on_published(exported[-1])
     return exported
+
+
+def scratch_prefix() -> str:
+    """The name of this process's scratch folders up to mkdtemp's random part: SCRATCH_PREFIX, then the process id
+    and host name of their owner, which `remove_dead_scratch` reads."""
+    return f"{SCRATCH_PREFIX}{os.getpid()}-{socket.gethostname()}-"
+
+
+def scratch_owner(name: str) -> tuple[int, str] | None:
+    """(process id, host name) of the export that made the scratch folder called `name`, or None for a name that does
+    not record them (not a scratch folder, or one made by a guidesr older than the owner in the name)."""
+    if not name.startswith(SCRATCH_PREFIX):
+        return None
+    pid, _, rest = name.removeprefix(SCRATCH_PREFIX).partition("-")
+    host, _, random_part = rest.rpartition("-")
+    if not (pid.isdecimal() and host and random_part):
+        return None
+    return int(pid), host
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this host (signal 0 checks without signalling)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
+
+
+def remove_dead_scratch(out_dir: Path) -> None:
+    """Remove the scratch folders in `out_dir` that exports killed on this host left (SIGKILL runs no cleanup): those of
+    this user whose owner process (`scratch_owner`) no longer runs. A folder of a running export, of another host (the
+    folder may be shared) or of another user, or one without an owner in its name, is left alone. Each is first renamed
+    into a scratch folder of this process, so two exports never remove the same one and a removal that is itself
+    killed leaves a folder whose owner is dead."""
+    host, uid = socket.gethostname(), os.getuid()
+    dead = []
+    for folder in out_dir.glob(f"{SCRATCH_PREFIX}*"):
+        owner = scratch_owner(folder.name)
+        if owner is None or owner[1] != host or process_alive(owner[0]):
+            continue
+        try:
+            info = folder.lstat()
+        except FileNotFoundError:  # another export removed it first
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == uid:
+            dead.append(folder)
+    if not dead:
+        return
+    removal = Path(tempfile.mkdtemp(dir=out_dir, prefix=scratch_prefix()))
+    for index, folder in enumerate(dead):
+        with suppress(FileNotFoundError):  # another export took it first
+            folder.rename(removal / str(index))
+    shutil.rmtree(removal)
 
 
 def trace(module: ExportModule, spec: GraphSpec, path: Path) -> None:
@@ -170,14 +238,18 @@ def finish_graph(model: ir.Model, spec: GraphSpec, precision: str, metadata: dic
 
 def publish_graph(staged: Path, path: Path) -> None:
     """Move a saved and checked graph, with its external data, from the scratch folder to `path` (same file system):
-    an export that fails its checks or is killed leaves the previous graph at `path`, never a partial one."""
+    an export that fails its checks leaves the previous graph at `path`, never a partial one. A graph and its
+    NAME.onnx.data are two renames: when either graph has external data, the previous graph is removed before the data
+    is replaced, so an export killed between them leaves no graph rather than the previous graph reading this export's
+    weights (nothing checks that a graph's external data is the one it was saved with)."""
     staged_data, data = (file.with_name(file.name + ".data") for file in (staged, path))
-    if staged_data.exists():
-        staged_data.replace(data)
-        staged.replace(path)
-    else:
-        staged.replace(path)
-        data.unlink(missing_ok=True)  # an earlier export's external data, which this graph does not use
+    if staged_data.exists() or data.exists():
+        path.unlink(missing_ok=True)
+        if staged_data.exists():
+            staged_data.replace(data)
+        else:
+            data.unlink()  # an earlier export's external data, which this graph does not use
+    staged.replace(path)
 
 
 def graph_metadata(model: GuideSR, spec: GraphSpec, precision: str, weights: str,

@@ -144,15 +144,11 @@ def compare(model: GuideSR, onnx_path: str | Path, sizes: list[tuple[int, int]] 
     onnx_path = Path(onnx_path)
     metadata = read_metadata(onnx_path) if graph_metadata is None else graph_metadata
     spec, precision = GraphSpec.from_json(metadata["graph_spec"]), metadata["precision"]
-    expected = model.descriptor.checkpoint_sha256 or "none"
-    if metadata["checkpoint_sha256"] != expected:
-        raise ValueError(f"{onnx_path.name} was exported from checkpoint {metadata['checkpoint_sha256'][:12]}, "
-                         f"the reference model is {expected[:12]}; compare a graph with the model it came from")
     if weights_digest is None:
         weights_digest = weights_sha256(model)
-    problem = other_weights_problem(onnx_path.name, metadata, weights_digest, "the reference model")
+    problem = other_model_problem(model, onnx_path, metadata, weights_digest)
     if problem is not None:
-        raise ValueError(f"{problem}, or export it again from this model")
+        raise ValueError(problem)
     shapes = graph_shapes(spec, sizes)
     session = SessionFromOnnx(str(onnx_path), providers=["cpu"])
     runners = [TorchRunner(model), OnnxrtRunner(session, name=onnx_path.name)]
@@ -195,6 +191,18 @@ def compare(model: GuideSR, onnx_path: str | Path, sizes: list[tuple[int, int]] 
                 passed=finite and bool(accuracy[names][iteration][OUTPUT_NAME]), criterion=criterion,
             ))
     return comparisons
+
+
+def other_model_problem(model: GuideSR, onnx_path: Path, metadata: dict[str, str], weights_digest: str) -> str | None:
+    """Why the graph at `onnx_path` (`metadata`: its `read_metadata`) cannot be compared with `model`, whose
+    `weights_sha256` is `weights_digest`: it holds another checkpoint or other weights; None when it holds the
+    model's."""
+    expected = model.descriptor.checkpoint_sha256 or "none"
+    if metadata["checkpoint_sha256"] != expected:
+        return (f"{onnx_path.name} was exported from checkpoint {metadata['checkpoint_sha256'][:12]}, the reference "
+                f"model is {expected[:12]}; compare a graph with the model it came from")
+    problem = other_weights_problem(onnx_path.name, metadata, weights_digest, "the reference model")
+    return None if problem is None else f"{problem}, or export it again from this model"
 
 
 def _to_unit_range(iteration_result):

@@ -1,6 +1,10 @@
 """Issue 4, without a model: graph specs, engine metadata checks, TensorRT's operator list."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +13,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export import engine_metadata
+from export import engine_metadata, onnx_export
 from export.engine_metadata import EngineMetadata, EngineMetadataError, EngineMismatchError, check_compatible
 from export.graphs import GraphSpec, guidesr_graph, parse_tile
 from export.trt_supported_ops import SUPPORTED_OPS, tensorrt_problems
@@ -538,3 +542,60 @@ def test_engine_metadata_without_the_weights_sha256_asks_for_a_rebuild(tmp_path)
         engine_metadata.read(engine)
     assert str(err.value) == (f"{engine_metadata.metadata_path(engine)} has format version 3, this guidesr reads "
                               f"version 4; rebuild the engine with `make engine` (or `python -m export engine`)")
+
+
+def _saved_with_external_data(folder: Path, weight: float) -> Path:
+    """folder/graph.onnx (folder made here) with its weights, `weight` and `weight` + 1, in graph.onnx.data."""
+    folder.mkdir()
+    path = folder / "graph.onnx"
+    onnx.save_model(_weighted_graph(weight), path, save_as_external_data=True, location="graph.onnx.data",
+                    size_threshold=0)
+    return path
+
+
+def _weights(graph: Path) -> list[float]:
+    return [float(numpy_helper.to_array(tensor, str(graph.parent)).flat[0])
+            for tensor in onnx.load(str(graph), load_external_data=False).graph.initializer]
+
+
+def test_an_export_killed_between_the_data_and_the_graph_leaves_no_graph_reading_its_weights(tmp_path, monkeypatch):
+    """publish_graph renames NAME.onnx.data, then NAME.onnx. The two exports' weights have the same layout, so the
+    previous graph next to the new data would load them unnoticed, with the metadata of the previous weights."""
+    published = tmp_path / "out" / "graph.onnx"
+    published.parent.mkdir()
+    onnx_export.publish_graph(_saved_with_external_data(tmp_path / "first", 0.0), published)
+    assert _weights(published) == [0.0, 1.0]
+    staged = _saved_with_external_data(tmp_path / "second", 10.0)
+    replace = Path.replace
+
+    def killed_before_the_graph(self, target):
+        if self == staged:
+            raise KeyboardInterrupt
+        return replace(self, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "replace", killed_before_the_graph)
+        with pytest.raises(KeyboardInterrupt):
+            onnx_export.publish_graph(staged, published)
+    assert not published.exists()
+    onnx_export.publish_graph(_saved_with_external_data(tmp_path / "the-same-export-again", 10.0), published)
+    assert _weights(published) == [10.0, 11.0]
+    assert sorted(path.name for path in published.parent.iterdir()) == ["graph.onnx", "graph.onnx.data"]
+
+
+def test_an_export_removes_only_the_scratch_folders_of_killed_exports_on_this_host(tmp_path):
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    host = socket.gethostname()
+    killed = f".trace-{ended.pid}-{host}-k1ll3d_1"
+    kept = [f".trace-{os.getpid()}-{host}-running",  # this process: a running export
+            f".trace-{ended.pid}-another-host-shared",  # the folder may be shared; that pid is another host's
+            ".trace-3xq7z2lp",  # an older guidesr's, without its owner
+            ".trace-notes"]
+    for name in (killed, *kept):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "traced.onnx").write_bytes(b"part of a trace")
+    (tmp_path / f".trace-{ended.pid}-{host}-a_file").write_text("not a scratch folder")
+    onnx_export.remove_dead_scratch(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([*kept, f".trace-{ended.pid}-{host}-a_file"])
+    assert onnx_export.scratch_owner(onnx_export.scratch_prefix() + "abc_1234") == (os.getpid(), host)

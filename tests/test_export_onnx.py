@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,9 @@ import onnxruntime
 import pytest
 import torch
 
-from export.__main__ import EXIT_FAILED, EXIT_MISSING_PACKAGE, EXIT_USAGE, build_parser, load_from_args, main
+from export import onnx_export
+from export.__main__ import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_MISSING_PACKAGE, EXIT_USAGE, build_parser,
+                             load_from_args, main)
 from export.engine_metadata import EngineMismatchError, graph_sha256
 from export.fp16 import FP32_ISLANDS
 from export.graphs import GraphSpec, guidesr_graph
@@ -618,3 +621,152 @@ def test_verify_of_a_named_engine_without_tensorrt_fails_with_the_install_hint(g
     err = capsys.readouterr().err
     assert f"error: cannot check {engine}" in err and "pip install tensorrt-cu12" in err
     assert "was built from" not in err
+
+
+def _with_metadata(graph: Path, folder: Path, name: str, **changes: str) -> Path:
+    """A copy of the (inline) graph called `name` in `folder`, its metadata_props changed."""
+    proto = onnx.load(str(graph))
+    for prop in proto.metadata_props:
+        prop.value = changes.get(prop.key, prop.value)
+    onnx.save(proto, str(folder / name))
+    return folder / name
+
+
+def test_verify_names_every_graph_of_another_model_and_compares_the_others(graphs, model, tmp_path, monkeypatch,
+                                                                          capsys):
+    good = graphs[("fp32", "static", SIZES[0])].path
+    other_seed = _with_metadata(good, tmp_path, "other-seed.onnx", weights_sha256="cd" * 32)
+    other_checkpoint = _with_metadata(good, tmp_path, "other-checkpoint.onnx", checkpoint_sha256="ef" * 32)
+    monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
+    assert main(["verify", "--onnx", str(other_seed), str(good), str(other_checkpoint)]) == EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert (f"error: other-seed.onnx holds other weights than the reference model (weights cdcdcdcdcdcd, the model's "
+            f"are {weights_sha256(model)[:12]})") in err
+    assert ("error: other-checkpoint.onnx was exported from checkpoint efefefefefef, the reference model is none; "
+            "compare a graph with the model it came from") in err
+    assert f"PASS  {good.name} vs pytorch" in out
+    assert "other-seed.onnx vs" not in out and "other-checkpoint.onnx vs" not in out
+    assert out.endswith("\nall comparisons passed\n2 of the 3 graphs were not compared (the errors above say why)\n")
+
+
+def test_verify_names_every_file_it_is_given_that_is_not_an_exported_graph(graphs, tmp_path, capsys, no_model_loading):
+    (tmp_path / "notes.onnx").write_text("not a graph\n")
+    outdated = _with_metadata(graphs[("fp32", "static", SIZES[0])].path, tmp_path, "outdated.onnx")
+    proto = onnx.load(str(outdated))
+    kept = [prop for prop in proto.metadata_props if prop.key != "weights_sha256"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    onnx.save(proto, str(outdated))
+    argv = ["verify", "--random-weights", "--preset", "tiny", "--onnx", str(tmp_path / "notes.onnx"), str(outdated)]
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'notes.onnx'} is not a readable ONNX file" in err
+    assert "error: outdated.onnx was exported by an older guidesr" in err
+
+
+@pytest.mark.parametrize("command, argv, message", [
+    ("onnx", ["--tile", "100000", "--variant", "static"],
+     "the static graph takes inputs up to 1x3x100000x100000, where the model's full-resolution guidance features (32 "
+     "channels) are one tensor of 320,000,000,000 values; TensorRT takes fewer than 2^31 (2,147,483,648) per tensor, "
+     "so no engine could be built from it: choose a smaller tile or --batch"),
+    ("engine", ["--tile", "100000"], "the static graph takes inputs up to 1x3x100000x100000"),
+])
+def test_a_tile_too_large_for_tensorrt_is_refused_before_the_export(command, argv, message, model, tmp_path,
+                                                                    monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the graphs were exported")
+
+    monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
+    monkeypatch.setattr("export.__main__.export_graphs", refuse)
+    assert main([command, *argv, "--out-dir", str(tmp_path)]) == EXIT_USAGE
+    assert f"error: --tile {argv[1]}x{argv[1]}: {message}" in capsys.readouterr().err
+
+
+def test_the_dynamic_graphs_tile_ends_where_its_largest_input_reaches_tensorrts_limit(model, tmp_path, monkeypatch,
+                                                                                        capsys):
+    exported = []
+    monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
+    monkeypatch.setattr("export.__main__.export_graphs", lambda model, out_dir, specs, *args, **kwargs:
+                        exported.extend(specs) or [])
+    assert main(["onnx", "--tile", "2048", "--variant", "dynamic", "--out-dir", str(tmp_path)]) == EXIT_USAGE
+    assert ("error: --tile 2048x2048: the dynamic graph takes inputs up to 4x3x4096x4096, where the model's "
+            "full-resolution guidance features (32 channels) are one tensor of 2,147,483,648 values; TensorRT takes "
+            "fewer than 2^31 (2,147,483,648) per tensor, so no engine could be built from it: choose a smaller tile or "
+            "--max-batch") in capsys.readouterr().err
+    assert main(["onnx", "--tile", "2032", "--variant", "dynamic", "--out-dir", str(tmp_path)]) == 0
+    assert [spec.inputs[0].max for spec in exported] == [(4, 3, 4064, 4064)]
+
+
+def _main_not_raising_ctrl_c(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main() as a traceback")  # and would stop this pytest run
+
+
+def test_ctrl_c_during_an_export_exits_130_saying_which_graphs_are_written(model, tmp_path, monkeypatch, capsys):
+    finish_graph, finished = onnx_export.finish_graph, []
+
+    def interrupted_in_the_second_graph(*args):
+        if finished:
+            raise KeyboardInterrupt
+        finished.append(finish_graph(*args))
+
+    monkeypatch.setattr(onnx_export, "finish_graph", interrupted_in_the_second_graph)
+    monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
+    argv = ["onnx", "--tile", "32", "--variant", "static", "dynamic", "--precision", "fp32", "--out-dir", str(tmp_path)]
+    assert _main_not_raising_ctrl_c(argv) == EXIT_INTERRUPTED
+    out, err = capsys.readouterr()
+    static = tmp_path / "tiny-static-b1-32x32-fp32.onnx"
+    assert out == f"wrote {static}\n"
+    assert err == (f"interrupted: wrote {static.name}; the graph being exported was not published, so each graph there "
+                   f"is a whole one, new or from before; the same command again exports them all\n")
+    assert sorted(tmp_path.iterdir()) == [static]
+
+
+def test_ctrl_c_during_engine_and_verify_exits_130_saying_what_is_done(graphs, model, tmp_path, monkeypatch, capsys):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
+    monkeypatch.setattr("export.__main__.import_tensorrt", ctrl_c)
+    argv = ["engine", "--tile", "32", "--out-dir", str(tmp_path)]
+    assert _main_not_raising_ctrl_c(argv) == EXIT_INTERRUPTED
+    assert capsys.readouterr().err == (
+        "interrupted: tiny-static-b1-32x32-fp16.onnx is written, its engine is not: nothing half-written was "
+        "published (an engine is used only with its NAME.engine.json, written last); the same command again builds "
+        "it\n")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-static-b1-32x32-fp16.onnx"]
+
+    from export import verify
+
+    compare, compared = verify.compare, []
+
+    def interrupted_in_the_second_graph(*args):
+        if compared:
+            raise KeyboardInterrupt
+        compared.append(compare(*args))
+        return compared[-1]
+
+    monkeypatch.setattr(verify, "compare", interrupted_in_the_second_graph)
+    first, second = (graphs[(precision, "static", SIZES[0])].path for precision in ("fp32", "fp16"))
+    assert _main_not_raising_ctrl_c(["verify", "--onnx", str(first), str(second)]) == EXIT_INTERRUPTED
+    out, err = capsys.readouterr()
+    assert f"PASS  {first.name} vs pytorch" in out
+    assert err == "interrupted: 1 of 2 graphs compared (results above); verify writes no files\n"
+
+
+def test_the_scratch_folder_of_a_killed_export_is_removed_by_the_next_export(model, tmp_path):
+    command = [sys.executable, "-m", "export", "onnx", "--random-weights", "--preset", "tiny", "--tile", "32",
+               "--variant", "static", "--precision", "fp32", "--out-dir", str(tmp_path)]
+    export = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".trace-*")):
+        assert export.poll() is None and time.monotonic() < deadline, "the export ended before it was killed"
+        time.sleep(0.02)
+    export.kill()  # SIGKILL: no cleanup runs
+    export.wait()
+    (scratch,) = tmp_path.glob(".trace-*")
+    assert scratch.is_dir()
+    (graph,) = export_graphs(model, tmp_path, [guidesr_graph(16, (32, 32), "static")], ["fp32"], weights="test")
+    assert sorted(tmp_path.iterdir()) == [graph.path]

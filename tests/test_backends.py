@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -279,6 +282,19 @@ def test_onnxruntime_exports_again_a_cached_graph_without_weights_sha256(model, 
     assert again.graph_path == first.graph_path
     assert {prop.key: prop.value for prop in onnx.load(str(again.graph_path)).metadata_props}["weights_sha256"] == (
         model_weights)
+
+
+def test_onnxruntime_cache_removes_the_scratch_folder_of_a_killed_export(model, tmp_path):
+    first = ONNXRuntimeBackend(model, "cpu", "fp32", tile=(32, 32), cache_dir=tmp_path)
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    killed = first.graph_path.parent / f".trace-{ended.pid}-{socket.gethostname()}-k1ll3d_1"
+    killed.mkdir()
+    (killed / "traced.onnx").write_bytes(b"part of a trace")
+    first.graph_path.unlink()  # stale: the next backend exports it again into that folder
+    ONNXRuntimeBackend(model, "cpu", "fp32", tile=(32, 32), cache_dir=tmp_path)
+    assert not killed.exists()
+    assert [path.name for path in first.graph_path.parent.iterdir() if path.name.startswith(".")] == []
 
 
 # ---------------------------------------------------------------------- TensorRT: the engine check

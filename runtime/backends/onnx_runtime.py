@@ -170,8 +170,9 @@ def _graph_metadata(path: Path) -> dict[str, str]:
 
 def cached_graph(model: GuideSR, spec: GraphSpec, precision: str, cache_dir: Path) -> tuple[Path, str]:
     """The cached graph of `model` (which has a checkpoint) for `spec` and `precision`, exported when
-    missing or stale; returns its path and where it came from."""
-    from export.onnx_export import export_graphs, graph_filename
+    missing or stale; returns its path and where it came from. The export runs in a scratch folder named after its
+    process, which a later export into the folder removes if that process was killed (`remove_dead_scratch`)."""
+    from export.onnx_export import export_graphs, graph_filename, remove_dead_scratch, scratch_prefix
     from guidesr.checkpoint import weights_sha256
 
     checkpoint, weights_digest = model.descriptor.checkpoint_sha256, weights_sha256(model)
@@ -181,7 +182,8 @@ def cached_graph(model: GuideSR, spec: GraphSpec, precision: str, cache_dir: Pat
     if stale is None:
         return path, "from the cache"
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as scratch:
+    remove_dead_scratch(folder)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=scratch_prefix()) as scratch:
         (graph,) = export_graphs(model, scratch, [spec], [precision], weights=f"checkpoint sha256 {checkpoint}",
                                  weights_digest=weights_digest)
         weights = graph.path.with_name(graph.path.name + ".data")  # external data of graphs above 1 GiB

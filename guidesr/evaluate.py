@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.cli import bounded_int, output_folder_problem, write_json
+from runtime.cli import bounded_int, output_file_problem, write_json
 
 from .config import PRESETS
 from .data import SAMPLE_EVAL, HRImageFolder, SampleImages, check_crop_sizes, eval_pairs
@@ -117,7 +117,7 @@ def format_table(results: dict) -> str:
 
 def json_target_problem(path: Path) -> str | None:
     """Why the results cannot be written to `path` (checked before the evaluation runs), or None."""
-    return "is a folder" if path.is_dir() else output_folder_problem(path.parent)
+    return output_file_problem(path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -494,7 +494,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+        # `is`, not `in`: 0 == False, and a default of 0 (--seed, --num-workers, --min-lr-ratio) is worth showing
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in text:
             return text
         return text + (" (default: '')" if action.default == "" else " (default: %(default)s)")
 

@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from runtime.cli import write_json
+from runtime.cli import output_file_problem, write_json
 
 SIZES = (512, 1024, 2048)
 BATCHES = (1, 4)
@@ -445,12 +445,17 @@ def print_graph_comparison(results: list[dict], section: str, keys: tuple[str, .
         print(f"  {r['shape']}: {' / '.join(f'{ms:.3f}' for ms in graph)}   {detail(r, graph)}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m kernels.benchmark", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kernels.benchmark", description=__doc__.split("\n\n")[0],
+                                     epilog="Exit status: 2 when the command could not run (bad options, no CUDA GPU), else 0 (also "
+                                            "when SIGTERM stopped it: what was measured is printed and written).")
     parser.add_argument("--json", metavar="PATH", help="write every measurement to this JSON file")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("kernels.benchmark needs a CUDA GPU and Triton; torch.cuda.is_available() is False here.")
+    args = parser.parse_args(argv)
+    if args.json and (problem := output_file_problem(Path(args.json))) is not None:
+        parser.error(f"--json {args.json}: {problem}")
+    if not torch.cuda.is_available():  # status 2, as every command here says "could not run"
+        parser.exit(2, f"{parser.prog}: error: it needs a CUDA GPU and Triton; torch.cuda.is_available() is False "
+                       f"here\n")
     import triton
 
     torch.backends.cudnn.benchmark = True

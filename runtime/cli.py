@@ -1,5 +1,5 @@
 """Command-line helpers shared by guidesr, export, kernels and runtime: argparse types for bounded numbers, the model
-arguments of the measuring commands, the check that an output folder can be made where a command line puts it, and the
+arguments of the measuring commands, the check that an output folder (or file) can be made where a command line puts it, and the
 atomic write of a command's JSON results.
 Standard library only: runtime.gpu_session uses it before the wheels it installs (diffusers among them) are there."""
 
@@ -81,6 +81,12 @@ def output_folder_problem(path: Path) -> str | None:
     if not os.access(parent, os.W_OK):
         return f"{parent} is not writable"
     return None
+
+
+def output_file_problem(path: Path) -> str | None:
+    """Why a command's results cannot be written to the file `path` (its folder made first), or None; checked before
+    the command's slow part, as `output_folder_problem` is for folders."""
+    return "is a folder" if path.is_dir() else output_folder_problem(path.parent)
 
 
 def check_out_argument(parser: argparse.ArgumentParser, path: Path, option: str = "--out") -> None:

@@ -426,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", action="append", default=[], metavar="STEP=SECONDS",
                         help="override one step's time cap, e.g. --cap report=240 (repeatable)")
     args = parser.parse_args(argv)
+    if args.engine is not None and not args.engine.is_file():
+        parser.error(f"--engine {args.engine}: no such file")
     settings = CPU_SMOKE if args.cpu_smoke else GPU
     caps = dict(settings.caps)
     for item in args.cap:

@@ -683,6 +683,13 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         if name not in BACKENDS:
             parser.error(f"unknown backend {name!r}; registered: {', '.join(BACKENDS)}")
     check_model_arguments(parser, args)
+    for option, path, backend in (("--onnx", args.onnx, "onnxruntime"), ("--engine", args.engine, "tensorrt")):
+        if path is None:
+            continue
+        if not path.is_file():
+            parser.error(f"{option} {path}: no such file")
+        if args.backends is not None and backend not in args.backends + (args.tiled_backends or []):
+            parser.error(f"{option} is for the {backend} backend, which --backends leaves out")
     problem = overlap_problem(args.overlap, (args.tile, args.tile), f"--tile {args.tile}")
     if problem is not None:
         parser.error(problem)

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cli import add_model_arguments, bounded_int, check_model_arguments
+from .cli import add_model_arguments, bounded_int, check_model_arguments, output_file_problem, write_whole
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
@@ -251,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the rows and settings here")
     args = parser.parse_args(argv)
     check_model_arguments(parser, args)
+    if args.json is not None and (problem := output_file_problem(args.json)) is not None:
+        parser.error(f"--json {args.json}: {problem}")
     try:
         device = resolve_device(args.device)
     except BackendError as err:
@@ -274,8 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         profile = profile_compiled(model, device, precision, height, width, args.batch, args.profile_compiled)
         print(format_profile(profile), flush=True)
         if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"compiled_profile": profile}, indent=2) + "\n")
+            _write_json(parser, args.json, {"compiled_profile": profile})
     prepared = inference_copy(model, device, DTYPES[precision])
     rows = measure(prepared, device, precision, height, width, args.batch, args.repeats)
     rate = matmul_rate(device, precision) / 1e12 if device.type == "cuda" else None
@@ -284,11 +285,19 @@ def main(argv: list[str] | None = None) -> int:
              f"{device_name}, Triton kernels {args.triton_kernels}")
     print(format_table(rows, title, rate, precision))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"title": title, "device": device_name, "matmul_tflop_s": rate,
-                                         "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-                                         "compiled_profile": profile}, indent=2) + "\n")
+        _write_json(parser, args.json, {"title": title, "device": device_name, "matmul_tflop_s": rate,
+                                        "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+                                        "compiled_profile": profile})
     return 1 if any("error" in row for row in rows) else 0
+
+
+def _write_json(parser: argparse.ArgumentParser, path: Path, data: dict) -> None:
+    """`data` into `path` whole (runtime.cli.write_whole), or exit 1 with one line saying why it could not be."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_whole(path, (json.dumps(data, indent=2) + "\n").encode())
+    except OSError as error:
+        parser.exit(1, f"{parser.prog}: error: cannot write --json {path}: {error}\n")
 
 
 if __name__ == "__main__":

@@ -123,6 +123,10 @@ def test_parse_size():
     (["--out", "{tmp}/file"], "--out {tmp}/file: {tmp}/file is not a folder"),
     (["--out", "{tmp}/file/report"], "--out {tmp}/file/report: {tmp}/file is not a folder"),
     (["--tile", "64", "--overlap", "56"], "--overlap 56 with --tile 64 computes every output pixel about 64 times"),
+    (["--onnx", "{tmp}/missing.onnx"], "--onnx {tmp}/missing.onnx: no such file"),
+    (["--engine", "{tmp}/missing.engine"], "--engine {tmp}/missing.engine: no such file"),
+    (["--backends", "torch", "--onnx", "{tmp}/file"], "--onnx is for the onnxruntime backend, which --backends leaves out"),
+    (["--backends", "torch", "--engine", "{tmp}/file"], "--engine is for the tensorrt backend, which --backends leaves out"),
 ])
 def test_bad_quality_and_out_are_usage_errors_before_the_model_loads(argv, message, tmp_path, capsys, monkeypatch):
     def no_model(args):
@@ -315,6 +319,7 @@ def test_warm_up_makes_at_least_the_calls_and_continues_until_the_time_is_spent(
     (["--test-jobs", "0"], "argument --test-jobs: 0 must be >= 1"),
     (["--budget-s", "0"], "argument --budget-s: 0 must be > 0"),
     (["--sizes", "512", "-1"], "argument --sizes: -1 must be >= 1"),
+    (["--engine", "missing.engine"], "--engine missing.engine: no such file"),  # the report would refuse it
 ])
 def test_gpu_session_refuses_malformed_arguments_before_any_step(argv, message, tmp_path, capsys):
     from runtime import gpu_session

@@ -56,6 +56,23 @@ def test_kernel_categories(name, category):
     assert stage_timing.kernel_category(name) == category
 
 
+@pytest.mark.parametrize("target, message", [
+    ("{tmp}", "--json {tmp}: is a folder"),
+    ("{tmp}/file/stages.json", "--json {tmp}/file/stages.json: {tmp}/file is not a folder"),
+])
+def test_cli_refuses_a_json_it_cannot_write_before_the_model_loads(target, message, tmp_path, capsys, monkeypatch):
+    def no_model(args):
+        raise AssertionError("the model was loaded (and measured) before --json was checked")
+
+    monkeypatch.setattr("runtime.report.load_model_from_args", no_model)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as stop:
+        stage_timing.main(["--preset", "tiny", "--random-weights", "--device", "cpu", "--size", "64",
+                           "--json", target.format(tmp=tmp_path)])
+    assert stop.value.code == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
 def test_profile_compiled_needs_cuda(capsys):
     with pytest.raises(SystemExit) as stop:
         stage_timing.main(["--preset", "tiny", "--random-weights", "--device", "cpu", "--size", "64",

@@ -139,6 +139,24 @@ def cli(*args: str) -> list[str]:
     return ["--preset", "tiny", "--random-base", "--w-lpips", "0", *args]
 
 
+def test_help_shows_defaults_of_zero(capsys):
+    """A default of 0 is a default (0 == False once hid it): --seed, --num-workers and --min-lr-ratio show theirs."""
+    from guidesr.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    entries = {}  # option -> its help, from the lines of the options list ("  --option ..." starts an entry)
+    for line in capsys.readouterr().out.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            option = line.split()[0]
+            entries[option] = line
+        elif entries:
+            entries[option] += line
+    for option in ("--seed", "--num-workers", "--min-lr-ratio"):
+        assert "(default: 0" in " ".join(entries[option].split()), entries[option]
+    assert "default" not in entries["--save-every-rank"]  # a flag's False is still not shown
+
+
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "--steps: 0 must be >= 1"),
     (["--batch-size", "-1"], "--batch-size: -1 must be >= 1"),

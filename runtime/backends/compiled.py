@@ -114,7 +114,6 @@ from .base import (
     skip_when_an_artifact_is_given,
 )
 from .group_norm import use_channel_stats_group_norm
-from .wide_head_attention import use_wide_head_attention
 
 if TYPE_CHECKING:
     from guidesr.model import GuideSR
@@ -127,6 +126,7 @@ def prepare_model(model: GuideSR, device: torch.device, dtype: torch.dtype) -> G
     from export.merge import inference_copy  # imports peft and diffusers (seconds): only when building
 
     from .constant_folding import fold_constant_inputs
+    from .wide_head_attention import use_wide_head_attention  # imports diffusers (seconds): only when building
 
     prepared = inference_copy(model, device, dtype)
     use_channel_stats_group_norm(prepared)

@@ -546,7 +546,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
     p.add_argument("--precision", default=defaults.precision, choices=["fp32", "bf16", "fp16"],
                    help="autocast precision (bf16 and fp16 need CUDA)")
     p.add_argument("--stop-at", type=positive, default=None,
-                   help="stop (with a checkpoint) at this step; the schedule still follows --steps")
+                   help="stop (with a checkpoint) at this step, at most --steps; the schedule still follows --steps")
     p.add_argument("--no-resume", action="store_true",
                    help="start at step 0 even if --out holds a training state: its checkpoint, state and log are "
                         "replaced once the first step has run")
@@ -575,6 +575,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
     a = p.parse_args(argv)
     if Path(a.name).name != a.name or a.name in ("", ".", ".."):
         p.error(f"--name {a.name!r}: a file name inside --out, without folders")
+    if a.stop_at is not None and a.stop_at > a.steps:
+        p.error(f"--stop-at {a.stop_at} is past --steps {a.steps}, where the learning-rate schedule ends; raise --steps "
+                f"to train longer")
     if a.w_lpips > 0 and a.lpips_vgg is None:
         p.error("--w-lpips > 0 needs --lpips-vgg FILE (torchvision's vgg16-397923af.pth); --w-lpips 0 trains "
                 "without LPIPS")

@@ -170,6 +170,7 @@ def test_help_shows_defaults_of_zero(capsys):
     (["--name", ".."], "--name '..'"),
     (["--w-lpips", "1"], "--w-lpips > 0 needs --lpips-vgg FILE"),
     (["--discriminator", "clip"], "--discriminator clip needs --clip-path DIR"),
+    (["--steps", "3", "--stop-at", "5"], "--stop-at 5 is past --steps 3, where the learning-rate schedule ends"),
 ])
 def test_cli_refuses_bad_settings_before_any_work(args, message, capsys):
     from guidesr.train import parse_args
@@ -342,7 +343,7 @@ def test_learning_rate_reaches_the_peak_after_warm_up_and_ends_at_the_floor():
     assert learning_rate(config, 10) == pytest.approx(1e-3)  # the first step after warm-up: the peak, not above
     assert learning_rate(config, 60) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
     assert learning_rate(config, 110) == pytest.approx(1e-4)
-    assert learning_rate(config, 150) == pytest.approx(1e-4)  # past --steps (a later --stop-at): stays at the floor
+    assert learning_rate(config, 150) == pytest.approx(1e-4)  # past --steps: stays at the floor
 
 
 def test_the_optimizer_runs_the_schedule_and_a_resumed_run_with_grad_accum_continues_the_batch_stream(tmp_path):

@@ -299,7 +299,7 @@ class TrainingPairs:
     `start`.
 
     Batch i is a pure function of (seed, rank, i): crops come from `StepCrops` (read by
-    DataLoader workers when `num_workers` > 0), degradations run batched on `device` with a
+    DataLoader workers when `num_workers` > 0), degradations run batched on `device` with a CPU
     generator seeded from (seed + 1, rank, i). A run resumed at step k rebuilds batch k exactly.
     """
 
@@ -331,8 +331,7 @@ class TrainingPairs:
             raise ValueError(f"micro-batch {self.index}: a rank has {RANK_MICRO_BATCHES} batches of its own, and "
                              f"the next would repeat another rank's")
         hr = next(self._batches).to(self.device, non_blocking=True)
-        generator = torch.Generator(device=self.device).manual_seed(
-            batch_seed(self.config.seed + 1, self.rank, self.index))
+        generator = torch.Generator().manual_seed(batch_seed(self.config.seed + 1, self.rank, self.index))
         self.index += 1
         return make_pairs(hr, self.config.degradation, generator)
 
@@ -365,6 +364,6 @@ def eval_pairs(
     pairs = []
     for i in range(len(hr)):
         for d in range(draws):
-            generator = torch.Generator(device=torch.device(device)).manual_seed(draw_seed(seed, i, d))
+            generator = torch.Generator().manual_seed(draw_seed(seed, i, d))
             pairs.append(make_pairs(hr[i : i + 1], degradation, generator))
     return torch.cat([lq for lq, _ in pairs]), torch.cat([target for _, target in pairs])

@@ -3,8 +3,12 @@
 GuideSR trains on HR crops whose LR inputs are synthesised with the Real-ESRGAN pipeline
 (paper §4, following ResShift). This module re-implements that pipeline so that it runs on
 whole batches on the training device (CPU or CUDA), and is reproducible: every random draw
-comes from one explicit `torch.Generator` living on the same device as the images, so the
-same seed gives bit-identical LR images on the same device.
+comes from one explicit CPU `torch.Generator`, so the same seed gives bit-identical LR images
+on the same device. The random parameters (kernels, noise strengths, JPEG qualities, resize
+choices ...) are drawn on the CPU and copied to the device without waiting for it, so that
+degrading a CUDA batch never synchronises the host with the GPU. Noise fields are drawn where
+the images are: on the CPU from the generator itself, on another device from a generator on
+that device seeded with a draw of the generator.
 
 Stages (Wang et al., "Real-ESRGAN", 2021; defaults of `train_realesrnet_x4plus.yml`):
 
@@ -112,29 +116,48 @@ class DegradationConfig:
 
 
 # --------------------------------------------------------------------------------------
-# Random numbers. Every draw goes through `generator`, which lives on the images' device.
+# Random numbers. Parameters are drawn on the CPU from `generator`; noise fields on the
+# images' device from `noise_generator` (the same generator for CPU images).
 # --------------------------------------------------------------------------------------
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
-    return torch.rand(n, generator=generator, device=generator.device) * (high - low) + low
+    return torch.rand(n, generator=generator) * (high - low) + low
 
 
 def _bernoulli(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
-    return torch.rand(n, generator=generator, device=generator.device) < p
+    return torch.rand(n, generator=generator) < p
 
 
 def _categorical(n: int, probs: tuple[float, ...], generator: torch.Generator) -> torch.Tensor:
-    weights = torch.tensor(probs, dtype=torch.float64, device=generator.device)
+    weights = torch.tensor(probs, dtype=torch.float64)
     return torch.multinomial(weights, n, replacement=True, generator=generator)
 
 
-def _check_device(images: torch.Tensor, generator: torch.Generator) -> None:
-    if images.device.type != generator.device.type:
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; from the CPU to another device without waiting for that device (a
+    blocking host-to-device copy synchronises the stream), through pinned memory so that the
+    copy is truly asynchronous."""
+    if tensor.device.type != "cpu" or device.type == "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _check_generator(generator: torch.Generator) -> None:
+    if generator.device.type != "cpu":
         raise ValueError(
-            f"images are on {images.device} but the generator is on {generator.device}; "
-            "create it with torch.Generator(device=images.device) so every draw is reproducible"
+            f"the generator is on {generator.device}; degradations draw their parameters on the CPU, so that "
+            "reading them never waits for the device: pass torch.Generator() (CPU) whatever the images' device"
         )
+
+
+def _noise_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """The generator of the noise fields of images on `device`: `generator` itself on the CPU,
+    else a generator on `device` seeded with `generator`'s next draw."""
+    if device.type == "cpu":
+        return generator
+    seed = int(torch.randint(2**63 - 1, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 # --------------------------------------------------------------------------------------
@@ -194,7 +217,7 @@ def random_blur_kernels(
     betap_range: tuple[float, float],
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """One random blur kernel per image, (B, 21, 21) float64, each summing to 1.
+    """One random blur kernel per image, (B, 21, 21) float64 on the CPU, each summing to 1.
 
     With probability `sinc_prob` a sinc kernel (cut-off in [pi/3, pi] for sizes below 13,
     [pi/5, pi] otherwise, as Real-ESRGAN), else a kernel of a type drawn from
@@ -204,8 +227,8 @@ def random_blur_kernels(
     All parameters are drawn for every image whatever its type, so the number of draws,
     and with it the generator's state, does not depend on the outcome.
     """
-    sizes_table = torch.tensor(kernel_sizes, device=generator.device)
-    sizes = sizes_table[torch.randint(len(kernel_sizes), (batch,), generator=generator, device=generator.device)]
+    sizes_table = torch.tensor(kernel_sizes)
+    sizes = sizes_table[torch.randint(len(kernel_sizes), (batch,), generator=generator)]
     kinds = _categorical(batch, kernel_prob, generator)
     sigma_x = _uniform(batch, *blur_sigma, generator).double()
     sigma_y = _uniform(batch, *blur_sigma, generator).double()
@@ -213,11 +236,11 @@ def random_blur_kernels(
     beta_g = _sample_beta(batch, betag_range, generator).double()
     beta_p = _sample_beta(batch, betap_range, generator).double()
     use_sinc = _bernoulli(batch, sinc_prob, generator)
-    sinc_low = torch.where(sizes < 13, math.pi / 3, math.pi / 5).to(generator.device)
-    cutoff = sinc_low + torch.rand(batch, generator=generator, device=generator.device) * (math.pi - sinc_low)
+    sinc_low = torch.where(sizes < 13, math.pi / 3, math.pi / 5)
+    cutoff = sinc_low + torch.rand(batch, generator=generator) * (math.pi - sinc_low)
 
     def per_image(flags: list[bool]) -> torch.Tensor:
-        return torch.tensor(flags, device=generator.device)[kinds]
+        return torch.tensor(flags)[kinds]
 
     families = [KERNEL_FAMILIES[t] for t in kernel_types]
     isotropic = per_image([iso for _, iso in families])
@@ -227,7 +250,7 @@ def random_blur_kernels(
     theta = torch.where(isotropic, torch.zeros_like(theta), theta)
     beta = torch.where(is_generalized, beta_g, torch.where(is_plateau, beta_p, torch.ones_like(beta_g))).view(-1, 1, 1)
 
-    x, y = _kernel_grid(generator.device)
+    x, y = _kernel_grid(sizes.device)
     cos, sin = theta.cos().view(-1, 1, 1), theta.sin().view(-1, 1, 1)
     u = cos * x + sin * y
     v = -sin * x + cos * y
@@ -268,7 +291,7 @@ def filter2d(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
 
 def rgb_to_gray(images: torch.Tensor) -> torch.Tensor:
     """ITU-R 601 luma, (B, 1, H, W)."""
-    weights = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    weights = _to_device(torch.tensor([0.299, 0.587, 0.114], dtype=images.dtype), images.device).view(1, 3, 1, 1)
     return (images * weights).sum(dim=1, keepdim=True)
 
 
@@ -315,18 +338,22 @@ def random_noise(
     poisson_scale_range: tuple[float, float],
     gray_prob: float,
     generator: torch.Generator,
+    noise_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Per image: Gaussian noise with `gaussian_prob`, else Poisson noise; grey with
-    `gray_prob`. Result clipped to [0, 1]."""
+    `gray_prob`. Result clipped to [0, 1]. The choices and strengths come from the CPU
+    `generator`, the noise fields from `noise_generator` (on the images' device; default
+    `generator`, for CPU images)."""
     b = images.shape[0]
-    use_gaussian = _bernoulli(b, gaussian_prob, generator)
-    gray = _bernoulli(b, gray_prob, generator)
-    sigma = _uniform(b, *noise_range, generator)
-    scale = _uniform(b, *poisson_scale_range, generator)
+    fields = generator if noise_generator is None else noise_generator
+    use_gaussian = _to_device(_bernoulli(b, gaussian_prob, generator), images.device)
+    gray = _to_device(_bernoulli(b, gray_prob, generator), images.device)
+    sigma = _to_device(_uniform(b, *noise_range, generator), images.device)
+    scale = _to_device(_uniform(b, *poisson_scale_range, generator), images.device)
     noise = torch.where(
         use_gaussian.view(b, 1, 1, 1),
-        gaussian_noise(images, sigma, gray, generator),
-        poisson_noise(images, scale, gray, generator),
+        gaussian_noise(images, sigma, gray, fields),
+        poisson_noise(images, scale, gray, fields),
     )
     return torch.clamp(images + noise, 0.0, 1.0)
 
@@ -361,7 +388,7 @@ def jpeg_quant_tables(quality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     percent = torch.where(q < 50, 5000 // q, 200 - 2 * q).view(-1, 1, 1)
     tables = []
     for base in (_LUMA_QTABLE, _CHROMA_QTABLE):
-        base_t = torch.tensor(base, dtype=torch.int64, device=quality.device)
+        base_t = _to_device(torch.tensor(base, dtype=torch.int64), quality.device)
         tables.append(torch.clamp((base_t * percent + 50) // 100, 1, 255).to(torch.float32))
     return tables[0], tables[1]
 
@@ -415,7 +442,7 @@ def jpeg_compress(images: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     cr = torch.round(0.5 * r - 0.418687589 * g - 0.081312411 * bl + 128.0).clamp(0, 255)
     chroma = torch.round(F.avg_pool2d(torch.stack([cb, cr], dim=1), 2))
 
-    luma_table, chroma_table = jpeg_quant_tables(quality)
+    luma_table, chroma_table = (_to_device(table, images.device) for table in jpeg_quant_tables(quality))
     dct = _dct_matrix(images.device)
     y = _quantise_plane(y, luma_table, dct)
     cb = _quantise_plane(chroma[:, 0], chroma_table, dct)
@@ -450,7 +477,7 @@ def resize(images: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tens
 def _random_scale(resize_prob: tuple[float, float, float], resize_range: tuple[float, float],
                   generator: torch.Generator) -> float:
     kind = int(_categorical(1, resize_prob, generator).item())
-    u = float(torch.rand(1, generator=generator, device=generator.device).item())
+    u = float(torch.rand(1, generator=generator).item())
     low, high = resize_range
     if kind == 0:  # up
         return 1.0 + u * (high - 1.0)
@@ -460,29 +487,32 @@ def _random_scale(resize_prob: tuple[float, float, float], resize_range: tuple[f
 
 
 def _random_mode(generator: torch.Generator) -> str:
-    return RESIZE_MODES[int(torch.randint(len(RESIZE_MODES), (1,), generator=generator,
-                                          device=generator.device).item())]
+    return RESIZE_MODES[int(torch.randint(len(RESIZE_MODES), (1,), generator=generator).item())]
 
 
 def degrade(hr: torch.Tensor, config: DegradationConfig, generator: torch.Generator) -> torch.Tensor:
     """Synthesise LR images (B, 3, H/scale, W/scale), 8-bit valued in [0, 1], from HR
-    images (B, 3, H, W) in [0, 1] whose sides are multiples of `config.scale`."""
-    _check_device(hr, generator)
+    images (B, 3, H, W) in [0, 1] whose sides are multiples of `config.scale`.
+
+    `generator` is a CPU generator whatever the images' device: the parameters are drawn and
+    read on the host, and nothing here waits for the device."""
+    _check_generator(generator)
     b, _, h, w = hr.shape
     if h % config.scale or w % config.scale:
         raise ValueError(f"HR size {h}x{w} is not a multiple of the scale {config.scale}")
     lr_h, lr_w = h // config.scale, w // config.scale
+    noise_generator = _noise_generator(generator, hr.device)
 
     # First stage.
     kernels = random_blur_kernels(
         b, config.kernel_sizes, config.kernel_types, config.kernel_prob, config.sinc_prob,
         config.blur_sigma, config.betag_range, config.betap_range, generator,
     )
-    out = filter2d(hr, kernels)
+    out = filter2d(hr, _to_device(kernels, hr.device))
     s = _random_scale(config.resize_prob, config.resize_range, generator)
     out = resize(out, (max(1, int(h * s)), max(1, int(w * s))), _random_mode(generator))
     out = random_noise(out, config.gaussian_noise_prob, config.noise_range, config.poisson_scale_range,
-                       config.gray_noise_prob, generator)
+                       config.gray_noise_prob, generator, noise_generator)
     out = random_jpeg(out, config.jpeg_range, generator)
 
     # Second stage (at probability 1 no draw decides it, so the random stream is Real-ESRGAN's).
@@ -492,18 +522,19 @@ def degrade(hr: torch.Tensor, config: DegradationConfig, generator: torch.Genera
             config.blur_sigma2, config.betag_range2, config.betap_range2, generator,
         )
         blur = _bernoulli(b, config.second_blur_prob, generator).view(b, 1, 1)
-        out = filter2d(out, torch.where(blur, kernels, pulse_kernels(b, hr.device)))
+        out = filter2d(out, _to_device(torch.where(blur, kernels, pulse_kernels(b, kernels.device)), hr.device))
         s = _random_scale(config.resize_prob2, config.resize_range2, generator)
         out = resize(out, (max(1, int(lr_h * s)), max(1, int(lr_w * s))), _random_mode(generator))
         out = random_noise(out, config.gaussian_noise_prob2, config.noise_range2, config.poisson_scale_range2,
-                           config.gray_noise_prob2, generator)
+                           config.gray_noise_prob2, generator, noise_generator)
 
     # Final stage: resize to LR size + sinc, and JPEG, in random order.
-    sizes = torch.tensor(config.kernel_sizes, device=hr.device)
-    sizes = sizes[torch.randint(len(config.kernel_sizes), (b,), generator=generator, device=generator.device)]
+    sizes = torch.tensor(config.kernel_sizes)
+    sizes = sizes[torch.randint(len(config.kernel_sizes), (b,), generator=generator)]
     cutoff = _uniform(b, math.pi / 3, math.pi, generator)
     use_sinc = _bernoulli(b, config.final_sinc_prob, generator).view(b, 1, 1)
-    final_kernels = torch.where(use_sinc, sinc_kernels(cutoff, sizes), pulse_kernels(b, hr.device))
+    final_kernels = _to_device(torch.where(use_sinc, sinc_kernels(cutoff, sizes), pulse_kernels(b, sizes.device)),
+                               hr.device)
     mode = _random_mode(generator)
     if bool(_bernoulli(1, 0.5, generator).item()):
         out = filter2d(resize(out, (lr_h, lr_w), mode), final_kernels)

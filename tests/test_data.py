@@ -324,3 +324,21 @@ def test_a_rank_refuses_batches_past_its_own():
         next(TrainingPairs(images, config, start=2**24))
     with pytest.raises(ValueError, match="ranks 0 to 255"):
         TrainingPairs(images, config, rank=256)
+
+
+@pytest.mark.gpu
+def test_training_pairs_on_cuda_never_synchronise_and_resume_exactly():
+    """Batches on CUDA draw their degradations from a CPU generator: making one neither reads the device nor
+    waits for it, and a run resumed at batch k rebuilds batch k."""
+    images = SampleImages("train")
+    config = PairConfig(batch_size=2, crop_size=64, seed=0)
+    pairs = TrainingPairs(images, config, device="cuda")
+    next(pairs)  # first use: CUDA context, kernels, pinned memory pool
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = [next(pairs) for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    lq, hr = next(TrainingPairs(images, config, device="cuda", start=2))
+    assert lq.is_cuda and torch.equal(lq, batches[1][0]) and torch.equal(hr, batches[1][1])

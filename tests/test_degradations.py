@@ -3,12 +3,15 @@ and the whole pipeline is reproducible from its generator."""
 
 import io
 import math
+import weakref
 
 import numpy as np
 import pytest
 import skimage.data
 import torch
 from PIL import Image
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from guidesr.degradations import (
     DegradationConfig,
@@ -220,17 +223,99 @@ def test_every_stage_runs_on_tiny_images_without_failing():
         assert lr.shape == (4, 3, 8, 8) and torch.isfinite(lr).all()
 
 
+class DeviceSyncs(TorchFunctionMode):
+    """Records what would synchronise the host with a CUDA batch's device: host reads (`.item()`,
+    `bool()`, `int()`, `float()`, `.tolist()`, ops whose output size or checks depend on values) of
+    tensors on the batch's device, and blocking uploads of Python data to a named device
+    (`torch.tensor(data, device=...)`, `new_tensor` of a device tensor). Reads of host tensors are
+    recorded apart. On the CPU both are CPU tensors, so a tensor counts as on the batch's device when it
+    is the batch, was made by a call naming a device (the device of the batch or of a generator on it),
+    or was computed from such a tensor; a draw from a CPU generator that names no device is a host tensor."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+             torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.cpu,
+             torch.nonzero, torch.Tensor.nonzero, torch.masked_select, torch.Tensor.masked_select,
+             torch.unique, torch.Tensor.unique, torch.multinomial, torch.Tensor.multinomial}
+
+    def __init__(self, batch: torch.Tensor) -> None:
+        super().__init__()
+        self.on_device: dict[int, weakref.ref] = {}
+        self.device_reads: list[str] = []
+        self.uploads: list[str] = []
+        self.host_reads: list[str] = []
+        self._mark(batch)
+
+    def _mark(self, tensor: torch.Tensor) -> None:
+        self.on_device[id(tensor)] = weakref.ref(tensor)
+
+    def _is_on_device(self, tensor: torch.Tensor) -> bool:
+        ref = self.on_device.get(id(tensor))
+        return ref is not None and ref() is tensor
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = tree_leaves((args, kwargs))
+        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        from_device = any(self._is_on_device(t) for t in tensors)
+        names_device = kwargs.get("device") is not None or any(isinstance(leaf, torch.device) for leaf in leaves)
+        if func in self.READS:
+            (self.device_reads if from_device else self.host_reads).append(func.__name__)
+        uploads_data = func in (torch.tensor, torch.as_tensor) and names_device
+        if uploads_data or (func is torch.Tensor.new_tensor and from_device):
+            self.uploads.append(func.__name__)
+        result = func(*args, **kwargs)
+        if from_device or names_device:
+            for tensor in tree_leaves(result):
+                if isinstance(tensor, torch.Tensor):
+                    self._mark(tensor)
+            if from_device and tensors and (func.__name__.endswith("_") or func.__name__ == "__setitem__"):
+                self._mark(tensors[0])
+        return result
+
+
+@pytest.mark.parametrize("second_order_prob", [1.0, 0.5])
+def test_degrade_reads_no_value_from_the_batch_device(second_order_prob):
+    """On CUDA every read of a device tensor into a Python value, and every blocking upload, stalls the host
+    until the GPU has caught up. The batch-level choices (resize kind, scale and mode, second stage, order
+    of the final stage) are read on the host from CPU draws, nothing is read from the batch's device, and
+    parameters and constants reach it by asynchronous copies."""
+    hr = hr_batch()
+    config = DegradationConfig(second_order_prob=second_order_prob)
+    expected = degrade(hr, config, torch.Generator().manual_seed(3))
+    with DeviceSyncs(hr) as syncs:
+        lr = degrade(hr, config, torch.Generator().manual_seed(3))
+    assert torch.equal(lr, expected)  # counting changes nothing
+    assert syncs.device_reads == []
+    assert syncs.uploads == []
+    assert len(syncs.host_reads) >= 7  # the counter sees the host reads: 2 scales x 2 reads + 3 modes + order
+
+
 @pytest.mark.gpu
 def test_degrade_on_cuda_is_reproducible_and_jpeg_agrees_with_cpu():
     hr = hr_batch().cuda()
-    first = degrade(hr, DegradationConfig(), torch.Generator(device="cuda").manual_seed(7))
-    again = degrade(hr, DegradationConfig(), torch.Generator(device="cuda").manual_seed(7))
+    first = degrade(hr, DegradationConfig(), torch.Generator().manual_seed(7))
+    again = degrade(hr, DegradationConfig(), torch.Generator().manual_seed(7))
     assert first.is_cuda and torch.equal(first, again)
     cpu = jpeg_compress(hr.cpu(), torch.tensor([40, 60, 80]))
     gpu = jpeg_compress(hr, torch.tensor([40, 60, 80], device="cuda")).cpu()
     assert (cpu - gpu).abs().max() <= 2 / 255 + 1e-6  # float DCT rounding may flip a level (+ fp32 rounding)
     with pytest.raises(ValueError, match="generator is on"):
-        degrade(hr, DegradationConfig(), torch.Generator())
+        degrade(hr, DegradationConfig(), torch.Generator(device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("second_order_prob", [1.0, 0.5])
+def test_degrading_a_cuda_batch_never_synchronises(second_order_prob):
+    hr = hr_batch().cuda()
+    config = DegradationConfig(second_order_prob=second_order_prob)
+    degrade(hr, config, torch.Generator().manual_seed(0))  # first use: CUDA context, kernels, pinned memory pool
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lrs = [degrade(hr, config, torch.Generator().manual_seed(seed)) for seed in range(8)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(lr.is_cuda and lr.shape == (3, 3, 16, 16) for lr in lrs)
 
 
 def _kernels(batch, kernel_type, sigma, beta_g=(0.5, 4.0), beta_p=(1.0, 2.0), sizes=(21,), seed=0):

@@ -27,13 +27,13 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from google.protobuf.message import DecodeError
 
 from guidesr.checkpoint import CheckpointError, weights_sha256
 from guidesr.config import PRESETS, preset_config
 from guidesr.loading import DEFAULT_CHECKPOINT, BaseModelError, build_model, load_model
-from guidesr.model import GuideSR
 from runtime.cli import bounded_float, bounded_int, output_folder_problem
 
 from . import engine_metadata
@@ -41,6 +41,9 @@ from .engine_metadata import EngineMetadata, EngineMetadataError, EngineMismatch
 from .graphs import VARIANTS, GraphSpec, guidesr_graph, size_argument
 from .onnx_export import PRECISIONS, ExportedGraph, export_graphs, graph_filename, read_metadata
 from .tensorrt_build import EngineBuildError, TensorRTUnavailableError, build_engine, import_tensorrt
+
+if TYPE_CHECKING:
+    from guidesr.model import GuideSR
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

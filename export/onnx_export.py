@@ -26,22 +26,24 @@ from collections.abc import Callable
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
-import onnx_ir as ir
 import torch
 from torch import nn
 
 from guidesr.checkpoint import weights_sha256
-from guidesr.model import GuideSR
 
 from .engine_metadata import OTHER_WEIGHTS_CAUSE, external_data_files
-from .fp16 import add_fp32_islands
 from .graphs import GraphSpec, guidesr_graph
-from .merge import merged_copy
-from .plugin_nodes import PLUGIN_OPS, fca_plugin_nodes, type_plugin_outputs
-from .rewrites import fix_input_shapes, fold_constants, fold_unshuffle_projections, freeze_time_embedding
-from .trt_supported_ops import tensorrt_problems
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+    from guidesr.model import GuideSR
+
+# onnx, onnx_ir, onnxscript, peft, diffusers (through guidesr.model) and the Triton kernels (through plugin_nodes:
+# torch._inductor) take seconds to import; they are imported where a graph is built or read, so that
+# `python -m export --help` and its usage errors come back at once.
 
 OPSET = 18
 PRECISIONS = ("fp32", "fp16")  # fp32 first: the fp16 graph is traced from the same module after .half()
@@ -70,6 +72,9 @@ class ExportModule(nn.Module):
 
 def prepare_for_export(model: GuideSR) -> ExportModule:
     """A merged, rewritten fp32 copy of `model` wrapped for tracing; `model` is not changed."""
+    from .merge import merged_copy
+    from .rewrites import fold_unshuffle_projections, freeze_time_embedding
+
     prepared = merged_copy(model).float().eval()
     freeze_time_embedding(prepared)
     fold_unshuffle_projections(prepared)
@@ -103,6 +108,10 @@ def export_graphs(model: GuideSR, out_dir: str | Path, specs: list[GraphSpec], p
     soon as it is in place. The scratch folders of exports into `out_dir` that were killed are removed first
     (`remove_dead_scratch`).
     """
+    import onnx_ir as ir
+
+    from .plugin_nodes import fca_plugin_nodes
+
     unknown = set(precisions) - set(PRECISIONS)
     if unknown:
         raise ValueError(f"unknown precisions {sorted(unknown)}; choose from {PRECISIONS}")
@@ -216,6 +225,14 @@ def trace(module: ExportModule, spec: GraphSpec, path: Path) -> None:
 def finish_graph(model: ir.Model, spec: GraphSpec, precision: str, metadata: dict[str, str], path: Path) -> None:
     """Shape-fix (static), type the plugin nodes (trt_plugins), fold, add fp32 islands (fp16), check against
     TensorRT, save and check."""
+    import onnx
+    import onnx_ir as ir
+
+    from .fp16 import add_fp32_islands
+    from .plugin_nodes import PLUGIN_OPS, type_plugin_outputs
+    from .rewrites import fix_input_shapes, fold_constants
+    from .trt_supported_ops import tensorrt_problems
+
     if spec.variant == "static":
         fix_input_shapes(model, spec)
     if spec.trt_plugins and not type_plugin_outputs(model):
@@ -295,6 +312,8 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     the missing keys for any other ONNX file, and as `external_data_files` does for a graph whose external data is
     missing or outside its folder.
     """
+    import onnx
+
     model = onnx.load(str(path), load_external_data=False)
     metadata = {prop.key: prop.value for prop in model.metadata_props}
     missing = [key for key in REQUIRED_METADATA if key not in metadata]

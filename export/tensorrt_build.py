@@ -29,7 +29,6 @@ from runtime.cli import write_whole
 from .engine_metadata import EngineMetadata, graph_sha256, publish_engine
 from .graphs import GraphSpec
 from .onnx_export import read_metadata
-from .tensorrt_plugins import PluginRegistrationError, graph_shape_problems, plugin_ptx_isa, register_fca_plugins
 
 INSTALL_COMMAND = "pip install tensorrt-cu12   # CUDA 12 wheels from NVIDIA (or tensorrt-cu13 for CUDA 13)"
 MIN_TENSORRT_MAJOR = 10
@@ -95,6 +94,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, optimization_le
     gpu_name, capability = current_gpu()
     ptx_isa = None
     if spec.trt_plugins:
+        # imports onnx and the Triton kernels (torch._inductor, seconds): only for a graph with plugin nodes
+        from .tensorrt_plugins import (PluginRegistrationError, graph_shape_problems, plugin_ptx_isa,
+                                       register_fca_plugins)
+
         try:
             register_fca_plugins(trt)
             ptx_isa = plugin_ptx_isa(int(capability.replace(".", "")))

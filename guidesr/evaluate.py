@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,7 +25,9 @@ from .data import SAMPLE_EVAL, HRImageFolder, SampleImages, check_crop_sizes, ev
 from .degradations import DegradationConfig
 from .loading import load_model
 from .metrics import psnr, ssim
-from .model import GuideSR
+
+if TYPE_CHECKING:
+    from .model import GuideSR
 
 SSIM_WINDOW = 11  # guidesr.metrics.ssim's Gaussian window, in pixels
 

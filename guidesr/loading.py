@@ -12,14 +12,18 @@ Only local folders are read; nothing is downloaded.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from .checkpoint import CheckpointError, checkpoint_config, load_checkpoint, read_checkpoint_record
 from .config import GuideSRConfig, preset_config
-from .model import GuideSR
 from .prompt import CLIPPromptEncoder, StoredPromptEmbedding
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from .model import GuideSR
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "guidesr-tiny.json"
@@ -42,6 +46,8 @@ def _normalise(value):
 
 
 def load_base_modules(config: GuideSRConfig, base_dir: str | Path) -> tuple[UNet2DConditionModel, AutoencoderKL]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # seconds to import: not at a command's `--help`
+
     base_dir = Path(base_dir)
     if not base_dir.is_dir():
         raise BaseModelError(f"base model folder {base_dir} does not exist")
@@ -88,6 +94,8 @@ def build_model(config: GuideSRConfig, base_dir: str | Path | None = None, promp
     """
     if prompt_text is not None and prompt_init is not None:
         raise ValueError("prompt_text (a fixed prompt) and prompt_init (a learned one's start) exclude each other")
+    from .model import GuideSR  # imports diffusers and peft (seconds): not at a command's `--help`
+
     unet = vae = prompt = None
     if (prompt_text is not None or prompt_init is not None) and base_dir is None:
         raise BaseModelError("a text prompt needs a base model folder with text_encoder/ and tokenizer/")

@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -44,8 +44,10 @@ from .degradations import DegradationConfig
 from .discriminators import DiscriminatorConfig, build_discriminator
 from .loading import build_model, has_text_encoder
 from .losses import GuideSRLoss, LossConfig, discriminator_loss
-from .model import GuideSR
 from .prompt import StoredPromptEmbedding
+
+if TYPE_CHECKING:
+    from .model import GuideSR
 
 STATE_FORMAT = "guidesr-train-state"
 

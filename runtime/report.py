@@ -71,7 +71,6 @@ from tqdm import tqdm
 from export.graphs import size_argument
 from guidesr.config import PRESETS
 from guidesr.metrics import psnr, ssim
-from guidesr.model import set_kernels_enabled
 
 from .cli import (add_model_arguments, bounded_float, bounded_int, check_model_arguments, check_out_argument,
                   write_json)
@@ -777,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     model.eval()
+    from guidesr.model import set_kernels_enabled  # imports diffusers and peft (seconds): not at `--help`
+
     set_kernels_enabled(model, args.triton_kernels == "on")
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True

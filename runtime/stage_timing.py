@@ -227,9 +227,7 @@ def format_table(rows: list[dict], title: str, matmul_tflop_s: float | None, pre
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.merge import inference_copy
     from guidesr.config import PRESETS
-    from guidesr.model import set_kernels_enabled
 
     from .backends.base import BackendError
     from .backends.registry import resolve_device
@@ -268,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     height, width = args.size
     if height % multiple or width % multiple:
         parser.error(f"--size {height}x{width} must be a multiple of the model's size multiple {multiple}")
+    # export.merge and guidesr.model import peft and diffusers (seconds): not before the arguments are checked
+    from export.merge import inference_copy
+    from guidesr.model import set_kernels_enabled
+
     set_kernels_enabled(model, args.triton_kernels == "on")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

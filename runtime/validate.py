@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from guidesr import metrics
+
 from .backends import Backend, TorchBackend
 
 DEFAULT_MIN_PSNR = {"fp16": 40.0, "fp32": 60.0}  # dB, by the backend's precision
@@ -118,8 +120,6 @@ def compare_images(output: np.ndarray, reference: np.ndarray,
     rows that start in the band, so the band means, weighted by their map sizes, are the whole
     image's SSIM. SSIM is None when the image is smaller than the window.
     """
-    from guidesr import metrics  # the guidesr package imports diffusers: not at `--help` time
-
     if output.shape != reference.shape:
         raise ValueError(f"images differ in shape: {output.shape} vs {reference.shape}")
     height, width = output.shape[:2]

@@ -36,11 +36,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime
 import torch
 from google.protobuf.message import DecodeError
 
 from export.graphs import INPUT_NAME, OUTPUT_NAME, GraphSpec, guidesr_graph
+from export.onnx_export import (
+    OutdatedGraphError,
+    export_graphs,
+    graph_filename,
+    guidesr_version,
+    other_weights_problem,
+    read_metadata,
+    remove_dead_scratch,
+    scratch_prefix,
+)
+from guidesr.checkpoint import weights_sha256
 
 from .base import (
     Backend,
@@ -54,10 +64,9 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    from guidesr.model import GuideSR
+    import onnxruntime
 
-# export.onnx_export (like guidesr.model) imports diffusers and peft, which takes seconds; it is
-# imported where a graph is exported or read, so that `python -m runtime.upscale --help` stays quick.
+    from guidesr.model import GuideSR
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -89,7 +98,6 @@ class ONNXRuntimeBackend(Backend):
             self.precision = resolve_precision(precision, self.device, self.descriptor)
             self.spec = guidesr_graph(self.descriptor.size_multiple, tile, "static", batch=batch)
             if self.descriptor.checkpoint_sha256 is None:
-                from export.onnx_export import export_graphs
 
                 with tempfile.TemporaryDirectory(prefix="guidesr-onnx-") as scratch:
                     (graph,) = export_graphs(model, scratch, [self.spec], [self.precision], weights="untrained")
@@ -103,8 +111,6 @@ class ONNXRuntimeBackend(Backend):
         self.provider = self.session.get_providers()[0]
 
     def _check_given_graph(self, path: Path, precision: str | None, model: GuideSR) -> tuple[GraphSpec, str]:
-        from export.onnx_export import other_weights_problem
-        from guidesr.checkpoint import weights_sha256
 
         metadata = _graph_metadata(path)
         graph_checkpoint = metadata["checkpoint_sha256"]
@@ -130,6 +136,8 @@ class ONNXRuntimeBackend(Backend):
             providers = [(CUDA_PROVIDER, {"device_id": index}), CPU_PROVIDER]
         else:
             providers = [CPU_PROVIDER]
+        import onnxruntime  # a second or more to import: only when a graph is run, not at `--help`
+
         try:
             session = onnxruntime.InferenceSession(str(path), providers=providers)
         except Exception as err:  # ONNX Runtime's own exception classes derive from Exception directly
@@ -156,7 +164,6 @@ class ONNXRuntimeBackend(Backend):
 
 
 def _graph_metadata(path: Path) -> dict[str, str]:
-    from export.onnx_export import read_metadata
 
     if not path.is_file():
         raise BackendError(f"ONNX graph {path} does not exist")
@@ -172,8 +179,6 @@ def cached_graph(model: GuideSR, spec: GraphSpec, precision: str, cache_dir: Pat
     """The cached graph of `model` (which has a checkpoint) for `spec` and `precision`, exported when
     missing or stale; returns its path and where it came from. The export runs in a scratch folder named after its
     process, which a later export into the folder removes if that process was killed (`remove_dead_scratch`)."""
-    from export.onnx_export import export_graphs, graph_filename, remove_dead_scratch, scratch_prefix
-    from guidesr.checkpoint import weights_sha256
 
     checkpoint, weights_digest = model.descriptor.checkpoint_sha256, weights_sha256(model)
     folder = cache_dir / checkpoint / weights_digest[:16]
@@ -195,7 +200,6 @@ def cached_graph(model: GuideSR, spec: GraphSpec, precision: str, cache_dir: Pat
 
 def _stale_reason(path: Path, checkpoint: str, weights_digest: str, spec: GraphSpec, precision: str) -> str | None:
     """Why the cached file cannot be used, or None when it can."""
-    from export.onnx_export import OutdatedGraphError, guidesr_version, read_metadata
 
     if not path.is_file():
         return "the first use of this graph"
@@ -214,6 +218,8 @@ def _stale_reason(path: Path, checkpoint: str, weights_digest: str, spec: GraphS
 def onnxruntime_unavailable_reason(device: torch.device) -> str | None:
     if device.type not in ("cpu", "cuda"):
         return f"the onnxruntime backend runs on the CPU or CUDA, not {device.type}"
+    import onnxruntime  # a second or more to import: only when a backend is chosen, not at `--help`
+
     available = onnxruntime.get_available_providers()
     if device.type == "cuda" and CUDA_PROVIDER not in available:
         return (f"this onnxruntime has no {CUDA_PROVIDER} (it has {', '.join(available)}): "

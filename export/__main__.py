@@ -34,7 +34,7 @@ from google.protobuf.message import DecodeError
 from guidesr.checkpoint import CheckpointError, weights_sha256
 from guidesr.config import PRESETS, preset_config
 from guidesr.loading import DEFAULT_CHECKPOINT, BaseModelError, build_model, load_model
-from runtime.cli import bounded_float, bounded_int, output_folder_problem
+from runtime.cli import EXIT_INTERRUPTED, bounded_float, bounded_int, output_folder_problem, plural
 
 from . import engine_metadata
 from .engine_metadata import EngineMetadata, EngineMetadataError, EngineMismatchError
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_MISSING_PACKAGE = 3
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process that Ctrl-C stopped, as runtime.upscale
 TENSORRT_MAX_VALUES = 1 << 31  # TensorRT's ITensor: "The volume of the tensor must be less than 2^31 elements"
 
 
@@ -108,7 +107,7 @@ def interrupted_summary(command: str, progress: Progress) -> str:
     into place with its data or metadata) or not at all, so the line says so."""
     written = ", ".join(path.name for path in progress.written)
     if command == "verify":
-        compared = (f"{len(progress.compared)} of {progress.to_compare} graphs compared (results above)"
+        compared = (f"{len(progress.compared)} of {plural(progress.to_compare, 'graph')} compared (results above)"
                     if progress.to_compare else "before any graph was compared")
         return f"{compared}; verify writes no files"
     if command == "engine":

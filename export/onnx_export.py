@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from guidesr.checkpoint import weights_sha256
+from runtime.cli import plural
 
 from .engine_metadata import OTHER_WEIGHTS_CAUSE, external_data_files
 from .graphs import GraphSpec, guidesr_graph
@@ -243,7 +244,8 @@ def finish_graph(model: ir.Model, spec: GraphSpec, precision: str, metadata: dic
         fold_constants(model)
     problems = tensorrt_problems(model, PLUGIN_OPS if spec.trt_plugins else frozenset())
     if problems:
-        raise RuntimeError(f"{path.name} has {len(problems)} ops TensorRT cannot parse: " + "; ".join(problems[:10]))
+        raise RuntimeError(f"{path.name} has {plural(len(problems), 'op')} TensorRT cannot parse: "
+                           + "; ".join(problems[:10]))
     model.graph.name = spec.name
     model.producer_name = "guidesr.export"
     model.metadata_props.update(metadata)

@@ -21,6 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from runtime.cli import plural
+
 from .config import GuideSRConfig
 
 FORMAT = "guidesr-checkpoint"
@@ -152,7 +154,7 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, verify_hash: bool 
     unexpected = sorted(set(tensors) - set(wanted))
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint {path} does not fit the model: {len(missing)} missing tensors "
+            f"checkpoint {path} does not fit the model: {plural(len(missing), 'missing tensor')} "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
     for name, tensor in tensors.items():

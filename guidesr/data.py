@@ -1,6 +1,6 @@
 """HR image sources and the (degraded input, ground truth) batches GuideSR trains on.
 
-* `HRImageFolder`: every PNG / JPEG / WebP under a folder, recursively (ImageNet, FFHQ,
+* `HRImageFolder`: every PNG / JPEG / WebP / TIFF / BMP under a folder, recursively (ImageNet, FFHQ,
   DIV2K, ... as the paper uses).
 * `SampleImages`: the colour photographs that ship inside scikit-image, so that training
   and evaluation can run on a machine with no data set at all. `SAMPLE_EVAL` is a fixed
@@ -28,11 +28,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from runtime.imageio import ImageReadError, ImageTooLargeError, check_image_header, read_image
+from runtime.cli import plural
+from runtime.imageio import IMAGE_EXTENSIONS, ImageReadError, ImageTooLargeError, check_image_header, read_image
 
 from guidesr.degradations import DegradationConfig, degrade, upsample_lr
-
-IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 
 # Colour photographs shipped in scikit-image's own data folder (no download), by file name.
 # The stereo pair stays together on the training side: its two views are near-duplicates,
@@ -111,14 +110,15 @@ def check_crop_sizes(paths: Sequence[Path], crop_size: int) -> None:
     if problems:
         listing = "\n  ".join(problems)
         raise ValueError(
-            f"{len(problems)} of {len(paths)} images cannot be used for {crop_size}x{crop_size} crops "
+            f"{len(problems)} of {plural(len(paths), 'image')} cannot be used for {crop_size}x{crop_size} crops "
             f"(each side needs at least {crop_size // 2 + 1} px):\n  {listing}"
         )
 
 
 class HRImageFolder(Dataset):
-    """Every image file (PNG / JPEG / WebP, any letter case) under `root`, recursively,
-    in sorted path order; item i is `load_image(paths[i])`.
+    """Every image file under `root` that `runtime.upscale` reads too (PNG / JPEG / WebP / TIFF / BMP:
+    `runtime.imageio.IMAGE_EXTENSIONS`, any letter case), recursively, in sorted path order; item i is
+    `load_image(paths[i])`.
 
     With `crop_size`, every file's header is read here and one `ValueError` lists every file
     that is unreadable or too small for `crop_size` crops (`check_crop_sizes`), so that a bad
@@ -131,9 +131,9 @@ class HRImageFolder(Dataset):
             raise FileNotFoundError(f"HR image folder {self.root} does not exist")
         if not self.root.is_dir():
             raise NotADirectoryError(f"HR image folder {self.root} is not a folder")
-        self.paths = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        self.paths = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not self.paths:
-            raise ValueError(f"no {'/'.join(sorted(IMAGE_SUFFIXES))} images under {self.root}")
+            raise ValueError(f"no {'/'.join(sorted(IMAGE_EXTENSIONS))} images under {self.root}")
         if crop_size is not None:
             if crop_size < 1:
                 raise ValueError(f"crop_size must be >= 1, got {crop_size}")

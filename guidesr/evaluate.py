@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from runtime.cli import bounded_int, output_file_problem, write_json
+from runtime.cli import bounded_int, output_file_problem, plural, write_json
 
 from .config import PRESETS
 from .data import SAMPLE_EVAL, HRImageFolder, SampleImages, check_crop_sizes, eval_pairs
@@ -113,8 +113,8 @@ def format_table(results: dict) -> str:
             lines.append(f"| {row['image']} | {method} | {s['psnr_rgb']:.2f} | {s['ssim_rgb']:.4f} | "
                          f"{s['psnr_y']:.2f} | {s['ssim_y']:.4f} |")
     gain = results["mean"]["model"]["psnr_rgb"] - results["mean"]["bicubic"]["psnr_rgb"]
-    lines.append(f"\nmodel - bicubic: {gain:+.2f} dB PSNR (RGB); {results['draws']} degradation draws per image, "
-                 f"seed {results['degradation_seed']}")
+    lines.append(f"\nmodel - bicubic: {gain:+.2f} dB PSNR (RGB); {plural(results['draws'], 'degradation draw')} per "
+                 f"image, seed {results['degradation_seed']}")
     return "\n".join(lines)
 
 

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from runtime.cli import bounded_float, bounded_int
+from runtime.cli import EXIT_INTERRUPTED, bounded_float, bounded_int, plural
 
 from .checkpoint import CheckpointError, read_checkpoint_record, save_checkpoint
 from .config import PRESETS, preset_config
@@ -257,15 +257,16 @@ def load_train_state(path: Path, model: GuideSR, discriminator: nn.Module | None
     model_tensors = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     missing = set(model.trained_state_dict()) - set(model_tensors)
     if missing:
-        raise ValueError(f"training state {path} lacks {len(missing)} model tensors, e.g. {sorted(missing)[:3]}")
+        raise ValueError(f"training state {path} lacks {plural(len(missing), 'model tensor')}, e.g. "
+                         f"{sorted(missing)[:3]}")
     model.load_state_dict(model_tensors, strict=False)
     _unflatten_optimizer(optimizer, tensors, record["optimizer"], "optimizer")
     if discriminator is not None and disc_optimizer is not None:
         disc = {k[len("discriminator."):]: v for k, v in tensors.items() if k.startswith("discriminator.")}
         trained = set(discriminator.trained_state_dict())
         if trained - set(disc):
-            raise ValueError(f"training state {path} lacks {len(trained - set(disc))} discriminator tensors, e.g. "
-                             f"{sorted(trained - set(disc))[:3]}")
+            raise ValueError(f"training state {path} lacks {plural(len(trained - set(disc)), 'discriminator tensor')}, "
+                             f"e.g. {sorted(trained - set(disc))[:3]}")
         discriminator.load_state_dict({k: v for k, v in disc.items() if k in trained}, strict=False)
         _unflatten_optimizer(disc_optimizer, tensors, record["disc_optimizer"], "disc_optimizer")
     if scaler.is_enabled() and record.get("scaler"):
@@ -286,9 +287,10 @@ class Trainer:
         if config.precision != "fp32" and self.device.type != "cuda":
             raise ValueError(f"precision {config.precision} needs CUDA; use fp32 on the CPU")
         if config.steps * config.grad_accum > RANK_MICRO_BATCHES or self.env.world_size > MAX_RANKS:
-            raise ValueError(f"{config.steps} steps of {config.grad_accum} micro-batches on {self.env.world_size} "
-                             f"ranks: the batch seeds give each of up to {MAX_RANKS} ranks {RANK_MICRO_BATCHES} "
-                             f"distinct micro-batches")
+            raise ValueError(f"{plural(config.steps, 'step')} of "
+                             f"{plural(config.grad_accum, 'micro-batch', 'micro-batches')} on "
+                             f"{plural(self.env.world_size, 'rank')}: the batch seeds give each of up to {MAX_RANKS} "
+                             f"ranks {RANK_MICRO_BATCHES} distinct micro-batches")
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"--out {self.out} is a file, not a folder")
         state = self.out / "state"
@@ -456,8 +458,8 @@ class Trainer:
             if self.env.is_main:
                 _drop_log_lines_after(log_path, self.step)  # logged after the checkpoint it resumes from
         if self.config.warmup_steps >= until > self.step:
-            self._say(f"note: the learning rate warms up over {self.config.warmup_steps} steps, so it stays under "
-                      f"--lr {self.config.lr:g} up to step {until}")
+            self._say(f"note: the learning rate warms up over {plural(self.config.warmup_steps, 'step')}, so it stays "
+                      f"under --lr {self.config.lr:g} up to step {until}")
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         log_mode = "a" if self.step > 0 else "w"  # a fresh run (e.g. --no-resume) replaces the log at its first line
@@ -578,8 +580,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
     if Path(a.name).name != a.name or a.name in ("", ".", ".."):
         p.error(f"--name {a.name!r}: a file name inside --out, without folders")
     if a.stop_at is not None and a.stop_at > a.steps:
-        p.error(f"--stop-at {a.stop_at} is past --steps {a.steps}, where the learning-rate schedule ends; raise --steps "
-                f"to train longer")
+        p.error(f"--stop-at {a.stop_at} is past --steps {a.steps}, where the learning-rate schedule ends; raise "
+                f"--steps to train longer")
     if a.w_lpips > 0 and a.lpips_vgg is None:
         p.error("--w-lpips > 0 needs --lpips-vgg FILE (torchvision's vgg16-397923af.pth); --w-lpips 0 trains "
                 "without LPIPS")
@@ -621,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             where = f"the last checkpoint is at step {saved}" if saved else "no checkpoint was written"
             print(f"\ninterrupted at step {trainer.step if trainer is not None else 0}; {where}; the same command "
                   f"resumes from the last checkpoint", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

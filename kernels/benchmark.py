@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -447,8 +446,9 @@ def print_graph_comparison(results: list[dict], section: str, keys: tuple[str, .
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kernels.benchmark", description=__doc__.split("\n\n")[0],
-                                     epilog="Exit status: 2 when the command could not run (bad options, no CUDA GPU), else 0 (also "
-                                            "when SIGTERM stopped it: what was measured is printed and written).")
+                                     epilog="Exit status: 2 when the command could not run (bad options, no CUDA GPU), "
+                                            "else 0 (also when SIGTERM stopped it: what was measured is printed and "
+                                            "written).")
     parser.add_argument("--json", metavar="PATH", help="write every measurement to this JSON file")
     args = parser.parse_args(argv)
     if args.json and (problem := output_file_problem(Path(args.json))) is not None:

@@ -1,6 +1,7 @@
 """Command-line helpers shared by guidesr, export, kernels and runtime: argparse types for bounded numbers, the model
-arguments of the measuring commands, the check that an output folder (or file) can be made where a command line puts it, and the
-atomic write of a command's JSON results.
+arguments of the measuring commands, the check that an output folder (or file) can be made where a command line puts
+it, the atomic write of a command's JSON results, the Ctrl-C exit status, and `plural` for counts in messages
+("1 image", "2 images").
 Standard library only: runtime.gpu_session uses it before the wheels it installs (diffusers among them) are there."""
 
 from __future__ import annotations
@@ -95,6 +96,15 @@ def check_out_argument(parser: argparse.ArgumentParser, path: Path, option: str 
     problem = output_folder_problem(path)
     if problem is not None:
         parser.error(f"{option} {path}: {problem}")
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a process that Ctrl-C stopped; every command's status
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """'1 image', '0 images', '2 images': `count` and `noun` in the number it takes (`nouns` where the plural is not
+    `noun` + 's')."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def write_json(data: dict, path: Path) -> None:

@@ -66,7 +66,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .cli import bounded_float, bounded_int, check_out_argument
+from .cli import bounded_float, bounded_int, check_out_argument, plural
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"
@@ -183,7 +183,8 @@ class Session:
         session.log whole, so the log does not interleave them."""
         if self.limit(cap_s) < MIN_STEP_S:
             return self.skip(name, TOO_LITTLE_TIME)
-        limit, offset, start = self._begin(name, cap_s, f"{len(commands)} processes, {jobs} at a time")
+        limit, offset, start = self._begin(name, cap_s,
+                                           f"{plural(len(commands), 'process', 'processes')}, {jobs} at a time")
         pending = list(commands.items())
         running: dict[str, tuple[subprocess.Popen, Path, float]] = {}
         parts: list[dict] = []
@@ -286,8 +287,8 @@ def run_gpu_tests(session: Session, cap_s: float, jobs: int) -> Step:
     ordered = sorted(files, key=lambda path: -len(files[path]))
     commands = {path: [*PYTEST, "-v", "-rs", "--durations=5", path] for path in ordered}
     threads = {"TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 1) // min(jobs, len(commands))))}
-    print(f"== pytest-gpu: {sum(map(len, files.values()))} tests in {len(files)} files, collected in "
-          f"{time.monotonic() - start:.0f} s", flush=True)
+    print(f"== pytest-gpu: {plural(sum(map(len, files.values())), 'test')} in {plural(len(files), 'file')}, "
+          f"collected in {time.monotonic() - start:.0f} s", flush=True)
     return session.run_parallel("pytest-gpu", commands, cap_s - (time.monotonic() - start), jobs, threads)
 
 
@@ -375,7 +376,7 @@ def check_targets(report: dict, precision: str, frame: tuple[int, int]) -> list[
         values = [r["accuracy"]["psnr_db"] for r in fast_rows]
         finite = [v for v in values if v is not None]  # None: identical to the reference
         worst = min(finite) if finite else None
-        add(f"PSNR vs fp32 reference (worst of {len(values)} {FAST} rows)",
+        add(f"PSNR vs fp32 reference (worst of {plural(len(values), f'{FAST} row')})",
             "identical" if worst is None else f"{worst:.2f} dB", f">= {TARGET_PSNR_DB:g} dB",
             worst is None or worst >= TARGET_PSNR_DB)
     if tiled is None:

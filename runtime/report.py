@@ -41,8 +41,8 @@ sample photos or a folder of HR images, degraded as guidesr.evaluate does.
 Writes into --out: report.json, report.md, latency.png and accuracy.png. report.json is rewritten
 after every measured row ("complete": false until the end), so an interrupted run keeps what it
 measured; SIGTERM or Ctrl-C stops the run and still writes all four files ("interrupted" says so).
-Exit status: 0 when every row was measured, 1 when any failed (the error is in its row) or the
-run was interrupted, 2 for bad options.
+Exit status: 0 when every row was measured, 1 when any failed (the error is in its row) or SIGTERM
+stopped the run (a session's time limit), 2 for bad options, 130 when Ctrl-C stopped it.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ from export.graphs import size_argument
 from guidesr.config import PRESETS
 from guidesr.metrics import psnr, ssim
 
-from .cli import (add_model_arguments, bounded_float, bounded_int, check_model_arguments, check_out_argument,
-                  write_json)
+from .cli import (EXIT_INTERRUPTED, add_model_arguments, bounded_float, bounded_int, check_model_arguments,
+                  check_out_argument, plural, write_json)
 from .backends import BACKENDS, PRECISIONS, Backend, BackendError, create_backend, resolve_device
 from .tiling import BicubicSource, TilePlan, fit_to_shape, plan_tiles, run_tiled
 from .upscale import checked_tile, overlap_problem
@@ -478,9 +478,10 @@ def format_markdown(data: dict) -> str:
         "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v is not None),
         f"- weights: {data['weights']}",
         f"- input: {data['settings']['input']}",
-        f"- latency: {data['latency_measure']}; median and p90 of {data['settings']['repeats']} calls on a "
-        f"prepared input (tiled: of {data['settings']['tiled_repeats']} whole run_tiled passes, per-tile upsampling "
-        f"and blending included) after at least {data['settings']['warmup']} warm-up calls and "
+        f"- latency: {data['latency_measure']}; median and p90 of {plural(data['settings']['repeats'], 'call')} on a "
+        f"prepared input (tiled: of "
+        f"{plural(data['settings']['tiled_repeats'], 'whole run_tiled pass', 'whole run_tiled passes')}, per-tile "
+        f"upsampling and blending included) after at least {plural(data['settings']['warmup'], 'warm-up call')} and "
         f"{data['settings']['warmup_s']} s of them",
         f"- memory: {data['memory_measure']}; (+calls): the part above what was in use when the timed calls began",
         f"- accuracy: against the {data['reference']}; R1 in [0, 1]; the reference is clamped at 0 or 1 in "
@@ -765,6 +766,14 @@ def padded_shape(height: int, width: int, size_multiple: int) -> tuple[int, int]
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _report(argv)
+    except KeyboardInterrupt:
+        print("interrupted (SIGINT) before the report files were all written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _report(argv: list[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
@@ -798,10 +807,12 @@ def main(argv: list[str] | None = None) -> int:
     progress = tqdm(total=sum(len(items) for _, _, groups in plan for items in groups.values()), desc="report",
                     unit="case")
     failed = 0
+    ctrl_c = False
     try:
         for name, precision, groups in plan:
             failed += _run_backend(report, name, precision, groups, evaluation, progress)
     except (Interrupted, KeyboardInterrupt) as stop:
+        ctrl_c = isinstance(stop, KeyboardInterrupt)
         why = str(stop) or "SIGINT"
         report.data["interrupted"] = f"stopped by {why}; the rows above were measured, the rest were not"
         tqdm.write(f"interrupted ({why}): writing what was measured")
@@ -816,6 +827,8 @@ def main(argv: list[str] | None = None) -> int:
     plot_accuracy(report.data, out / ACCURACY_PLOT)
     print(format_markdown(report.data))
     print(f"wrote {', '.join(str(out / n) for n in (JSON_NAME, MARKDOWN_NAME, LATENCY_PLOT, ACCURACY_PLOT))}")
+    if ctrl_c:
+        return EXIT_INTERRUPTED
     return 1 if failed or not report.data["complete"] else 0
 
 

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cli import add_model_arguments, bounded_int, check_model_arguments, output_file_problem, write_whole
+from .cli import add_model_arguments, bounded_int, check_model_arguments, output_file_problem, plural, write_whole
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
@@ -194,7 +194,7 @@ def op_device_ms(call: Callable[[], object], calls: int, top: int = 60) -> dict:
 
 def format_profile(profile: dict, top: int = 40) -> str:
     lines = [f"\n{profile['backend']}: {profile['gpu_ms_per_forward']:.3f} GPU-ms per forward "
-             f"(torch.profiler, {profile['replays']} replays)",
+             f"(torch.profiler, {plural(profile['replays'], 'replay')})",
              "| category | ms per forward |", "|---|---|"]
     lines += [f"| {category} | {ms:.3f} |" for category, ms in profile["categories_ms"].items()]
     lines += ["", "| kernel | category | ms per forward | launches per forward |", "|---|---|---|---|"]
@@ -283,8 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(prepared, device, precision, height, width, args.batch, args.repeats)
     rate = matmul_rate(device, precision) / 1e12 if device.type == "cuda" else None
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    kernels = (f"Triton kernels {args.triton_kernels}" if device.type == "cuda"
+               else "no Triton kernels (the fused ops run as plain PyTorch on the CPU)")
     title = (f"{model.config.preset} ({weights}), {precision}, batch {args.batch}, {height}x{width} output, "
-             f"{device_name}, Triton kernels {args.triton_kernels}")
+             f"{device_name}, {kernels}")
     print(format_table(rows, title, rate, precision))
     if args.json is not None:
         _write_json(parser, args.json, {"title": title, "device": device_name, "matmul_tflop_s": rate,

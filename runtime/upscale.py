@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .cli import bounded_float, bounded_int, output_folder_problem
+from .cli import EXIT_INTERRUPTED, bounded_float, bounded_int, output_folder_problem, plural
 from .backends import Backend, BackendError, available_backends, create_backend, resolve_device
 from .imageio import (
     DEFAULT_MAX_MEGAPIXELS,
@@ -280,7 +280,6 @@ class JobList:
 
 EXIT_FAILED_IMAGES = 1
 EXIT_CANNOT_RUN = 2  # argparse's status for usage errors too
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process that Ctrl-C stopped
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -491,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if job_list.ignored and shard.rank == 0:
         examples = ", ".join(path.name for path in job_list.ignored[:3])
         more = f" and {len(job_list.ignored) - 3} more" if len(job_list.ignored) > 3 else ""
-        _say(f"note: {len(job_list.ignored)} file(s) without an image extension left alone: {examples}{more}")
+        _say(f"note: {plural(len(job_list.ignored), 'file')} without an image extension left alone: {examples}{more}")
     # Failures and jobs are split the same way, so each problem is reported by exactly one rank.
     failures = shard_items(job_list.failures, shard)
     for failure in failures:

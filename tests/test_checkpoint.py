@@ -315,7 +315,7 @@ def test_tensors_that_do_not_fit_the_model_are_named(tmp_path):
         return tensors
 
     names = _rewrite_tensors(tmp_path, drop_one_add_one)
-    with pytest.raises(CheckpointError, match=rf"1 missing tensors \(e.g. \['{names[0]}'\]\), 1 unexpected "
+    with pytest.raises(CheckpointError, match=rf"1 missing tensor \(e.g. \['{names[0]}'\]\), 1 unexpected "
                                               r"\(e.g. \['guidance.extra.weight'\]\)"):
         load_checkpoint(GuideSR(tiny_config()), tmp_path / "ckpt")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from runtime.cli import (add_model_arguments, bounded_float, bounded_int, check_model_arguments, nearest_existing_folder,
-                         output_folder_problem)
+                         output_folder_problem, plural)
 
 
 @pytest.mark.parametrize("parse, text, value", [
@@ -52,6 +52,12 @@ def test_an_argparse_error_names_the_option_the_value_and_the_bound(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["--repeats", "0"])
     assert exit_info.value.code == 2 and "tool: error: argument --repeats: 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_plural_agrees_with_the_count():
+    assert [plural(n, "warm-up call") for n in (0, 1, 2)] == ["0 warm-up calls", "1 warm-up call", "2 warm-up calls"]
+    assert plural(1, "micro-batch", "micro-batches") == "1 micro-batch"
+    assert plural(3, "micro-batch", "micro-batches") == "3 micro-batches"
 
 
 def test_nearest_existing_folder_is_where_mkdir_would_start(tmp_path):

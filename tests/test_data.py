@@ -22,6 +22,7 @@ from guidesr.data import (
     random_crop_flip,
 )
 from guidesr.degradations import DegradationConfig
+from runtime.imageio import write_image
 
 
 def gradient_image(h: int, w: int) -> np.ndarray:
@@ -43,6 +44,17 @@ def test_folder_finds_png_jpeg_webp_recursively(tmp_path):
         assert image.shape == (3, 20, 30) and image.dtype == torch.float32
         assert 0 <= image.min() and image.max() <= 1
     assert torch.allclose(folder[3], torch.from_numpy(gradient_image(20, 30)).permute(2, 0, 1) / 255.0)
+
+
+def test_folder_finds_tiff_and_bmp_as_the_upscaler_does_and_keeps_16_bits(tmp_path):
+    deep = np.random.default_rng(0).integers(0, 65536, (20, 30, 3), dtype=np.uint16)
+    write_image(tmp_path / "deep.tif", deep / 65535, bit_depth=16)
+    Image.fromarray(gradient_image(20, 30)).save(tmp_path / "flat.BMP")
+    Image.fromarray(gradient_image(20, 30)).save(tmp_path / "page.tiff")
+    folder = HRImageFolder(tmp_path, crop_size=16)
+    assert [p.name for p in folder.paths] == ["deep.tif", "flat.BMP", "page.tiff"]
+    assert torch.allclose(folder[0], torch.from_numpy(deep / 65535).permute(2, 0, 1).float(), atol=1e-6)
+    assert torch.allclose(folder[1], torch.from_numpy(gradient_image(20, 30)).permute(2, 0, 1) / 255.0)
 
 
 def test_exif_orientation_is_applied(tmp_path):

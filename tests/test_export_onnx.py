@@ -193,6 +193,9 @@ def test_polygraphy_comparison_passes_and_catches_a_wrong_reference(graphs, mode
         (1, 3, opt_height, opt_width), (1, 3, opt_height // 2 // 16 * 16, opt_width)]
     (half,) = compare(model, graphs[("fp16", "static", SIZES[1])].path, sizes)
     assert half.passed and half.psnr >= FP16_MIN_PSNR and half.shape == (1, 3, 48, 80)
+    # Polygraphy logs its own PSNR (its peak: the reference's maximum); the line says which of the two it prints
+    assert half.describe().endswith(f"PSNR {half.psnr:.2f} dB at peak 1  (Polygraphy's PSNR, peak the reference's "
+                                    f"maximum, >= 40 dB)")
     other, graph = randomized_tiny(5), graphs[("fp32", "static", SIZES[0])].path
     with pytest.raises(ValueError, match="holds other weights than the reference model"):
         compare(other, graph, sizes)

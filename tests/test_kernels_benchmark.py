@@ -24,4 +24,5 @@ def test_a_json_it_cannot_write_is_refused_before_it_measures(tmp_path, capsys, 
     with pytest.raises(SystemExit) as stop:
         benchmark.main(["--json", str(tmp_path / "file" / "kernels.json")])
     assert stop.value.code == 2
-    assert f"--json {tmp_path / 'file' / 'kernels.json'}: {tmp_path / 'file'} is not a folder" in capsys.readouterr().err
+    expected = f"--json {tmp_path / 'file' / 'kernels.json'}: {tmp_path / 'file'} is not a folder"
+    assert expected in capsys.readouterr().err

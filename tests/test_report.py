@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import runtime.report as report_module
 from runtime.gpu_session import GUIDANCE_CASE, check_targets, format_checks, kernels_choice
 from runtime.report import format_markdown, main, parse_size, warm_up
 
@@ -84,6 +85,8 @@ def test_markdown_and_plots_are_written(report_dir):
     assert markdown.startswith("# GuideSR benchmark: tiny, random weights")
     assert "| backend | precision | size (HxW) |" in markdown and "Quality against ground truth" in markdown
     assert markdown.count("| torch | fp32 |") == 3 and markdown.count("| onnxruntime | fp32 |") == 3
+    assert ("median and p90 of 2 calls on a prepared input (tiled: of 1 whole run_tiled pass, per-tile upsampling and "
+            "blending included) after at least 1 warm-up call and 0.0 s of them") in markdown
     for name in ("latency.png", "accuracy.png"):
         data = (report_dir / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
@@ -125,8 +128,10 @@ def test_parse_size():
     (["--tile", "64", "--overlap", "56"], "--overlap 56 with --tile 64 computes every output pixel about 64 times"),
     (["--onnx", "{tmp}/missing.onnx"], "--onnx {tmp}/missing.onnx: no such file"),
     (["--engine", "{tmp}/missing.engine"], "--engine {tmp}/missing.engine: no such file"),
-    (["--backends", "torch", "--onnx", "{tmp}/file"], "--onnx is for the onnxruntime backend, which --backends leaves out"),
-    (["--backends", "torch", "--engine", "{tmp}/file"], "--engine is for the tensorrt backend, which --backends leaves out"),
+    (["--backends", "torch", "--onnx", "{tmp}/file"],
+     "--onnx is for the onnxruntime backend, which --backends leaves out"),
+    (["--backends", "torch", "--engine", "{tmp}/file"],
+     "--engine is for the tensorrt backend, which --backends leaves out"),
 ])
 def test_bad_quality_and_out_are_usage_errors_before_the_model_loads(argv, message, tmp_path, capsys, monkeypatch):
     def no_model(args):
@@ -186,6 +191,44 @@ def test_sigterm_writes_what_was_measured(tmp_path):
     assert len(data["results"]) >= 1
     assert "**Incomplete**" in (out / "report.md").read_text()
     assert (out / "latency.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_ctrl_c_writes_what_was_measured_and_exits_130(tmp_path, monkeypatch, capsys):
+    """Ctrl-C exits 130, as runtime.upscale, guidesr.train and export do; the measured rows are still written."""
+    measure = report_module.Report.measure
+    calls = []
+
+    def interrupted_on_the_second_row(self, backend, geometry):
+        calls.append(geometry)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(self, backend, geometry)
+
+    monkeypatch.setattr(report_module.Report, "measure", interrupted_on_the_second_row)
+    try:
+        status = main(CI_ARGS + ["--backends", "torch", "--tiled", "--out", str(tmp_path)])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main() as a traceback")
+    assert status == 130
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["complete"] is False and "SIGINT" in data["interrupted"] and len(data["results"]) == 1
+    assert "**Incomplete**" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "accuracy.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_ctrl_c_while_the_model_loads_is_one_line_and_130(tmp_path, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_module, "load_model_from_args", interrupted)
+    try:
+        status = main(CI_ARGS + ["--out", str(tmp_path / "out")])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main() as a traceback")
+    assert status == 130
+    assert capsys.readouterr().err == "interrupted (SIGINT) before the report files were all written\n"
+    assert not (tmp_path / "out" / "report.json").exists()
 
 
 def _row(backend, mode, size, median_ms, psnr_db, height=None):

@@ -29,6 +29,7 @@ def test_cli_writes_json(tmp_path, capsys):
     assert code == 0
     data = json.loads(out.read_text())
     assert [row["stage"] for row in data["rows"]][-1] == "whole forward"
+    assert data["title"].endswith(", CPU, no Triton kernels (the fused ops run as plain PyTorch on the CPU)")
     assert "| VAE decoder + skips |" in capsys.readouterr().out
 
 

@@ -102,7 +102,7 @@ def test_folder_batch_with_mixed_and_broken_inputs(tmp_path, checkpoint, capsys)
     code = main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--checkpoint", str(checkpoint)])
     captured = capsys.readouterr()
     assert code == 1, captured
-    assert "1 file(s) without an image extension left alone: readme.txt" in captured.out
+    assert "note: 1 file without an image extension left alone: readme.txt" in captured.out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f"{name}.png" for name in expected)
     for name, (mode, bits, (h, w)) in expected.items():
         array, info = read_image(tmp_path / "out" / f"{name}.png")

@@ -118,11 +118,6 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def json_target_problem(path: Path) -> str | None:
-    """Why the results cannot be written to `path` (checked before the evaluation runs), or None."""
-    return output_file_problem(path)
-
-
 def main(argv: list[str] | None = None) -> None:
     scale = DegradationConfig().scale
     p = argparse.ArgumentParser(prog="python -m guidesr.evaluate", description=__doc__,
@@ -145,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     problem = crop_size_problem(args.crop_size, border=scale)
     if problem is not None:
         p.error(f"--crop-size: {problem}")
-    if args.json is not None and (problem := json_target_problem(args.json)) is not None:
+    if args.json is not None and (problem := output_file_problem(args.json)) is not None:
         p.error(f"--json {args.json}: {problem}")
     try:
         evaluation_images(args.data, args.crop_size)

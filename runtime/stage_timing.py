@@ -28,7 +28,6 @@ soon as it is taken.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
@@ -38,7 +37,7 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cli import add_model_arguments, bounded_int, check_model_arguments, output_file_problem, plural, write_whole
+from .cli import add_model_arguments, bounded_int, check_model_arguments, output_file_problem, plural, write_json
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
@@ -296,10 +295,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_json(parser: argparse.ArgumentParser, path: Path, data: dict) -> None:
-    """`data` into `path` whole (runtime.cli.write_whole), or exit 1 with one line saying why it could not be."""
+    """`data` into `path` whole (runtime.cli.write_json), or exit 1 with one line saying why it could not be."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_whole(path, (json.dumps(data, indent=2) + "\n").encode())
+        write_json(data, path)
     except OSError as error:
         parser.exit(1, f"{parser.prog}: error: cannot write --json {path}: {error}\n")
 

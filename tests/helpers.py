@@ -62,6 +62,15 @@ class OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def refuse_report_model_loading(monkeypatch, before: str) -> None:
+    """Make `runtime.report.load_model_from_args` (the measuring commands' model loader) fail the test: the command
+    was to stop `before` it loads the model."""
+    def refuse(args):
+        raise AssertionError(f"the model was loaded before {before}")
+
+    monkeypatch.setattr("runtime.report.load_model_from_args", refuse)
+
+
 def require_interpreted_kernel(kernel, module_name: str) -> None:
     """Without CUDA, a kernel module's kernels must be Triton's interpreter versions (tests/conftest.py)."""
     from triton.runtime.interpreter import InterpretedFunction

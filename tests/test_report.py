@@ -22,6 +22,8 @@ import runtime.report as report_module
 from runtime.gpu_session import GUIDANCE_CASE, check_targets, format_checks, kernels_choice
 from runtime.report import format_markdown, main, parse_size, warm_up
 
+from helpers import refuse_report_model_loading
+
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CI_ARGS = ["--preset", "tiny", "--random-weights", "--device", "cpu", "--sizes", "64", "96", "--tiled", "128",
@@ -134,10 +136,7 @@ def test_parse_size():
      "--engine is for the tensorrt backend, which --backends leaves out"),
 ])
 def test_bad_quality_and_out_are_usage_errors_before_the_model_loads(argv, message, tmp_path, capsys, monkeypatch):
-    def no_model(args):
-        raise AssertionError("the model was loaded before the command line was checked")
-
-    monkeypatch.setattr("runtime.report.load_model_from_args", no_model)
+    refuse_report_model_loading(monkeypatch, "the command line was checked")
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as exit_info:
         main(CI_ARGS + [arg.format(tmp=tmp_path) for arg in argv])

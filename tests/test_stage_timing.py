@@ -9,6 +9,8 @@ from export.merge import inference_copy
 from guidesr import model_for_preset
 from runtime import stage_timing
 
+from helpers import refuse_report_model_loading
+
 
 def test_stages_add_up_to_the_whole_forward():
     model = inference_copy(model_for_preset("tiny"), torch.device("cpu"), torch.float32)
@@ -62,10 +64,7 @@ def test_kernel_categories(name, category):
     ("{tmp}/file/stages.json", "--json {tmp}/file/stages.json: {tmp}/file is not a folder"),
 ])
 def test_cli_refuses_a_json_it_cannot_write_before_the_model_loads(target, message, tmp_path, capsys, monkeypatch):
-    def no_model(args):
-        raise AssertionError("the model was loaded (and measured) before --json was checked")
-
-    monkeypatch.setattr("runtime.report.load_model_from_args", no_model)
+    refuse_report_model_loading(monkeypatch, "--json was checked")
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as stop:
         stage_timing.main(["--preset", "tiny", "--random-weights", "--device", "cpu", "--size", "64",

@@ -14,15 +14,17 @@ is installed, and exits with status 1 if a comparison fails; an engine named wit
 (status 1) when its metadata names another preset, checkpoint or weights (the same checkpoint on another
 --base-model) or another graph than NAME.onnx (its sha256, with its external data), and without TensorRT exits
 with status 3. A graph is refused when it holds another checkpoint or weights than the model: every such graph is
-named, the others are compared, and the status is 2. --tile is bounded: a graph whose largest input makes a tensor of
-2^31 values or more (TensorRT's limit per tensor) is refused before the export (status 2). Ctrl-C stops any command with
-status 130 and one line saying what was done; a graph or engine is published whole or not at all.
+named, the others are compared, and the status is 2. --tile is bounded: a graph whose largest tensor at its largest
+input (the UNet's attention scores beyond small tiles) holds 2^31 values or more (TensorRT's limit per tensor) is
+refused before the export (status 2), naming that tensor. Ctrl-C stops any command with status 130 and one line
+saying what was done; a graph or engine is published whole or not at all.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING
 from google.protobuf.message import DecodeError
 
 from guidesr.checkpoint import CheckpointError, weights_sha256
-from guidesr.config import PRESETS, preset_config
+from guidesr.config import PRESETS, GuideSRConfig, preset_config
 from guidesr.loading import DEFAULT_CHECKPOINT, BaseModelError, build_model, load_model
 from runtime.cli import EXIT_INTERRUPTED, bounded_float, bounded_int, output_folder_problem, plural
 
@@ -270,24 +272,82 @@ def _specs(args, model: GuideSR, variants: list[str]) -> list[GraphSpec]:
     specs = [guidesr_graph(multiple, args.tile, v, batch=args.batch, max_batch=args.max_batch,
                            trt_plugins=args.trt_plugins) for v in variants]
     for spec in specs:
-        check_tensor_values(spec, 2 * model.config.guidance.channels)
+        check_tensor_values(spec, model.config)
     return specs
 
 
-def check_tensor_values(spec: GraphSpec, full_resolution_channels: int) -> None:
-    """Raise ValueError when the graph's largest input (for the dynamic graph: max batch, twice the tile) makes a
-    tensor of `full_resolution_channels` channels at full resolution (GuideSR's guidance features F_r have 2C) hold
-    2^31 values or more: TensorRT cannot build such a graph, and ONNX Runtime or the PyTorch reference of `verify` would
-    need that many values per tensor, several tensors at once. Checked before the export, which would succeed."""
-    batch, _, height, width = spec.inputs[0].max
-    values = batch * full_resolution_channels * height * width
-    if values >= TENSORRT_MAX_VALUES:
+@dataclass(frozen=True)
+class GraphTensor:
+    """A tensor of the exported graph: what it is, and its shape."""
+    what: str
+    shape: tuple[int, ...]
+
+    @property
+    def values(self) -> int:
+        return math.prod(self.shape)
+
+
+def largest_tensor(config: GuideSRConfig, input_shape: tuple[int, ...]) -> GraphTensor:
+    """The largest tensor of the graph of a model of `config` run on `input_shape` (B, 3, H, W), found among:
+
+    - full-resolution features [B, c, H, W]: the guidance features F_r (c = 2C), the VAE decoder's last blocks (its
+      upsampler into full resolution has c1 channels, then c0; c = the VAE's block_out_channels) and the VAE
+      encoder's first downsampler input, padded to [B, c0, H+1, W+1];
+    - attention scores [B, heads, N, N] (self-attention) and [B, heads, N, prompt_length] (cross-attention): the
+      TorchScript exporter writes attention as MatMul -> Softmax -> MatMul, so the graph holds them (no fused
+      Attention op). The VAE's mid-block attends with one head over N = H/f x W/f tokens (f: the VAE factor), the
+      UNet's attention blocks of level i with heads_i over N / 4^i (diffusers reads `attention_head_dim` as the
+      number of heads when `num_attention_heads` is unset: tiny 8 at every level, sd-turbo 5, 10, 20, 20).
+
+    The features are the largest at small tiles, the scores, growing with (H x W)^2, from about 144x144 (tiny) or
+    512x512 (sd-turbo) on: there the largest are the UNet's level-0 self-attention scores (tiny [B, 8, N, N],
+    sd-turbo [B, 5, N, N]), which reach 2^31 at 1024x1024 (tiny) or 1152x1152 (sd-turbo) with batch 1.
+    """
+    batch, _, height, width = input_shape
+    vae_channels = config.vae["block_out_channels"]
+    candidates = [
+        GraphTensor("the full-resolution guidance features F_r", (batch, 2 * config.guidance.channels, height, width)),
+        GraphTensor("the VAE decoder's full-resolution features", (batch, max(vae_channels[:2]), height, width)),
+    ]
+    if len(vae_channels) > 1:
+        candidates.append(GraphTensor("the VAE encoder's padded full-resolution features",
+                                      (batch, vae_channels[0], height + 1, width + 1)))
+    factor = config.vae_factor
+    tokens = (height // factor) * (width // factor)
+    candidates.append(GraphTensor("the self-attention scores of the VAE's mid-block", (batch, 1, tokens, tokens)))
+    unet = config.unet
+    levels = len(unet["block_out_channels"])
+    heads = unet.get("num_attention_heads") or unet["attention_head_dim"]
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * levels
+    attention_levels = {i for i, block in enumerate(unet["down_block_types"]) if block.startswith("CrossAttn")}
+    attention_levels |= {levels - 1 - i for i, block in enumerate(unet["up_block_types"])
+                         if block.startswith("CrossAttn")}
+    if unet.get("mid_block_type", "UNetMidBlock2DCrossAttn") == "UNetMidBlock2DCrossAttn":
+        attention_levels.add(levels - 1)
+    for level in sorted(attention_levels):
+        scale = factor * 2**level
+        level_tokens = (height // scale) * (width // scale)
+        for kind, keys in (("self", level_tokens), ("cross", config.prompt_length)):
+            candidates.append(GraphTensor(f"the {kind}-attention scores of the UNet's level-{level} blocks",
+                                          (batch, heads[level], level_tokens, keys)))
+    return max(candidates, key=lambda tensor: tensor.values)
+
+
+def check_tensor_values(spec: GraphSpec, config: GuideSRConfig) -> None:
+    """Raise ValueError when the graph's largest tensor (`largest_tensor`) at its largest input (for the dynamic graph:
+    max batch, twice the tile) holds 2^31 values or more: TensorRT cannot build such a graph (NvInfer.h, ITensor, "A
+    tensor in a network definition": "The volume of the tensor must be less than 2^31 elements"; the attention
+    scores hit it, e.g. NVIDIA/TensorRT#3324: "[Matrix Multiply]_output: tensor volume exceeds (2^31)-1, dimensions
+    are [2,5,16384,16384]"), and ONNX Runtime or the PyTorch reference of `verify` would need that many values per
+    tensor. Checked before the export, which would succeed."""
+    largest = largest_tensor(config, spec.inputs[0].max)
+    if largest.values >= TENSORRT_MAX_VALUES:
         tile_height, tile_width = spec.tile
         smaller = "a smaller tile or --max-batch" if spec.variant == "dynamic" else "a smaller tile or --batch"
         raise ValueError(
             f"--tile {tile_height}x{tile_width}: the {spec.variant} graph takes inputs up to "
-            f"{'x'.join(str(s) for s in spec.inputs[0].max)}, where the model's full-resolution guidance features "
-            f"({full_resolution_channels} channels) are one tensor of {values:,} values; TensorRT takes fewer than "
+            f"{'x'.join(str(s) for s in spec.inputs[0].max)}, where {largest.what} are one tensor of "
+            f"{'x'.join(str(s) for s in largest.shape)} = {largest.values:,} values; TensorRT takes fewer than "
             f"2^31 ({TENSORRT_MAX_VALUES:,}) per tensor, so no engine could be built from it: choose {smaller}")
 
 

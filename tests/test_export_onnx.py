@@ -9,6 +9,7 @@ import argparse
 import collections
 import copy
 import importlib.util
+import math
 import shlex
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ import torch
 
 from export import onnx_export
 from export.__main__ import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_MISSING_PACKAGE, EXIT_USAGE, build_parser,
-                             load_from_args, main)
+                             largest_tensor, load_from_args, main)
 from export.engine_metadata import EngineMismatchError, graph_sha256
 from export.fp16 import FP32_ISLANDS
 from export.graphs import GraphSpec, guidesr_graph
@@ -669,9 +670,9 @@ def test_verify_names_every_file_it_is_given_that_is_not_an_exported_graph(graph
 
 @pytest.mark.parametrize("command, argv, message", [
     ("onnx", ["--tile", "100000", "--variant", "static"],
-     "the static graph takes inputs up to 1x3x100000x100000, where the model's full-resolution guidance features (32 "
-     "channels) are one tensor of 320,000,000,000 values; TensorRT takes fewer than 2^31 (2,147,483,648) per tensor, "
-     "so no engine could be built from it: choose a smaller tile or --batch"),
+     "the static graph takes inputs up to 1x3x100000x100000, where the self-attention scores of the UNet's level-0 "
+     "blocks are one tensor of 1x8x156250000x156250000 = 195,312,500,000,000,000 values; TensorRT takes fewer than "
+     "2^31 (2,147,483,648) per tensor, so no engine could be built from it: choose a smaller tile or --batch"),
     ("engine", ["--tile", "100000"], "the static graph takes inputs up to 1x3x100000x100000"),
 ])
 def test_a_tile_too_large_for_tensorrt_is_refused_before_the_export(command, argv, message, model, tmp_path,
@@ -685,19 +686,51 @@ def test_a_tile_too_large_for_tensorrt_is_refused_before_the_export(command, arg
     assert f"error: --tile {argv[1]}x{argv[1]}: {message}" in capsys.readouterr().err
 
 
-def test_the_dynamic_graphs_tile_ends_where_its_largest_input_reaches_tensorrts_limit(model, tmp_path, monkeypatch,
-                                                                                        capsys):
+@pytest.mark.parametrize("variant, refused, accepted, message", [
+    ("static", "1024", "1008",
+     "the static graph takes inputs up to 1x3x1024x1024, where the self-attention scores of the UNet's level-0 blocks "
+     "are one tensor of 1x8x16384x16384 = 2,147,483,648 values; TensorRT takes fewer than 2^31 (2,147,483,648) per "
+     "tensor, so no engine could be built from it: choose a smaller tile or --batch"),
+    ("dynamic", "368", "352",
+     "the dynamic graph takes inputs up to 4x3x736x736, where the self-attention scores of the UNet's level-0 blocks "
+     "are one tensor of 4x8x8464x8464 = 2,292,457,472 values; TensorRT takes fewer than 2^31 (2,147,483,648) per "
+     "tensor, so no engine could be built from it: choose a smaller tile or --max-batch"),
+])
+def test_the_tile_ends_where_the_graphs_attention_scores_reach_tensorrts_limit(variant, refused, accepted, message,
+                                                                                 model, tmp_path, monkeypatch, capsys):
+    """The attention scores [B, heads, N, N] (N = H/8 x W/8 tokens) outgrow every full-resolution tensor: the bound on
+    those alone (B x 2C x H x W) took these tiles up to 8176 (static) and 2032 (dynamic)."""
     exported = []
     monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
     monkeypatch.setattr("export.__main__.export_graphs", lambda model, out_dir, specs, *args, **kwargs:
                         exported.extend(specs) or [])
-    assert main(["onnx", "--tile", "2048", "--variant", "dynamic", "--out-dir", str(tmp_path)]) == EXIT_USAGE
-    assert ("error: --tile 2048x2048: the dynamic graph takes inputs up to 4x3x4096x4096, where the model's "
-            "full-resolution guidance features (32 channels) are one tensor of 2,147,483,648 values; TensorRT takes "
-            "fewer than 2^31 (2,147,483,648) per tensor, so no engine could be built from it: choose a smaller tile or "
-            "--max-batch") in capsys.readouterr().err
-    assert main(["onnx", "--tile", "2032", "--variant", "dynamic", "--out-dir", str(tmp_path)]) == 0
-    assert [spec.inputs[0].max for spec in exported] == [(4, 3, 4064, 4064)]
+    assert main(["onnx", "--tile", refused, "--variant", variant, "--out-dir", str(tmp_path)]) == EXIT_USAGE
+    assert f"error: --tile {refused}x{refused}: {message}" in capsys.readouterr().err
+    assert main(["onnx", "--tile", accepted, "--variant", variant, "--out-dir", str(tmp_path)]) == 0
+    assert [spec.tile for spec in exported] == [(int(accepted), int(accepted))]
+
+
+def graph_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of every tensor of the graph, by ONNX shape inference."""
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)), data_prop=True)
+    values = [*proto.graph.input, *proto.graph.value_info, *proto.graph.output]
+    return {value.name: tuple(dim.dim_value for dim in value.type.tensor_type.shape.dim) for value in values}
+
+
+def test_the_largest_tensor_formula_matches_the_exported_graphs(graphs, model, tmp_path):
+    """At the fixture's tiles the full-resolution features are the graph's largest tensors; at 160x160 the UNet's
+    level-0 self-attention scores are, materialised between a MatMul and a Softmax."""
+    static = [graph for graph in unique_graphs(graphs) if graph.spec.variant == "static" and graph.precision == "fp32"]
+    (large,) = export_graphs(model, tmp_path, [guidesr_graph(16, (160, 160), "static")], ["fp32"], "test: random tiny")
+    for graph in [*static, large]:
+        expected = largest_tensor(model.config, graph.spec.inputs[0].max)
+        shapes = graph_tensor_shapes(graph.path)
+        assert max(math.prod(shape) for shape in shapes.values()) == expected.values, graph.path.name
+    expected = largest_tensor(model.config, large.spec.inputs[0].max)
+    assert expected.what == "the self-attention scores of the UNet's level-0 blocks"
+    shapes = graph_tensor_shapes(large.path)
+    scores = {node.input[0] for node in onnx.load(str(large.path)).graph.node if node.op_type == "Softmax"}
+    assert expected.shape == (1, 8, 400, 400) and expected.shape in {shapes[name] for name in scores}
 
 
 def _main_not_raising_ctrl_c(argv: list[str]) -> int:

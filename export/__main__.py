@@ -16,7 +16,8 @@ is installed, and exits with status 1 if a comparison fails; an engine named wit
 with status 3. A graph is refused when it holds another checkpoint or weights than the model: every such graph is
 named, the others are compared, and the status is 2. --tile is bounded: a graph whose largest tensor at its largest
 input (the UNet's attention scores beyond small tiles) holds 2^31 values or more (TensorRT's limit per tensor) is
-refused before the export (status 2), naming that tensor. Ctrl-C stops any command with status 130 and one line
+refused before the export (status 2), naming that tensor: by `engine`, and by `onnx` for the static graph (a dynamic
+graph past it only at its largest shapes is written for ONNX Runtime, with a note). Ctrl-C stops any command with status 130 and one line
 saying what was done; a graph or engine is published whole or not at all.
 """
 
@@ -267,12 +268,21 @@ def load_from_args(args) -> tuple[GuideSR, str]:
     return model, f"checkpoint {checkpoint.name}"
 
 
-def _specs(args, model: GuideSR, variants: list[str]) -> list[GraphSpec]:
+def _specs(args, model: GuideSR, variants: list[str], *, for_tensorrt: bool) -> list[GraphSpec]:
+    """The graphs to export. A graph with a tensor past TensorRT's limit is refused when it is for TensorRT
+    (`engine`) and when it is the static graph (its one tile shape is what every backend runs); a dynamic graph for
+    ONNX Runtime (`onnx`) is written with a note, since only its largest shapes are past the limit."""
     multiple = model.config.size_multiple
     specs = [guidesr_graph(multiple, args.tile, v, batch=args.batch, max_batch=args.max_batch,
                            trt_plugins=args.trt_plugins) for v in variants]
     for spec in specs:
-        check_tensor_values(spec, model.config)
+        problem = tensor_limit_problem(spec, model.config)
+        if problem is None:
+            continue
+        if for_tensorrt or spec.variant == "static":
+            raise ValueError(problem)
+        print(f"note: {problem}; ONNX Runtime can run it, `export engine --variant dynamic` refuses it",
+              file=sys.stderr)
     return specs
 
 
@@ -333,22 +343,22 @@ def largest_tensor(config: GuideSRConfig, input_shape: tuple[int, ...]) -> Graph
     return max(candidates, key=lambda tensor: tensor.values)
 
 
-def check_tensor_values(spec: GraphSpec, config: GuideSRConfig) -> None:
-    """Raise ValueError when the graph's largest tensor (`largest_tensor`) at its largest input (for the dynamic graph:
+def tensor_limit_problem(spec: GraphSpec, config: GuideSRConfig) -> str | None:
+    """What is wrong when the graph's largest tensor (`largest_tensor`) at its largest input (for the dynamic graph:
     max batch, twice the tile) holds 2^31 values or more: TensorRT cannot build such a graph (NvInfer.h, ITensor, "A
     tensor in a network definition": "The volume of the tensor must be less than 2^31 elements"; the attention
     scores hit it, e.g. NVIDIA/TensorRT#3324: "[Matrix Multiply]_output: tensor volume exceeds (2^31)-1, dimensions
-    are [2,5,16384,16384]"), and ONNX Runtime or the PyTorch reference of `verify` would need that many values per
-    tensor. Checked before the export, which would succeed."""
+    are [2,5,16384,16384]"); None when it is within the limit. Checked before the export, which would succeed."""
     largest = largest_tensor(config, spec.inputs[0].max)
     if largest.values >= TENSORRT_MAX_VALUES:
         tile_height, tile_width = spec.tile
         smaller = "a smaller tile or --max-batch" if spec.variant == "dynamic" else "a smaller tile or --batch"
-        raise ValueError(
+        return (
             f"--tile {tile_height}x{tile_width}: the {spec.variant} graph takes inputs up to "
             f"{'x'.join(str(s) for s in spec.inputs[0].max)}, where {largest.what} are one tensor of "
             f"{'x'.join(str(s) for s in largest.shape)} = {largest.values:,} values; TensorRT takes fewer than "
             f"2^31 ({TENSORRT_MAX_VALUES:,}) per tensor, so no engine could be built from it: choose {smaller}")
+    return None
 
 
 def _run_onnx(args, model: GuideSR, weights: str, progress: Progress) -> int:
@@ -356,12 +366,13 @@ def _run_onnx(args, model: GuideSR, weights: str, progress: Progress) -> int:
         progress.written.append(graph.path)
         print(f"wrote {graph.path}")
 
-    export_graphs(model, args.out_dir, _specs(args, model, args.variant), args.precision, weights, on_published=report)
+    specs = _specs(args, model, args.variant, for_tensorrt=False)
+    export_graphs(model, args.out_dir, specs, args.precision, weights, on_published=report)
     return 0
 
 
 def _run_engine(args, model: GuideSR, weights: str, progress: Progress) -> int:
-    (graph,) = export_graphs(model, args.out_dir, _specs(args, model, [args.variant]), [args.precision], weights)
+    (graph,) = export_graphs(model, args.out_dir, _specs(args, model, [args.variant], for_tensorrt=True), [args.precision], weights)
     progress.written.append(graph.path)
     print(f"wrote {graph.path}")
     try:

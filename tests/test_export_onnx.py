@@ -686,28 +686,56 @@ def test_a_tile_too_large_for_tensorrt_is_refused_before_the_export(command, arg
     assert f"error: --tile {argv[1]}x{argv[1]}: {message}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("variant, refused, accepted, message", [
-    ("static", "1024", "1008",
-     "the static graph takes inputs up to 1x3x1024x1024, where the self-attention scores of the UNet's level-0 blocks "
-     "are one tensor of 1x8x16384x16384 = 2,147,483,648 values; TensorRT takes fewer than 2^31 (2,147,483,648) per "
-     "tensor, so no engine could be built from it: choose a smaller tile or --batch"),
-    ("dynamic", "368", "352",
-     "the dynamic graph takes inputs up to 4x3x736x736, where the self-attention scores of the UNet's level-0 blocks "
-     "are one tensor of 4x8x8464x8464 = 2,292,457,472 values; TensorRT takes fewer than 2^31 (2,147,483,648) per "
-     "tensor, so no engine could be built from it: choose a smaller tile or --max-batch"),
-])
-def test_the_tile_ends_where_the_graphs_attention_scores_reach_tensorrts_limit(variant, refused, accepted, message,
-                                                                                 model, tmp_path, monkeypatch, capsys):
+STATIC_1024_MESSAGE = (
+    "the static graph takes inputs up to 1x3x1024x1024, where the self-attention scores of the UNet's level-0 blocks "
+    "are one tensor of 1x8x16384x16384 = 2,147,483,648 values; TensorRT takes fewer than 2^31 (2,147,483,648) per "
+    "tensor, so no engine could be built from it: choose a smaller tile or --batch")
+DYNAMIC_368_MESSAGE = (
+    "the dynamic graph takes inputs up to 4x3x736x736, where the self-attention scores of the UNet's level-0 blocks "
+    "are one tensor of 4x8x8464x8464 = 2,292,457,472 values; TensorRT takes fewer than 2^31 (2,147,483,648) per "
+    "tensor, so no engine could be built from it: choose a smaller tile or --max-batch")
+
+
+def test_the_static_tile_ends_where_the_graphs_attention_scores_reach_tensorrts_limit(model, tmp_path, monkeypatch,
+                                                                                        capsys):
     """The attention scores [B, heads, N, N] (N = H/8 x W/8 tokens) outgrow every full-resolution tensor: the bound on
-    those alone (B x 2C x H x W) took these tiles up to 8176 (static) and 2032 (dynamic)."""
+    those alone (B x 2C x H x W) took static tiles up to 8176."""
     exported = []
     monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
     monkeypatch.setattr("export.__main__.export_graphs", lambda model, out_dir, specs, *args, **kwargs:
                         exported.extend(specs) or [])
-    assert main(["onnx", "--tile", refused, "--variant", variant, "--out-dir", str(tmp_path)]) == EXIT_USAGE
-    assert f"error: --tile {refused}x{refused}: {message}" in capsys.readouterr().err
-    assert main(["onnx", "--tile", accepted, "--variant", variant, "--out-dir", str(tmp_path)]) == 0
-    assert [spec.tile for spec in exported] == [(int(accepted), int(accepted))]
+    assert main(["onnx", "--tile", "1024", "--variant", "static", "--out-dir", str(tmp_path)]) == EXIT_USAGE
+    assert f"error: --tile 1024x1024: {STATIC_1024_MESSAGE}" in capsys.readouterr().err
+    assert main(["onnx", "--tile", "1008", "--variant", "static", "--out-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().err == ""
+    assert [spec.tile for spec in exported] == [(1008, 1008)]
+
+
+def test_a_dynamic_graph_past_tensorrts_limit_is_written_for_onnx_runtime_and_refused_for_an_engine(
+        model, tmp_path, monkeypatch, capsys):
+    """Only the dynamic graph's largest shapes (max batch 4, twice the tile) pass the limit, so `onnx` writes it with
+    a note (ONNX Runtime has no such limit) and `engine` refuses it before exporting; the old bound took dynamic tiles
+    up to 2032."""
+    exported = []
+
+    def export_graphs(model, out_dir, specs, *args, **kwargs):
+        if not kwargs.get("on_published"):
+            raise AssertionError("the engine's graph was exported")
+        exported.extend(specs)
+        return []
+
+    monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
+    monkeypatch.setattr("export.__main__.export_graphs", export_graphs)
+    argv = ["--tile", "368", "--variant", "dynamic", "--out-dir", str(tmp_path)]
+    assert main(["engine", *argv]) == EXIT_USAGE
+    assert f"error: --tile 368x368: {DYNAMIC_368_MESSAGE}" in capsys.readouterr().err
+    assert exported == []
+    assert main(["onnx", *argv]) == 0
+    assert capsys.readouterr().err == (f"note: --tile 368x368: {DYNAMIC_368_MESSAGE}; ONNX Runtime can run it, "
+                                       f"`export engine --variant dynamic` refuses it\n")
+    assert main(["onnx", "--tile", "352", "--variant", "dynamic", "--out-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().err == ""
+    assert [spec.tile for spec in exported] == [(368, 368), (352, 352)]
 
 
 def graph_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:

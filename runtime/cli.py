@@ -7,9 +7,11 @@ Standard library only: runtime.gpu_session uses it before the wheels it installs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -114,8 +116,18 @@ def write_json(data: dict, path: Path) -> None:
 
 
 def write_whole(path: Path, data: bytes | memoryview) -> None:
-    """Into PATH.partial, then renamed: a write that fails or is killed leaves the previous file or none, never part
-    of one."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    partial.replace(path)
+    """Into a new hidden `.NAME.XXXX.partial` beside `path` (made with O_EXCL, so a file or link already there is
+    never written through, and two writers never share one), synced, then renamed over `path`: a write that fails
+    leaves the previous file or none, never part of one; a killed one also leaves its hidden temporary."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            os.fchmod(fd, 0o644)  # mkstemp makes 0600; give the output an ordinary file's mode
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise

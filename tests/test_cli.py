@@ -5,13 +5,14 @@ import argparse
 import json
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from runtime.cli import (add_model_arguments, bounded_float, bounded_int, check_model_arguments, nearest_existing_folder,
-                         output_folder_problem, plural)
+                         output_folder_problem, plural, write_whole)
 
 
 @pytest.mark.parametrize("parse, text, value", [
@@ -142,3 +143,26 @@ def test_output_folder_problem_names_a_folder_without_write_permission():
         problems = _as_a_user_without_root(lambda: [output_folder_problem(path) for path in (
             readonly, readonly / "new" / "deeper", writable / "new")])
     assert problems == [f"{readonly} is not writable"] * 2 + [None]
+
+
+def test_write_whole_never_writes_through_a_link_at_its_temporary_name(tmp_path):
+    """A link left at the old fixed temporary name (PATH.partial) in a shared folder made the write land in the
+    link's target and then published the link itself as PATH."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not yours")
+    out = tmp_path / "results.json"
+    (tmp_path / "results.json.partial").symlink_to(victim)
+    write_whole(out, b"{}\n")
+    assert victim.read_text() == "not yours"
+    assert not out.is_symlink() and out.read_bytes() == b"{}\n"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.json.partial", "victim.txt"]
+
+
+def test_write_whole_leaves_the_previous_file_and_no_temporary_when_the_write_fails(tmp_path):
+    out = tmp_path / "engine.plan"
+    out.write_bytes(b"previous")
+    with pytest.raises(TypeError):
+        write_whole(out, "text, not bytes")
+    assert out.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["engine.plan"]

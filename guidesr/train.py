@@ -368,11 +368,23 @@ class Trainer:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         return torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
 
+    def _loss_means_over_ranks(self, values: torch.Tensor, terms: int) -> torch.Tensor:
+        """`values` (this rank's `terms` loss terms, then the gradient norms) with the loss terms replaced by their
+        means over the ranks and, appended, one entry per rank: 1 where that rank had a non-finite loss term, else 0.
+        One all-reduce. The norms are not reduced: DDP reduced the gradients they measure, so every rank has them
+        already, bit for bit."""
+        ranks = torch.zeros(self.env.world_size, device=values.device)
+        ranks[self.env.rank] = values[:terms].isfinite().logical_not().any()
+        reduced = torch.cat([values[:terms] / self.env.world_size, ranks])
+        dist.all_reduce(reduced)
+        return torch.cat([reduced[:terms], values[terms:], reduced[terms:]])
+
     def train_step(self) -> dict[str, float]:
         """One optimiser step of the generator, then of the discriminator. The loss terms stay on the device until
-        the step's end, where one transfer reads them (a GPU is not stalled per micro-batch); a non-finite term
-        raises FloatingPointError there, before the step is logged or saved, except under fp16's GradScaler, which
-        skips such a step (its gradients are not finite) and lowers the loss scale."""
+        the step's end, where one transfer reads them (a GPU is not stalled per micro-batch); under DDP the loss terms
+        are averaged over the ranks first (one all-reduce), so every rank logs the global batch's. A non-finite term
+        raises FloatingPointError there, on every rank at once, before the step is logged or saved, except under
+        fp16's GradScaler, which skips such a step (its gradients are not finite) and lowers the loss scale."""
         config = self.config
         lr = learning_rate(config, self.step)
         for group in self.optimizer.param_groups:
@@ -408,14 +420,21 @@ class Trainer:
                 norms["disc_grad_norm"] = self._clip_gradients(self.disc_optimizer)
             self.scaler.step(self.disc_optimizer)
         self.scaler.update()
-        values = torch.stack([value.float() for *_, value in losses] + list(norms.values())).tolist()
+        values = torch.stack([value.float() for *_, value in losses] + list(norms.values()))
+        if self.env.world_size > 1:
+            values = self._loss_means_over_ranks(values, len(losses))
+        values = values.tolist()
         logs: dict[str, float] = {}
         for (key, micro, _), value in zip(losses, values):
             if not math.isfinite(value) and not self.scaler.is_enabled():
-                where = f" on rank {self.env.rank}" if self.env.world_size > 1 else ""
+                where = ""
+                if self.env.world_size > 1:
+                    ranks = [rank for rank, flag in enumerate(values[len(losses) + len(norms):]) if flag]
+                    where = (f", the mean over {self.env.world_size} ranks; not finite on "
+                             f"{'rank' if len(ranks) == 1 else 'ranks'} {', '.join(map(str, ranks))}")
                 raise FloatingPointError(
-                    f"step {self.step + 1}{where}: loss term {key} is {value} (micro-batch {micro + 1} of "
-                    f"{config.grad_accum}); stopped before logging or saving it, the last checkpoint is at step "
+                    f"step {self.step + 1}: loss term {key} is {value} (micro-batch {micro + 1} of "
+                    f"{config.grad_accum}{where}); stopped before logging or saving it, the last checkpoint is at step "
                     f"{self.saved_step}")
             logs[key] = logs.get(key, 0.0) + value / config.grad_accum
         logs |= dict(zip(norms, values[len(losses):]))
@@ -424,16 +443,17 @@ class Trainer:
         return logs
 
     def save(self) -> None:
+        """Rank 0 writes the training state and the checkpoint; every rank records the step (its error messages name
+        the last checkpoint)."""
         if self.config.save_every_rank:
             save_checkpoint(self.model, self.out / f"rank{self.env.rank}" / "guidesr")
-        if not self.env.is_main:
-            return
-        save_train_state(self.out / "state", self.step, self.elapsed_s, self.model, self.discriminator, self.optimizer,
-                         self.disc_optimizer, self.scaler, self.config)
-        base = (None if self.config.random_base
-                else os.path.relpath(Path(self.config.base_model).resolve(), self.out.resolve()))
-        save_checkpoint(self.model, self.out / self.config.name, base_model=base,
-                        extra={"training": {"step": self.step, "config": dataclasses.asdict(self.config)}})
+        if self.env.is_main:
+            save_train_state(self.out / "state", self.step, self.elapsed_s, self.model, self.discriminator,
+                             self.optimizer, self.disc_optimizer, self.scaler, self.config)
+            base = (None if self.config.random_base
+                    else os.path.relpath(Path(self.config.base_model).resolve(), self.out.resolve()))
+            save_checkpoint(self.model, self.out / self.config.name, base_model=base,
+                            extra={"training": {"step": self.step, "config": dataclasses.asdict(self.config)}})
         self.saved_step = self.step
 
     def checkpoint_step(self) -> int | None:
@@ -473,7 +493,7 @@ class Trainer:
             if self.env.is_main and (self.step % self.config.log_every == 0 or self.step == until):
                 bar.set_postfix(loss=f"{logs['total']:.4f}", lr=f"{logs['lr']:.2e}")
                 with log_path.open(log_mode) as f:
-                    f.write(json.dumps({"step": self.step, "time": round(self.elapsed_s, 2), **logs}) + "\n")
+                    f.write(log_line({"step": self.step, "time": round(self.elapsed_s, 2), **logs}))
                 log_mode = "a"
             if self.step % self.config.checkpoint_every == 0 or self.step == until:
                 self.save()
@@ -482,6 +502,13 @@ class Trainer:
             self.save()  # a run that had already finished, whose checkpoint is missing or older than its state
         self._say(f"checkpoint {self.out / self.config.name}.json at step {self.step}")
         return history
+
+
+def log_line(entry: dict[str, float]) -> str:
+    """One line of metrics.jsonl: strict JSON, with null for a value that is not finite (under fp16, a loss or
+    gradient norm of a step that GradScaler skipped)."""
+    return json.dumps({key: value if math.isfinite(value) else None for key, value in entry.items()},
+                      allow_nan=False) + "\n"
 
 
 def _drop_log_lines_after(log_path: Path, step: int) -> None:

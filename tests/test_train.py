@@ -2,8 +2,10 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +16,8 @@ from safetensors.torch import load_file
 
 from guidesr.discriminators import DiscriminatorConfig
 from guidesr.losses import LossConfig
-from guidesr.train import Distributed, TrainConfig, Trainer, learning_rate, load_train_state, save_train_state
+from guidesr.train import (Distributed, TrainConfig, Trainer, learning_rate, load_train_state, parse_args,
+                           save_train_state)
 from helpers import save_tiny_clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,15 +118,21 @@ def test_needs_base_model_unless_random(tmp_path):
         Trainer(small_config(tmp_path, random_base=False))
 
 
-def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
+TORCHRUN_ARGS = ("--preset", "tiny", "--random-base", "--steps", "2", "--batch-size", "1", "--crop-size", "64",
+                 "--checkpoint-every", "1", "--log-every", "1", "--warmup-steps", "1", "--w-lpips", "0", "--w-gan", "0",
+                 "--lr", "1e-3")
+
+
+def torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-        "-m", "guidesr.train", "--preset", "tiny", "--random-base", "--out", str(tmp_path / "run"),
-        "--steps", "2", "--batch-size", "1", "--crop-size", "64", "--checkpoint-every", "2", "--warmup-steps", "1",
-        "--w-lpips", "0", "--w-gan", "0", "--lr", "1e-3", "--save-every-rank",
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_torchrun_two_ranks_end_with_identical_weights_and_log_their_mean_losses(tmp_path):
+    """Each rank draws its own batches; both log, and rank 0 writes, the mean over the ranks of the loss terms that
+    each computed (step 1, before the ranks' weights move: rank 0's and rank 1's own first steps, one process each)."""
+    result = torchrun("-m", "guidesr.train", *TORCHRUN_ARGS, "--out", str(tmp_path / "run"), "--save-every-rank")
     assert result.returncode == 0, result.stderr[-3000:]
     rank0 = load_file(tmp_path / "run" / "rank0" / "guidesr.safetensors")
     rank1 = load_file(tmp_path / "run" / "rank1" / "guidesr.safetensors")
@@ -131,6 +140,71 @@ def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    config, _ = parse_args([*TORCHRUN_ARGS, "--out", str(tmp_path / "alone")])
+    own = [Trainer(config, env=Distributed(rank=rank)).train_step() for rank in (0, 1)]
+    for key in ("r1/mse", "r2/mse", "total"):
+        assert logged[key] == pytest.approx((own[0][key] + own[1][key]) / 2, rel=1e-5), key
+        assert logged[key] != pytest.approx(own[0][key], rel=1e-3), key
+
+
+NAN_ON_RANK_1 = """
+import sys
+import torch
+import torch.distributed as dist
+from guidesr.train import Trainer, init_distributed, parse_args
+
+config, _ = parse_args(sys.argv[1:])
+env, device = init_distributed()
+trainer = Trainer(config, env, device)
+
+
+def second_batch_nan(batches):
+    for micro, (lq, hr) in enumerate(batches):
+        yield (torch.full_like(lq, float("nan")) if micro == 1 else lq), hr
+
+
+if env.rank == 1:
+    trainer.batches = second_batch_nan(trainer.batches)
+try:
+    trainer.fit()
+finally:
+    dist.destroy_process_group()
+"""
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_message(tmp_path):
+    """Rank 1's second batch is NaN: both ranks raise FloatingPointError at step 2 naming rank 1, before logging or
+    saving it (rank 1 raising alone, rank 0 would log step 2 and save the weights that rank 1's NaN gradients reached,
+    or wait at its next all-reduce). The test starts the two ranks itself, with the environment torchrun gives them:
+    torchrun stops the other ranks as soon as one fails, racing their own messages."""
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = []
+    try:
+        for rank in (0, 1):
+            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+            with (tmp_path / f"rank{rank}.err").open("w") as stderr:
+                command = [sys.executable, str(script), *TORCHRUN_ARGS, "--out", str(tmp_path / "run")]
+                ranks.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr))
+        deadline = time.monotonic() + 180
+        codes = [process.wait(timeout=max(1.0, deadline - time.monotonic())) for process in ranks]
+    finally:
+        for process in ranks:
+            process.kill()
+    message = ("FloatingPointError: step 2: loss term r1/mse is nan (micro-batch 1 of 1, the mean over 2 ranks; not "
+               "finite on rank 1); stopped before logging or saving it, the last checkpoint is at step 1")
+    errors = [(tmp_path / f"rank{rank}.err").read_text() for rank in (0, 1)]
+    assert codes == [1, 1], [error[-2000:] for error in errors]
+    for error in errors:
+        assert any(line.endswith(message) for line in error.splitlines()), error[-2000:]
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1]
+    assert json.loads((tmp_path / "run" / "guidesr.json").read_text())["training"]["step"] == 1
 
 
 # ---- the command line and the run folder ------------------------------------------------------
@@ -499,6 +573,20 @@ def test_a_non_finite_loss_stops_the_run_naming_its_step_and_term_before_logging
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [1]
     assert json.loads((tmp_path / "guidesr.json").read_text())["training"]["step"] == 1
+
+
+def test_metrics_lines_are_strict_json_with_null_for_values_that_are_not_finite():
+    """Under fp16 a step that GradScaler skips has non-finite loss terms or gradient norms; Python's json would write
+    them as NaN and Infinity, which strict JSON parsers refuse."""
+    from guidesr.train import log_line
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    line = log_line({"step": 3, "time": 1.5, "total": float("nan"), "grad_norm": float("inf"), "lr": 1e-4})
+    assert line.endswith("\n") and line.count("\n") == 1
+    assert json.loads(line, parse_constant=refuse) == {"step": 3, "time": 1.5, "total": None, "grad_norm": None,
+                                                       "lr": 1e-4}
 
 
 def test_max_grad_norm_clips_each_models_whole_step_gradient_and_is_off_by_default(tmp_path):

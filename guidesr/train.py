@@ -437,6 +437,12 @@ class Trainer:
                     f"{config.grad_accum}{where}); stopped before logging or saving it, the last checkpoint is at step "
                     f"{self.saved_step}")
             logs[key] = logs.get(key, 0.0) + value / config.grad_accum
+        for key, value in zip(norms, values[len(losses):]):
+            if not math.isfinite(value) and not self.scaler.is_enabled():
+                raise FloatingPointError(
+                    f"step {self.step + 1}: {key} is {value} with finite loss terms, so the step's update made the "
+                    f"weights non-finite; stopped before logging or saving it, the last checkpoint is at step "
+                    f"{self.saved_step}")
         logs |= dict(zip(norms, values[len(losses):]))
         self.step += 1
         logs["lr"] = lr
@@ -444,7 +450,9 @@ class Trainer:
 
     def save(self) -> None:
         """Rank 0 writes the training state and the checkpoint; every rank records the step (its error messages name
-        the last checkpoint)."""
+        the last checkpoint). Weights that are not finite (an update from a non-finite gradient that no loss term
+        showed) are refused with FloatingPointError before anything is written, on every rank alike."""
+        self._check_weights_finite()
         if self.config.save_every_rank:
             save_checkpoint(self.model, self.out / f"rank{self.env.rank}" / "guidesr")
         if self.env.is_main:
@@ -455,6 +463,19 @@ class Trainer:
             save_checkpoint(self.model, self.out / self.config.name, base_model=base,
                             extra={"training": {"step": self.step, "config": dataclasses.asdict(self.config)}})
         self.saved_step = self.step
+
+    def _check_weights_finite(self) -> None:
+        """One device read for all of the weights the optimisers train."""
+        trained = {id(param) for optimizer in (self.optimizer, self.disc_optimizer) if optimizer is not None
+                   for group in optimizer.param_groups for param in group["params"]}
+        named = [(name, param) for module in (self.model, self.discriminator) if module is not None
+                 for name, param in module.named_parameters() if id(param) in trained]
+        finite = torch.stack([param.detach().isfinite().all() for _, param in named]).tolist()
+        bad = [name for (name, _), ok in zip(named, finite) if not ok]
+        if bad:
+            raise FloatingPointError(
+                f"step {self.step}: {plural(len(bad), 'trained weight tensor')} not finite ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}); not saved, the last checkpoint is at step {self.saved_step}")
 
     def checkpoint_step(self) -> int | None:
         """The step OUT/NAME.json was written at, None when there is none."""

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -573,6 +574,34 @@ def test_a_non_finite_loss_stops_the_run_naming_its_step_and_term_before_logging
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [1]
     assert json.loads((tmp_path / "guidesr.json").read_text())["training"]["step"] == 1
+
+
+def test_a_non_finite_gradient_norm_with_finite_losses_stops_the_run_before_logging_or_saving(tmp_path):
+    """An overflow in the backward pass only (here: one weight's gradient made infinite by a hook) leaves every loss
+    term finite; the clipped update is then NaN, which used to be logged as null and saved."""
+    config = small_config(tmp_path, batch_size=1, steps=2, checkpoint_every=1, max_grad_norm=1.0)
+    trainer = Trainer(config)
+    trainer.fit(until=1)
+    weight = next(param for param in trainer.model.parameters() if param.requires_grad)
+    weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    with pytest.raises(FloatingPointError, match=r"^step 2: grad_norm is (inf|nan) with finite loss terms, so the "
+                                                 r"step's update made the weights non-finite; stopped before logging "
+                                                 r"or saving it, the last checkpoint is at step 1$"):
+        trainer.fit()
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1]
+    assert json.loads((tmp_path / "guidesr.json").read_text())["training"]["step"] == 1
+
+
+def test_weights_that_are_not_finite_are_never_saved(tmp_path):
+    trainer = Trainer(small_config(tmp_path, batch_size=1, steps=1))
+    name, weight = next((name, param) for name, param in trainer.model.named_parameters() if param.requires_grad)
+    with torch.no_grad():
+        weight.view(-1)[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=rf"^step 0: 1 trained weight tensor not finite \({re.escape(name)}\); "
+                                                 r"not saved, the last checkpoint is at step 0$"):
+        trainer.save()
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
 def test_metrics_lines_are_strict_json_with_null_for_values_that_are_not_finite():

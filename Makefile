@@ -27,11 +27,11 @@ demo-model:
 	  --out guidesr/weights --name guidesr-tiny --steps 1300 --batch-size 4 --crop-size 96 --lr 1e-3 \
 	  --warmup-steps 50 --w-lpips 0 --w-gan 0 --checkpoint-every 250 --log-every 10 --seed 0 --no-resume
 
-evaluate:  ## e.g. make evaluate EVALUATE_ARGS="--json artifacts/eval.json --draws 8"
+evaluate:  ## e.g. make evaluate EVALUATE_ARGS="--json artifacts/eval.json --draws 8" (an existing --json: add --overwrite)
 	$(PYTHON) -m guidesr.evaluate $(model_args) $(EVALUATE_ARGS)
 
-bench-kernels:
-	$(PYTHON) -m kernels.benchmark --json $(ARTIFACTS)/kernels.json
+bench-kernels:  ## replaces $(ARTIFACTS)/kernels.json (--overwrite): copy a run worth keeping elsewhere first
+	$(PYTHON) -m kernels.benchmark --json $(ARTIFACTS)/kernels.json --overwrite
 
 # ---- export (issue 4): ONNX graphs, TensorRT engines, Polygraphy check -----------------------
 # Defaults: the embedded demo checkpoint and a 512x512 tile. Override with
@@ -67,6 +67,8 @@ verify:  ## Polygraphy: ONNX Runtime, and each engine built next to a graph, aga
 # Files: $(REPORT_DIR)/report.json, report.md, latency.png, accuracy.png; OUT/session.log, summary.json, ...
 # Uses PYTHON, CHECKPOINT, PRESET, BASE_MODEL, RANDOM_WEIGHTS and ARTIFACTS from above. On the GPU
 # machine OUT is already set in the environment (the device tool's output folder).
+# `make report` and `make gpu-smoke` regenerate their folders: they pass --overwrite (the previous run's files are
+# replaced). `make gpu-session` does not: an earlier session's files in OUT are refused, not replaced.
 REPORT_DIR ?= $(ARTIFACTS)/report
 REPORT_ARGS ?=
 OUT ?= $(ARTIFACTS)/gpu-session
@@ -76,10 +78,10 @@ REPORT_MODEL_ARGS = $(model_args) $(if $(RANDOM_WEIGHTS),--random-weights)
 .PHONY: report gpu-session gpu-smoke
 
 report:  ## latency / throughput / memory / accuracy table, JSON and plots into $(REPORT_DIR)
-	$(PYTHON) -m runtime.report $(REPORT_MODEL_ARGS) $(REPORT_ARGS) --out $(REPORT_DIR)
+	$(PYTHON) -m runtime.report $(REPORT_MODEL_ARGS) $(REPORT_ARGS) --out $(REPORT_DIR) --overwrite
 
 gpu-session:  ## wheels, report (sd-turbo, random weights), pytest -m gpu, kernels.benchmark; targets table last
 	$(PYTHON) -m runtime.gpu_session --out $(OUT)
 
 gpu-smoke:  ## the GPU session's steps on the CPU, tiny preset
-	$(PYTHON) -m runtime.gpu_session --cpu-smoke --out $(OUT)-smoke
+	$(PYTHON) -m runtime.gpu_session --cpu-smoke --out $(OUT)-smoke --overwrite

@@ -136,11 +136,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--draws", type=bounded_int(1), default=4,
                    help="degradations per image (default 4), each its own seed")
     p.add_argument("--json", type=Path, default=None, help="write the full results here (default: not written)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json (default: refuse it)")
     args = p.parse_args(argv)
     problem = crop_size_problem(args.crop_size, border=scale)
     if problem is not None:
         p.error(f"--crop-size: {problem}")
-    if args.json is not None and (problem := output_file_problem(args.json)) is not None:
+    if args.json is not None and (problem := output_file_problem(args.json, overwrite=args.overwrite)) is not None:
         p.error(f"--json {args.json}: {problem}")
     try:
         evaluation_images(args.data, args.crop_size)

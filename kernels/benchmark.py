@@ -450,8 +450,9 @@ def main(argv: list[str] | None = None) -> None:
                                             "else 0 (also when SIGTERM stopped it: what was measured is printed and "
                                             "written).")
     parser.add_argument("--json", metavar="PATH", help="write every measurement to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json (default: refuse it)")
     args = parser.parse_args(argv)
-    if args.json and (problem := output_file_problem(Path(args.json))) is not None:
+    if args.json and (problem := output_file_problem(Path(args.json), overwrite=args.overwrite)) is not None:
         parser.error(f"--json {args.json}: {problem}")
     if not torch.cuda.is_available():  # status 2, as every command here says "could not run"
         parser.exit(2, f"{parser.prog}: error: it needs a CUDA GPU and Triton; torch.cuda.is_available() is False "

@@ -86,10 +86,15 @@ def output_folder_problem(path: Path) -> str | None:
     return None
 
 
-def output_file_problem(path: Path) -> str | None:
+def output_file_problem(path: Path, *, overwrite: bool) -> str | None:
     """Why a command's results cannot be written to the file `path` (its folder made first), or None; checked before
-    the command's slow part, as `output_folder_problem` is for folders."""
-    return "is a folder" if path.is_dir() else output_folder_problem(path.parent)
+    the command's slow part, as `output_folder_problem` is for folders. A file that exists is a problem unless
+    `overwrite` (the command's --overwrite): results that took a GPU session to measure are never replaced unasked."""
+    if path.is_dir():
+        return "is a folder"
+    if path.exists() and not overwrite:
+        return "exists (use --overwrite to replace it)"
+    return output_folder_problem(path.parent)
 
 
 def check_out_argument(parser: argparse.ArgumentParser, path: Path, option: str = "--out") -> None:

@@ -49,7 +49,9 @@ Last, it prints the targets table (compiled median at 512, speed-up over eager f
 run, PSNR against the fp32 reference, the 4K tiled time, the gap to the arithmetic floor) and
 writes it to OUT/summary.json. Files under OUT: session.log, summary.json, kernels.json, stages.json
 and report/{report.json, report.md, latency.png, accuracy.png}: 8 files, 1 folder deep (the device
-machine returns at most 8 files, 2 folders deep).
+machine returns at most 8 files, 2 folders deep). Where any of them exists already (an earlier session
+in OUT), it stops before the first step (status 2) unless --overwrite is given, which removes them
+first, so that no step and no summary reads a file of the earlier session.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .cli import bounded_float, bounded_int, check_out_argument, plural
+from .cli import bounded_float, bounded_int, check_out_argument, output_file_problem, plural
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"
@@ -77,6 +79,8 @@ MIN_STEP_S = 30  # a step is not started with less time left than this
 TOO_LITTLE_TIME = f"under {MIN_STEP_S} s of the session's budget left"
 COLLECT_TIMEOUT_S = 120  # pytest's collection of the gpu tests (~10 s: it imports every test module)
 PROFILED_REPLAYS = 5  # stage-timing's --profile-compiled on CUDA
+SESSION_FILES = ("session.log", "summary.json", "kernels.json", "stages.json", "report/report.json", "report/report.md",
+                 "report/latency.png", "report/accuracy.png")  # what a session writes into OUT
 ATEN_ONLY = {"TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS": "ATEN", "TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS": "ATEN"}
 
 # issue 7's targets (fp16, batch 1, H100/H200)
@@ -426,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"pytest processes at once in the pytest-gpu step (default {default_test_jobs()} here)")
     parser.add_argument("--cap", action="append", default=[], metavar="STEP=SECONDS",
                         help="override one step's time cap, e.g. --cap report=240 (repeatable)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="remove an earlier session's files from --out first (default: refuse them)")
     args = parser.parse_args(argv)
     if args.engine is not None and not args.engine.is_file():
         parser.error(f"--engine {args.engine}: no such file")
@@ -443,8 +449,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--cap {item}: the seconds must be positive")
     settings = replace(settings, caps=caps, sizes=tuple(args.sizes) if args.sizes else settings.sizes)
     check_out_argument(parser, args.out)
+    for name in SESSION_FILES:
+        problem = output_file_problem(args.out / name, overwrite=args.overwrite)
+        if problem is not None:
+            parser.error(f"--out {args.out}: {args.out / name}: {problem}")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    for name in SESSION_FILES:
+        (out / name).unlink(missing_ok=True)
     session = Session(out, args.budget_s)
 
     wheels = sorted(WHEELS.glob("*.whl"))

@@ -38,7 +38,8 @@ PyTorch is compared with tuned cuDNN algorithms too.
 `--quality sample|DIR` adds PSNR/SSIM against ground truth (next to bicubic) on the held-out
 sample photos or a folder of HR images, degraded as guidesr.evaluate does.
 
-Writes into --out: report.json, report.md, latency.png and accuracy.png. report.json is rewritten
+Writes into --out: report.json, report.md, latency.png and accuracy.png; where any of them exists
+already, it stops before measuring (status 2) unless --overwrite is given. report.json is rewritten
 after every measured row ("complete": false until the end), so an interrupted run keeps what it
 measured; SIGTERM or Ctrl-C stops the run and still writes all four files ("interrupted" says so).
 Exit status: 0 when every row was measured, 1 when any failed (the error is in its row) or SIGTERM
@@ -73,7 +74,7 @@ from guidesr.config import PRESETS
 from guidesr.metrics import psnr, ssim
 
 from .cli import (EXIT_INTERRUPTED, add_model_arguments, bounded_float, bounded_int, check_model_arguments,
-                  check_out_argument, plural, write_json)
+                  check_out_argument, output_file_problem, plural, write_json)
 from .backends import BACKENDS, PRECISIONS, Backend, BackendError, create_backend, resolve_device
 from .tiling import BicubicSource, TilePlan, fit_to_shape, plan_tiles, run_tiled
 from .upscale import checked_tile, overlap_problem
@@ -83,6 +84,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SIZES = ("256", "512", "1024")
 DEFAULT_TILED = ("2048", "2160x3840")
 JSON_NAME, MARKDOWN_NAME, LATENCY_PLOT, ACCURACY_PLOT = "report.json", "report.md", "latency.png", "accuracy.png"
+REPORT_FILES = (JSON_NAME, MARKDOWN_NAME, LATENCY_PLOT, ACCURACY_PLOT)
 MATMUL_SIZE = {"cuda": 8192, "cpu": 1024}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 VERSIONED_MODULES = ("torch", "triton", "onnxruntime", "tensorrt", "diffusers", "numpy")
@@ -373,7 +375,7 @@ class Report:
 
     def record_failure(self, name: str, precision: str, item, error: str) -> int:
         """A failed item keeps its place in the report, with the error; returns 1 (a count)."""
-        tqdm.write(f"FAILED {name} {precision} {item if item == QUALITY else item.label}: {error}")
+        tqdm.write(f"FAILED {name} {precision} {item if item == QUALITY else item.label}: {error}", file=sys.stderr)
         if item == QUALITY:
             self.data["quality"]["results"].append({"backend": name, "precision": precision, "error": error})
         else:
@@ -675,6 +677,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quality-crop", type=int, default=256, help="HR crop size for --quality (default 256)")
     parser.add_argument("--out", type=Path, default=Path("artifacts/report"),
                         help="output folder (default artifacts/report)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the report's files already in --out (default: refuse them)")
     return parser
 
 
@@ -707,6 +711,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         except (ValueError, OSError) as error:
             parser.error(f"--quality {args.quality}: {error}")
     check_out_argument(parser, args.out)
+    for name in REPORT_FILES:
+        problem = output_file_problem(args.out / name, overwrite=args.overwrite)
+        if problem is not None:
+            parser.error(f"--out {args.out}: {args.out / name}: {problem}")
 
 
 def load_model_from_args(args: argparse.Namespace):
@@ -815,7 +823,7 @@ def _report(argv: list[str] | None) -> int:
         ctrl_c = isinstance(stop, KeyboardInterrupt)
         why = str(stop) or "SIGINT"
         report.data["interrupted"] = f"stopped by {why}; the rows above were measured, the rest were not"
-        tqdm.write(f"interrupted ({why}): writing what was measured")
+        tqdm.write(f"interrupted ({why}): writing what was measured", file=sys.stderr)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         progress.close()
@@ -826,7 +834,7 @@ def _report(argv: list[str] | None) -> int:
     plot_latency(report.data, out / LATENCY_PLOT)
     plot_accuracy(report.data, out / ACCURACY_PLOT)
     print(format_markdown(report.data))
-    print(f"wrote {', '.join(str(out / n) for n in (JSON_NAME, MARKDOWN_NAME, LATENCY_PLOT, ACCURACY_PLOT))}")
+    print(f"wrote {', '.join(str(out / name) for name in REPORT_FILES)}")
     if ctrl_c:
         return EXIT_INTERRUPTED
     return 1 if failed or not report.data["complete"] else 0

@@ -238,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=tuple(DTYPES), help="default: fp16 on CUDA, fp32 on the CPU")
     parser.add_argument("--size", type=parse_size, default=(512, 512), help="output size, N or HxW (default 512)")
-    parser.add_argument("--batch", type=bounded_int(1), default=1)
+    parser.add_argument("--batch", type=bounded_int(1), default=1,
+                        help="images of --size per forward (default 1; with --profile-compiled, also the compiled "
+                             "backend's tile batch)")
     parser.add_argument("--triton-kernels", choices=("on", "off"), default="on",
                         help="the fused Triton ops (used on CUDA only; default on)")
     parser.add_argument("--repeats", type=bounded_int(1), default=10,
@@ -246,9 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-compiled", type=bounded_int(0), default=0, metavar="N",
                         help="CUDA: first profile N graph replays of the compiled backend at this size (default 0: no)")
     parser.add_argument("--json", type=Path, help="write the rows and settings here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json (default: refuse it)")
     args = parser.parse_args(argv)
     check_model_arguments(parser, args)
-    if args.json is not None and (problem := output_file_problem(args.json)) is not None:
+    if args.json is not None and (problem := output_file_problem(args.json, overwrite=args.overwrite)) is not None:
         parser.error(f"--json {args.json}: {problem}")
     try:
         device = resolve_device(args.device)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from runtime.cli import (add_model_arguments, bounded_float, bounded_int, check_model_arguments, nearest_existing_folder,
-                         output_folder_problem, plural, write_whole)
+                         output_file_problem, output_folder_problem, plural, write_whole)
 
 
 @pytest.mark.parametrize("parse, text, value", [
@@ -94,6 +94,14 @@ def test_output_folder_problem_names_a_file_in_the_way_and_accepts_a_folder_to_m
     assert output_folder_problem(tmp_path) is None
     assert output_folder_problem(tmp_path / "new" / "deeper") is None
     assert output_folder_problem(tmp_path / "file" / "out") == f"{tmp_path / 'file'} is not a folder"
+
+
+def test_output_file_problem_refuses_an_existing_file_unless_overwrite(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    assert output_file_problem(tmp_path / "results.json", overwrite=False) == "exists (use --overwrite to replace it)"
+    assert output_file_problem(tmp_path / "results.json", overwrite=True) is None
+    assert output_file_problem(tmp_path / "new.json", overwrite=False) is None
+    assert output_file_problem(tmp_path, overwrite=True) == "is a folder"
 
 
 def _as_a_user_without_root(check):

@@ -19,7 +19,7 @@ def test_help_names_the_module_and_states_every_default(capsys, monkeypatch):
     assert text.startswith("usage: python -m guidesr.evaluate ")
     options = re.split(r"\n  (?=--)", text.split("\noptions:\n", 1)[1])[1:]
     assert [o.split()[0] for o in options] == ["--checkpoint", "--preset", "--base-model", "--data", "--crop-size",
-                                               "--seed", "--draws", "--json"]
+                                               "--seed", "--draws", "--json", "--overwrite"]
     for option in options:
         assert "default" in option, option
     assert any(o.startswith("--data") and "(default sample)" in o for o in options)
@@ -102,6 +102,24 @@ def test_a_json_target_that_cannot_be_written_is_refused_before_the_model_loads(
         with pytest.raises(SystemExit) as exit_info:
             main(["--json", str(target)])
         assert exit_info.value.code == 2 and f"--json {target}: {message}" in capsys.readouterr().err
+
+
+def test_an_existing_json_is_refused_before_the_model_loads_unless_overwrite(tmp_path, capsys, monkeypatch):
+    import guidesr.evaluate as evaluate_module
+
+    def model_loads(*args):
+        raise RuntimeError("the model loads")
+
+    monkeypatch.setattr(evaluate_module, "load_model", model_loads)
+    earlier = tmp_path / "eval.json"
+    earlier.write_text('{"earlier": "results"}')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--json", str(earlier)])
+    assert exit_info.value.code == 2
+    assert f"--json {earlier}: exists (use --overwrite to replace it)" in capsys.readouterr().err
+    assert earlier.read_text() == '{"earlier": "results"}'
+    with pytest.raises(RuntimeError, match="the model loads"):
+        main(["--json", str(earlier), "--overwrite"])
 
 
 def test_scores_are_per_image_means_over_their_own_draws_with_a_scale_border():

@@ -143,7 +143,22 @@ def test_bad_quality_and_out_are_usage_errors_before_the_model_loads(argv, messa
     assert exit_info.value.code == 2 and message.format(tmp=tmp_path) in capsys.readouterr().err
 
 
-def test_the_overlap_is_checked_against_the_tile_actually_used(tmp_path):
+@pytest.mark.parametrize("name", ["report.json", "report.md", "latency.png", "accuracy.png"])
+def test_a_report_file_already_in_out_is_refused_before_the_model_loads_unless_overwrite(name, tmp_path, capsys,
+                                                                                         monkeypatch):
+    refuse_report_model_loading(monkeypatch, "--out was checked")
+    earlier = tmp_path / name
+    earlier.write_text("an earlier run's")
+    with pytest.raises(SystemExit) as exit_info:
+        main(CI_ARGS + ["--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"--out {tmp_path}: {earlier}: exists (use --overwrite to replace it)" in capsys.readouterr().err
+    assert earlier.read_text() == "an earlier run's"
+    with pytest.raises(AssertionError, match="the model was loaded before --out was checked"):
+        main(CI_ARGS + ["--out", str(tmp_path), "--overwrite"])  # past the check, to the model
+
+
+def test_the_overlap_is_checked_against_the_tile_actually_used(tmp_path, capsys):
     """--tile 90 passes the command-line check; the tiny model's size multiple (16) makes it 80, and an overlap of 64
     would compute every output pixel 25 times: the tiled row fails with the reason, the report exits 1."""
     argv = ["--preset", "tiny", "--random-weights", "--device", "cpu", "--sizes", "--tiled", "128", "--tile", "90",
@@ -156,6 +171,8 @@ def test_the_overlap_is_checked_against_the_tile_actually_used(tmp_path):
     [row] = json.loads((tmp_path / "report.json").read_text())["results"]
     assert row["error"].startswith("ValueError: --overlap 64 with the tile actually used, 80x80 computes every "
                                    "output pixel about 25 times")
+    out, err = capsys.readouterr()
+    assert "FAILED torch fp32 128x128 tiled: ValueError: --overlap 64" in err and "FAILED" not in out
 
 
 def test_a_static_backend_measures_a_whole_size_off_the_size_multiple(tmp_path):
@@ -213,7 +230,9 @@ def test_ctrl_c_writes_what_was_measured_and_exits_130(tmp_path, monkeypatch, ca
     assert data["complete"] is False and "SIGINT" in data["interrupted"] and len(data["results"]) == 1
     assert "**Incomplete**" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "accuracy.png").read_bytes().startswith(PNG_SIGNATURE)
-    assert "Traceback" not in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    assert "interrupted (SIGINT): writing what was measured\n" in err and "interrupted (SIGINT)" not in out
 
 
 def test_ctrl_c_while_the_model_loads_is_one_line_and_130(tmp_path, monkeypatch, capsys):
@@ -379,3 +398,28 @@ def test_gpu_session_refuses_an_out_that_is_a_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         gpu_session.main(["--cpu-smoke", "--out", str(tmp_path / "file")])
     assert exit_info.value.code == 2 and f"{tmp_path / 'file'} is not a folder" in capsys.readouterr().err
+
+
+def test_gpu_session_refuses_an_earlier_sessions_files_unless_overwrite_which_removes_them(tmp_path, capsys):
+    from runtime import gpu_session
+
+    out = tmp_path / "out"
+    earlier = out / "report" / "report.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text('{"results": []}')
+    argv = ["--cpu-smoke", "--budget-s", "1", "--out", str(out)]  # every step skipped: under 30 s left
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_session.main(argv)
+    assert exit_info.value.code == 2
+    assert f"--out {out}: {earlier}: exists (use --overwrite to replace it)" in capsys.readouterr().err
+    assert earlier.read_text() == '{"results": []}' and not (out / "session.log").exists()
+    (out / "session.log").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_session.main([*argv, "--overwrite"])
+    assert exit_info.value.code == 2 and f"--out {out}: {out / 'session.log'}: is a folder" in capsys.readouterr().err
+    (out / "session.log").rmdir()
+    assert gpu_session.main([*argv, "--overwrite"]) == 1
+    assert not earlier.exists()  # the summary is not made from an earlier session's report
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["report_complete"] is False and summary["checks"] == []
+    assert f"no report: {earlier} was not written" in capsys.readouterr().out

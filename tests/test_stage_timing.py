@@ -1,6 +1,7 @@
 """runtime.stage_timing on the CPU: the stages cover the whole forward, and the CLI writes its table."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -71,6 +72,28 @@ def test_cli_refuses_a_json_it_cannot_write_before_the_model_loads(target, messa
                            "--json", target.format(tmp=tmp_path)])
     assert stop.value.code == 2
     assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+def test_cli_refuses_an_existing_json_before_the_model_loads_unless_overwrite(tmp_path, capsys, monkeypatch):
+    refuse_report_model_loading(monkeypatch, "--json was checked")
+    earlier = tmp_path / "stages.json"
+    earlier.write_text('{"earlier": "rows"}')
+    argv = ["--preset", "tiny", "--random-weights", "--device", "cpu", "--size", "64", "--json", str(earlier)]
+    with pytest.raises(SystemExit) as stop:
+        stage_timing.main(argv)
+    assert stop.value.code == 2
+    assert f"--json {earlier}: exists (use --overwrite to replace it)" in capsys.readouterr().err
+    assert earlier.read_text() == '{"earlier": "rows"}'
+    with pytest.raises(AssertionError, match="the model was loaded before --json was checked"):
+        stage_timing.main([*argv, "--overwrite"])  # past the check, to the model
+
+
+def test_help_says_what_batch_is(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as stop:
+        stage_timing.main(["--help"])
+    assert stop.value.code == 0
+    assert re.search(r"\n  --batch BATCH +images of --size per forward \(default 1;", capsys.readouterr().out)
 
 
 def test_profile_compiled_needs_cuda(capsys):

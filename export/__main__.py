@@ -10,15 +10,16 @@ or --random-weights --preset tiny|sd-turbo (an untrained model: random base weig
 first, then needs TensorRT: without it, it exits with status 3, the install command and the command to rerun.
 `verify` needs Polygraphy and ONNX Runtime (without them: status 3 and the install command, before the
 model loads). It also checks every engine found next to a graph (NAME.engine for NAME.onnx) when TensorRT
-is installed, and exits with status 1 if a comparison fails; an engine named with --engine is refused
-(status 1) when its metadata names another preset, checkpoint or weights (the same checkpoint on another
---base-model) or another graph than NAME.onnx (its sha256, with its external data), and without TensorRT exits
-with status 3. A graph is refused when it holds another checkpoint or weights than the model: every such graph is
-named, the others are compared, and the status is 2. --tile is bounded: a graph whose largest tensor at its largest
-input (the UNet's attention scores beyond small tiles) holds 2^31 values or more (TensorRT's limit per tensor) is
-refused before the export (status 2), naming that tensor: by `engine`, and by `onnx` for the static graph (a dynamic
-graph past it only at its largest shapes is written for ONNX Runtime, with a note). Ctrl-C stops any command with status 130 and one line
-saying what was done; a graph or engine is published whole or not at all.
+is installed, and exits with status 1 if a comparison fails. A graph is refused when it holds another checkpoint or
+weights than the model, and an engine named with --engine when its metadata (NAME.engine.json: no TensorRT needed)
+names another preset, checkpoint or weights (the same checkpoint on another --base-model) or another graph than
+NAME.onnx (its sha256, with its external data): each one refused is named, the other graphs are compared, and the
+status is 2. A named engine that passes those checks needs TensorRT: without it, status 3. --tile is bounded: a
+graph whose largest tensor at its largest input (the UNet's attention scores beyond small tiles) holds 2^31 values
+or more (TensorRT's limit per tensor) is refused before the export (status 2), naming that tensor: by `engine`, and
+by `onnx` for the static graph (a dynamic graph past it only at its largest shapes is written for ONNX Runtime, with
+a note). Ctrl-C stops any command with status 130 and one line saying what was done; a graph or engine is published
+whole or not at all.
 """
 
 from __future__ import annotations
@@ -412,22 +413,31 @@ def _run_verify(args, model: GuideSR, weights: str, progress: Progress) -> int:
         if problem is not None:
             problems.append(problem)
             del graph_metadata[path]
-    for problem in problems:
-        print(f"error: {problem}", file=sys.stderr)
     comparable = [path for path in graphs if path in graph_metadata]
     engines = {path: path.with_suffix(".engine") for path in comparable if path.with_suffix(".engine").is_file()}
-    if args.engine is not None:
-        engine_metadata.check_model(args.engine_metadata, preset, model.descriptor.checkpoint_sha256, weights_digest)
-        engine_metadata.check_built_from(args.engine_metadata, args.engine, args.engine.with_suffix(".onnx"))
-        engines[args.engine.with_suffix(".onnx")] = args.engine
+    named_engine, engine_problem = args.engine, None
+    if named_engine is not None:
+        engine_graph = named_engine.with_suffix(".onnx")
+        try:  # from its metadata alone, without TensorRT: named and left out as a graph of another model is
+            engine_metadata.check_model(args.engine_metadata, preset, model.descriptor.checkpoint_sha256,
+                                        weights_digest)
+            engine_metadata.check_built_from(args.engine_metadata, named_engine, engine_graph)
+        except EngineMismatchError as err:
+            engine_problem, named_engine = str(err), None
+            if engines.get(engine_graph) == args.engine:
+                del engines[engine_graph]
+        else:
+            engines[engine_graph] = named_engine
+    for problem in problems if engine_problem is None else [*problems, engine_problem]:
+        print(f"error: {problem}", file=sys.stderr)
     if not comparable:
         return EXIT_USAGE
     if engines:
         try:
             import_tensorrt()
         except TensorRTUnavailableError as err:
-            if args.engine is not None:  # an engine asked for by name is checked or the command fails, as `engine` does
-                print(f"error: cannot check {args.engine}: {err}", file=sys.stderr)
+            if named_engine is not None:  # a named engine is checked or the command fails, as `engine` does
+                print(f"error: cannot check {named_engine}: {err}", file=sys.stderr)
                 return EXIT_MISSING_PACKAGE
             print(f"note: TensorRT is not installed; not checking {', '.join(e.name for e in engines.values())}")
             engines = {}
@@ -439,7 +449,7 @@ def _run_verify(args, model: GuideSR, weights: str, progress: Progress) -> int:
         print(f"\n{path.name}" + (f" and {engine.name}" if engine else ""))
         if args.sizes and GraphSpec.from_json(graph_metadata[path]["graph_spec"]).variant == "static":
             print("  note: a static graph runs its own shape only; --sizes applies to dynamic graphs")
-        checked_engine = args.engine_metadata if engine == args.engine else None
+        checked_engine = args.engine_metadata if engine is not None and engine == named_engine else None
         comparisons = compare(model, path, args.sizes, engine, graph_metadata[path], checked_engine, weights_digest)
         for comparison in comparisons:
             print("  " + comparison.describe())
@@ -452,6 +462,9 @@ def _run_verify(args, model: GuideSR, weights: str, progress: Progress) -> int:
     print("\nall comparisons passed" if passed else "\nSOME COMPARISONS FAILED")
     if problems:
         print(f"{len(problems)} of the {len(graphs)} graphs were not compared (the errors above say why)")
+    if engine_problem is not None:
+        print(f"{args.engine} was not checked (the error above says why)")
+    if problems or engine_problem is not None:
         return EXIT_USAGE
     return 0 if passed else EXIT_FAILED
 

@@ -220,7 +220,7 @@ def test_verify_refuses_a_graph_or_engine_of_the_same_checkpoint_on_other_base_w
             f"another seed; pass the --base-model (or --seed) it was exported from, or export it again from this "
             f"model") in capsys.readouterr().err
     engine = _engine_next_to(graphs[("fp16", "static", SIZES[0])], tmp_path, checkpoint_sha256="none")
-    assert main(["verify", "--tile", "64", "--out-dir", str(tmp_path), "--engine", str(engine)]) == EXIT_FAILED
+    assert main(["verify", "--tile", "64", "--out-dir", str(tmp_path), "--engine", str(engine)]) == EXIT_USAGE
     assert (f"error: the TensorRT engine for {engine.with_suffix('.onnx').name} holds another model: it holds other "
             f"weights than the model (weights sha256 {graph_weights[:12]}…, the model's are sha256 "
             f"{other_weights[:12]}…)") in capsys.readouterr().err
@@ -494,12 +494,14 @@ def test_verify_refuses_an_engine_built_from_another_graph_before_importing_tens
     onnx_path = _reexport_over(engine, graphs[("fp32", "static", SIZES[0])])
     monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
     argv = ["verify", "--tile", "64", "--engine", str(engine)]
-    assert main(argv) == EXIT_FAILED
-    err = capsys.readouterr().err
+    assert main(argv) == EXIT_USAGE
+    out, err = capsys.readouterr()
     assert (f"error: the TensorRT engine {engine} was built from {built_from.path.name} "
             f"(sha256 {graph_sha256(built_from.path)[:12]}…), not from the graph {onnx_path} "
             f"(sha256 {graph_sha256(onnx_path)[:12]}…)") in err
     assert "Rebuild it with `make engine` (or `python -m export engine`" in err
+    assert f"\n{onnx_path.name}\n" in out and f"PASS  {onnx_path.name} vs pytorch" in out  # the graph alone
+    assert out.endswith(f"\nall comparisons passed\n{engine} was not checked (the error above says why)\n")
 
 
 def test_verify_refuses_an_engine_whose_graphs_external_data_changed(external_data_graph, model, tmp_path, capsys,
@@ -512,7 +514,7 @@ def test_verify_refuses_an_engine_whose_graphs_external_data_changed(external_da
     _change_last_byte(_external_data(onnx_path))
     monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
     argv = ["verify", "--tile", "64", "--engine", str(engine)]
-    assert main(argv) == EXIT_FAILED
+    assert main(argv) == EXIT_USAGE
     assert (f"error: the TensorRT engine {engine} was built from {onnx_path.name} (sha256 {built_from[:12]}…), "
             f"not from the graph {onnx_path} (sha256 {graph_sha256(onnx_path)[:12]}…); the sha256 covers the .onnx "
             f"file and its external data") in capsys.readouterr().err
@@ -608,10 +610,28 @@ def test_verify_refuses_an_engine_of_another_model_without_needing_tensorrt(grap
     graph = graphs[("fp16", "static", SIZES[0])]
     engine = _engine_next_to(graph, tmp_path, preset="sd-turbo", checkpoint_sha256="ab" * 32)
     argv = ["verify", "--random-weights", "--preset", "tiny", "--tile", "64", "--engine", str(engine)]
-    assert main(argv) == 1
+    assert main(argv) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "holds another model: it is preset 'sd-turbo', the model is preset 'tiny'" in err
     assert "it holds the weights of checkpoint sha256 abababababab…, the model asked for is none" in err
+
+
+def test_verify_names_an_engine_of_another_model_and_compares_the_graphs(graphs, model, tmp_path, monkeypatch, capsys,
+                                                                         no_tensorrt_import):
+    """As a graph of another model is: the engine is named, not checked, the graphs are compared, the status is 2;
+    its metadata says so, without TensorRT."""
+    engine = _engine_next_to(graphs[("fp32", "static", SIZES[0])], tmp_path, preset="sd-turbo",
+                             checkpoint_sha256="ab" * 32)
+    other = graphs[("fp32", "static", SIZES[1])].path
+    monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
+    assert main(["verify", "--onnx", str(other), "--engine", str(engine)]) == EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert (f"error: the TensorRT engine for {engine.with_suffix('.onnx').name} holds another model: it is preset "
+            f"'sd-turbo', the model is preset 'tiny'") in err
+    assert "TensorRT is not installed" not in out + err
+    for graph in (other, engine.with_suffix(".onnx")):
+        assert f"\n{graph.name}\n" in out and f"PASS  {graph.name} vs pytorch" in out
+    assert out.endswith(f"\nall comparisons passed\n{engine} was not checked (the error above says why)\n")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")

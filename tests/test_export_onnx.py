@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from export import onnx_export
-from export.__main__ import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_MISSING_PACKAGE, EXIT_USAGE, build_parser,
-                             largest_tensor, load_from_args, main)
+from export.__main__ import (EXIT_INTERRUPTED, EXIT_MISSING_PACKAGE, EXIT_USAGE, build_parser, largest_tensor,
+                             load_from_args, main)
 from export.engine_metadata import EngineMismatchError, graph_sha256
 from export.fp16 import FP32_ISLANDS
 from export.graphs import GraphSpec, guidesr_graph

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,14 @@ def weights_sha256(model: torch.nn.Module) -> str:
     """sha256 of every tensor of the model's state dict (name, dtype, shape, bytes): the weights a graph or engine of it
     holds. Unlike a checkpoint's sha256 it covers the base UNet and VAE (--base-model) and untrained weights too; it is
     taken of the model as loaded (LoRA not merged)."""
+    return tensors_sha256(model.state_dict())
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of named tensors (name, dtype, shape and bytes of each, in name order, as contiguous CPU tensors): the
+    same digest for the same values on any device and in any memory layout."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         data = tensor.detach().cpu().contiguous()
         digest.update(f"{name} {data.dtype} {tuple(data.shape)}\n".encode())
         digest.update(data.reshape(-1).view(torch.uint8).numpy())

@@ -8,6 +8,12 @@ Real-ESRGAN pipeline under fixed seeds (the same LR inputs every run; each image
 own, see `guidesr.data.eval_pairs`), and restored 4x. Metrics: RGB and Y (BT.601), with a border
 of `scale` pixels cropped, as is usual for SR; an image's scores are the mean over its draws, and
 the table's mean is over images.
+
+The results (--json) carry what they were measured on, so that a number that moves between runs
+can be traced: `environment` (machine, CPU, Python, torch's CPU kernels and threads, torch / numpy /
+Pillow / scikit-image versions, commit) and `fingerprints`, the sha256 of the HR crops, of the
+degraded inputs (also per draw) and of the model's weights. Same input digests with other scores:
+the model or its arithmetic changed; other input digests: the degradation gave other inputs.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from runtime.cli import bounded_int, output_file_problem, plural, write_json
+from runtime.environment import environment
 
+from .checkpoint import tensors_sha256, weights_sha256
 from .config import PRESETS
 from .data import SAMPLE_EVAL, HRImageFolder, SampleImages, check_crop_sizes, eval_pairs
 from .degradations import DegradationConfig
@@ -30,6 +38,7 @@ if TYPE_CHECKING:
     from .model import GuideSR
 
 SSIM_WINDOW = 11  # guidesr.metrics.ssim's Gaussian window, in pixels
+EVALUATION_MODULES = ("torch", "numpy", "PIL", "skimage")  # what reads, degrades and scores the images
 
 
 def smallest_crop_size(border: int) -> int:
@@ -94,10 +103,14 @@ def evaluate(model: GuideSR, data: str = "sample", crop_size: int = 256, seed: i
             restored = model(x).r1
             if not torch.isfinite(restored).all():
                 raise FloatingPointError(f"the model's output for {name} (draw {draw + 1} of {draws}) has NaN/Inf")
-            scores.append({"model": _scores(restored, y, border), "bicubic": _scores(x.clamp(-1, 1), y, border)})
+            scores.append({"model": _scores(restored, y, border), "bicubic": _scores(x.clamp(-1, 1), y, border),
+                           "lq_sha256": tensors_sha256({"lq": x})})
         rows.append({"image": name, **_mean(scores), "draws": scores})
     return {"images": rows, "mean": _mean(rows), "crop_size": crop_size, "degradation_seed": seed, "draws": draws,
-            "data": data, "preset": model.config.preset, "checkpoint_sha256": model.checkpoint_sha256}
+            "data": data, "preset": model.config.preset, "checkpoint_sha256": model.checkpoint_sha256,
+            "fingerprints": {"hr_sha256": tensors_sha256({"hr": hr}), "lq_sha256": tensors_sha256({"lq": lq}),
+                             "weights_sha256": weights_sha256(model)},
+            "environment": environment(lq.device, EVALUATION_MODULES)}
 
 
 def _mean(rows: list[dict]) -> dict[str, dict[str, float]]:

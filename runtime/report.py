@@ -49,19 +49,12 @@ stopped the run (a session's time limit), 2 for bad options, 130 when Ctrl-C sto
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import math
-import os
-import platform
-import shutil
 import signal
-import subprocess
 import sys
 import time
 import traceback
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -75,12 +68,12 @@ from guidesr.metrics import psnr, ssim
 
 from .cli import (EXIT_INTERRUPTED, add_model_arguments, bounded_float, bounded_int, check_model_arguments,
                   check_out_argument, output_file_problem, plural, write_json)
+from .environment import environment
 from .backends import BACKENDS, PRECISIONS, Backend, BackendError, create_backend, resolve_device
 from .tiling import BicubicSource, TilePlan, fit_to_shape, plan_tiles, run_tiled
 from .upscale import checked_tile, overlap_problem
 from .validate import ReferenceBackend, compare_images
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SIZES = ("256", "512", "1024")
 DEFAULT_TILED = ("2048", "2160x3840")
 JSON_NAME, MARKDOWN_NAME, LATENCY_PLOT, ACCURACY_PLOT = "report.json", "report.md", "latency.png", "accuracy.png"
@@ -268,7 +261,7 @@ class Report:
             "random_weights": args.random_weights,
             "weights": weights,
             "command": command,
-            "environment": environment(device),
+            "environment": environment(device, VERSIONED_MODULES),
             "settings": {
                 "device": str(device), "sizes": [list(s) for s in args.sizes], "tiled": [list(s) for s in args.tiled],
                 "tile": args.tile, "overlap": args.overlap, "tile_batch": args.tile_batch, "warmup": args.warmup,
@@ -400,66 +393,6 @@ def quality_scores(restored: torch.Tensor, hr: torch.Tensor, border: int) -> dic
 def torch_settings() -> dict:
     return {"cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
             "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32, "threads": torch.get_num_threads()}
-
-
-# -------------------------------------------------------------------------------------- environment
-
-
-def environment(device: torch.device) -> dict:
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "gpu": gpu,
-        "gpu_driver": gpu_driver() if gpu else None,
-        "cuda": torch.version.cuda,
-        "versions": {name: module_version(name) for name in VERSIONED_MODULES},
-        "compiler_env": {key: value for key, value in sorted(os.environ.items())
-                         if key.startswith(("TORCHINDUCTOR_", "TORCH_COMPILE"))},
-    }
-
-
-def git_commit() -> str:
-    """GUIDESR_COMMIT when set (a copied tree's .git may be stale), else HEAD (+ '-dirty' with uncommitted changes)."""
-    if os.environ.get("GUIDESR_COMMIT"):
-        return os.environ["GUIDESR_COMMIT"]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no git checkout; set GUIDESR_COMMIT)"
-    return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def gpu_driver() -> str | None:
-    if shutil.which("nvidia-smi") is None:
-        return None
-    result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                            capture_output=True, text=True)
-    return result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else None
-
-
-def module_version(name: str) -> str | None:
-    if importlib.util.find_spec(name) is None:
-        return None
-    try:
-        return str(getattr(importlib.import_module(name), "__version__", "unknown"))
-    except ImportError as err:  # installed but broken (e.g. a CUDA-only package on a CPU machine)
-        return f"not importable: {err}"
 
 
 # ------------------------------------------------------------------------------------------ output

@@ -161,3 +161,52 @@ def test_a_model_output_with_nan_is_an_error_and_no_json_is_written(tmp_path, ca
     err = capsys.readouterr().err
     assert "error: the model's output for coffee (draw 1 of 1) has NaN/Inf; no results written" in err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_results_record_the_environment_and_fingerprints_that_split_input_from_model_changes(tmp_path, monkeypatch):
+    """The JSON names what the numbers were measured on; its input digests are those of the evaluation set and move
+    with the degradation seed only, and the weights' digest with the model only."""
+    import json
+    import platform
+
+    import numpy
+    import PIL
+    import skimage
+    import torch
+
+    import guidesr.evaluate as evaluate_module
+    from guidesr.evaluate import evaluation_set
+
+    model = load_model(None, None, None)
+    monkeypatch.setattr(evaluate_module, "load_model", lambda *args: model)
+    main(["--crop-size", "20", "--draws", "2", "--seed", "3", "--json", str(tmp_path / "a.json")])
+    first = json.loads((tmp_path / "a.json").read_text())
+    env = first["environment"]
+    assert env["python"] == platform.python_version() and env["torch_threads"] == torch.get_num_threads()
+    assert env["versions"] == {"torch": torch.__version__, "numpy": numpy.__version__, "PIL": PIL.__version__,
+                               "skimage": skimage.__version__}
+    assert env["cpu"] and env["platform"] == platform.platform()
+    assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+    from guidesr.checkpoint import tensors_sha256
+
+    _, lq, hr = evaluation_set("sample", 20, seed=3, draws=2)
+    fingerprints = first["fingerprints"]
+    assert fingerprints["lq_sha256"] == tensors_sha256({"lq": lq})
+    assert fingerprints["hr_sha256"] == tensors_sha256({"hr": hr})
+    assert [draw["lq_sha256"] for row in first["images"] for draw in row["draws"]] == [
+        tensors_sha256({"lq": lq[i : i + 1]}) for i in range(len(lq))]
+
+    again = evaluate(model, crop_size=20, draws=2, seed=3)
+    assert again["fingerprints"] == fingerprints
+    other_seed = evaluate(model, crop_size=20, draws=2, seed=4)["fingerprints"]
+    assert other_seed["lq_sha256"] != fingerprints["lq_sha256"]
+    assert (other_seed["hr_sha256"], other_seed["weights_sha256"]) == (fingerprints["hr_sha256"],
+                                                                        fingerprints["weights_sha256"])
+    with torch.no_grad():
+        model.prompt.embedding.mul_(1.5)
+    other_model = evaluate(model, crop_size=20, draws=2, seed=3)
+    assert other_model["fingerprints"]["weights_sha256"] != fingerprints["weights_sha256"]
+    assert {k: other_model["fingerprints"][k] for k in ("lq_sha256", "hr_sha256")} == {
+        k: fingerprints[k] for k in ("lq_sha256", "hr_sha256")}
+    assert other_model["images"][0]["draws"][0]["model"] != first["images"][0]["draws"][0]["model"]

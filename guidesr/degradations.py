@@ -7,8 +7,11 @@ comes from one explicit CPU `torch.Generator`, so the same seed gives bit-identi
 on the same device. The random parameters (kernels, noise strengths, JPEG qualities, resize
 choices ...) are drawn on the CPU and copied to the device without waiting for it, so that
 degrading a CUDA batch never synchronises the host with the GPU. Noise fields are drawn where
-the images are: on the CPU from the generator itself, on another device from a generator on
-that device seeded with a draw of the generator.
+the images are, from a generator on that device seeded with the generator's first draw, so the
+parameters never depend on the pixels: `torch.poisson` takes a number of draws that depends on
+its input, and drawing it from the parameters' generator let a one-level difference in a pixel
+(another CPU's vectorised kernels) re-draw every later parameter of that image. So the same seed
+gives the same parameters on every device and machine.
 
 Stages (Wang et al., "Real-ESRGAN", 2021; defaults of `train_realesrnet_x4plus.yml`):
 
@@ -117,7 +120,7 @@ class DegradationConfig:
 
 # --------------------------------------------------------------------------------------
 # Random numbers. Parameters are drawn on the CPU from `generator`; noise fields on the
-# images' device from `noise_generator` (the same generator for CPU images).
+# images' device from `noise_generator`, seeded with a draw of `generator`.
 # --------------------------------------------------------------------------------------
 
 
@@ -152,10 +155,8 @@ def _check_generator(generator: torch.Generator) -> None:
 
 
 def _noise_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
-    """The generator of the noise fields of images on `device`: `generator` itself on the CPU,
-    else a generator on `device` seeded with `generator`'s next draw."""
-    if device.type == "cpu":
-        return generator
+    """The generator of the noise fields of images on `device`, seeded with `generator`'s next
+    draw (on the CPU too: the noise fields' draws never shift the parameters')."""
     seed = int(torch.randint(2**63 - 1, (1,), generator=generator))
     return torch.Generator(device=device).manual_seed(seed)
 
@@ -342,10 +343,10 @@ def random_noise(
 ) -> torch.Tensor:
     """Per image: Gaussian noise with `gaussian_prob`, else Poisson noise; grey with
     `gray_prob`. Result clipped to [0, 1]. The choices and strengths come from the CPU
-    `generator`, the noise fields from `noise_generator` (on the images' device; default
-    `generator`, for CPU images)."""
+    `generator`, the noise fields from `noise_generator` (on the images' device; default: one
+    seeded with `generator`'s next draw)."""
     b = images.shape[0]
-    fields = generator if noise_generator is None else noise_generator
+    fields = _noise_generator(generator, images.device) if noise_generator is None else noise_generator
     use_gaussian = _to_device(_bernoulli(b, gaussian_prob, generator), images.device)
     gray = _to_device(_bernoulli(b, gray_prob, generator), images.device)
     sigma = _to_device(_uniform(b, *noise_range, generator), images.device)

@@ -1,4 +1,4 @@
-# guidesr: the stages a user runs. Variables: PYTHON, CHECKPOINT, PRESET, BASE_MODEL, TILE, EVALUATE_ARGS.
+# guidesr: the stages a user runs. Variables: PYTHON, CHECKPOINT, PRESET, BASE_MODEL, TILE, EVALUATE_ARGS, ARTIFACTS.
 # PYTHON: the README's .venv when it exists, else `python` on PATH (override: make onnx PYTHON=path/to/python).
 PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python)
 CHECKPOINT ?=
@@ -80,7 +80,7 @@ REPORT_MODEL_ARGS = $(model_args) $(if $(RANDOM_WEIGHTS),--random-weights)
 report:  ## latency / throughput / memory / accuracy table, JSON and plots into $(REPORT_DIR)
 	$(PYTHON) -m runtime.report $(REPORT_MODEL_ARGS) $(REPORT_ARGS) --out $(REPORT_DIR) --overwrite
 
-gpu-session:  ## wheels, report (sd-turbo, random weights), pytest -m gpu, kernels.benchmark; targets table last
+gpu-session:  ## wheels, pytest -m gpu, kernels.benchmark, report (sd-turbo, random weights), stage timing; targets table last
 	$(PYTHON) -m runtime.gpu_session --out $(OUT)
 
 gpu-smoke:  ## the GPU session's steps on the CPU, tiny preset

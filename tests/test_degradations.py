@@ -321,6 +321,20 @@ def test_degrade_on_cuda_is_reproducible_and_jpeg_agrees_with_cpu():
 
 
 @pytest.mark.gpu
+def test_a_seed_draws_the_same_parameters_on_the_cpu_and_on_cuda():
+    """Both devices take the noise fields from a generator of their own, so the parameters' generator ends in the same
+    state: every kernel, strength, quality and resize of a seed is the same on either device."""
+    config = DegradationConfig(gaussian_noise_prob=0.5, second_order_prob=0.5)
+    for seed in range(4):
+        states = []
+        for device in ("cpu", "cuda"):
+            generator = torch.Generator().manual_seed(seed)
+            degrade(hr_batch().to(device), config, generator)
+            states.append(generator.get_state())
+        assert torch.equal(*states), seed
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("second_order_prob", [1.0, 0.5])
 def test_degrading_a_cuda_batch_never_synchronises(second_order_prob):
     hr = hr_batch().cuda()

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from runtime.cli import bounded_int, output_file_problem, plural, write_json
+from runtime.cli import bounded_int, check_output_file_argument, plural, write_json
 from runtime.environment import environment
 
 from .checkpoint import tensors_sha256, weights_sha256
@@ -154,8 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     problem = crop_size_problem(args.crop_size, border=scale)
     if problem is not None:
         p.error(f"--crop-size: {problem}")
-    if args.json is not None and (problem := output_file_problem(args.json, overwrite=args.overwrite)) is not None:
-        p.error(f"--json {args.json}: {problem}")
+    check_output_file_argument(p, "--json", args.json, overwrite=args.overwrite)
     try:
         evaluation_images(args.data, args.crop_size)
     except (ValueError, OSError) as error:

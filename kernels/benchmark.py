@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from runtime.cli import output_file_problem, write_json
+from runtime.cli import check_output_file_argument, write_json
 
 SIZES = (512, 1024, 2048)
 BATCHES = (1, 4)
@@ -452,8 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", metavar="PATH", help="write every measurement to this JSON file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json (default: refuse it)")
     args = parser.parse_args(argv)
-    if args.json and (problem := output_file_problem(Path(args.json), overwrite=args.overwrite)) is not None:
-        parser.error(f"--json {args.json}: {problem}")
+    check_output_file_argument(parser, "--json", Path(args.json) if args.json else None, overwrite=args.overwrite)
     if not torch.cuda.is_available():  # status 2, as every command here says "could not run"
         parser.exit(2, f"{parser.prog}: error: it needs a CUDA GPU and Triton; torch.cuda.is_available() is False "
                        f"here\n")

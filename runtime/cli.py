@@ -105,6 +105,23 @@ def check_out_argument(parser: argparse.ArgumentParser, path: Path, option: str 
         parser.error(f"{option} {path}: {problem}")
 
 
+def check_output_file_argument(parser: argparse.ArgumentParser, option: str, path: Path | None, *,
+                               overwrite: bool) -> None:
+    """Exit through `parser.error`, naming `option`, when the results cannot go to the file `path`
+    (`output_file_problem`); nothing to check when `path` is None (the option was not given)."""
+    if path is not None and (problem := output_file_problem(path, overwrite=overwrite)) is not None:
+        parser.error(f"{option} {path}: {problem}")
+
+
+def check_output_files(parser: argparse.ArgumentParser, folder: Path, names: Iterable[str], *, overwrite: bool,
+                       option: str = "--out") -> None:
+    """`check_out_argument` of `folder`, then exit through `parser.error` when one of the files `names` a command
+    writes there cannot be written (`output_file_problem`), naming it."""
+    check_out_argument(parser, folder, option)
+    for name in names:
+        check_output_file_argument(parser, f"{option} {folder}:", folder / name, overwrite=overwrite)
+
+
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a process that Ctrl-C stopped; every command's status
 
 

@@ -68,7 +68,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .cli import bounded_float, bounded_int, check_out_argument, output_file_problem, plural
+from .cli import bounded_float, bounded_int, check_output_files, plural
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"
@@ -449,11 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         if not caps[step] > 0:
             parser.error(f"--cap {item}: the seconds must be positive")
     settings = replace(settings, caps=caps, sizes=tuple(args.sizes) if args.sizes else settings.sizes)
-    check_out_argument(parser, args.out)
-    for name in SESSION_FILES:
-        problem = output_file_problem(args.out / name, overwrite=args.overwrite)
-        if problem is not None:
-            parser.error(f"--out {args.out}: {args.out / name}: {problem}")
+    check_output_files(parser, args.out, SESSION_FILES, overwrite=args.overwrite)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     for name in SESSION_FILES:

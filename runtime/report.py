@@ -67,7 +67,7 @@ from guidesr.config import PRESETS
 from guidesr.metrics import psnr, ssim
 
 from .cli import (EXIT_INTERRUPTED, add_model_arguments, bounded_float, bounded_int, check_model_arguments,
-                  check_out_argument, output_file_problem, plural, write_json)
+                  check_output_files, plural, write_json)
 from .environment import environment
 from .backends import BACKENDS, PRECISIONS, Backend, BackendError, create_backend, resolve_device
 from .tiling import BicubicSource, TilePlan, fit_to_shape, plan_tiles, run_tiled
@@ -643,11 +643,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             evaluation_images(args.quality, args.quality_crop)
         except (ValueError, OSError) as error:
             parser.error(f"--quality {args.quality}: {error}")
-    check_out_argument(parser, args.out)
-    for name in REPORT_FILES:
-        problem = output_file_problem(args.out / name, overwrite=args.overwrite)
-        if problem is not None:
-            parser.error(f"--out {args.out}: {args.out / name}: {problem}")
+    check_output_files(parser, args.out, REPORT_FILES, overwrite=args.overwrite)
 
 
 def load_model_from_args(args: argparse.Namespace):

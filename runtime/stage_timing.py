@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cli import add_model_arguments, bounded_int, check_model_arguments, output_file_problem, plural, write_json
+from .cli import add_model_arguments, bounded_int, check_model_arguments, check_output_file_argument, plural, write_json
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
@@ -251,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json (default: refuse it)")
     args = parser.parse_args(argv)
     check_model_arguments(parser, args)
-    if args.json is not None and (problem := output_file_problem(args.json, overwrite=args.overwrite)) is not None:
-        parser.error(f"--json {args.json}: {problem}")
+    check_output_file_argument(parser, "--json", args.json, overwrite=args.overwrite)
     try:
         device = resolve_device(args.device)
     except BackendError as err:

@@ -33,6 +33,16 @@ def small_config(out: Path, **overrides) -> TrainConfig:
     return replace(config, **overrides)
 
 
+def metrics_log(out: Path) -> list[dict]:
+    """Every entry of OUT/metrics.jsonl."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_step(out: Path) -> int:
+    """The step OUT/guidesr.json was saved at."""
+    return json.loads((out / "guidesr.json").read_text())["training"]["step"]
+
+
 def gradient_norm(parameters) -> float:
     return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None])).item()
 
@@ -72,7 +82,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     b = load_file(tmp_path / "b" / "guidesr.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    log = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    log = metrics_log(tmp_path / "b")
     assert [entry["step"] for entry in log] == [1, 2, 3, 4, 5, 6]
 
 
@@ -81,7 +91,7 @@ def test_fresh_run_starts_its_own_log(tmp_path):
     config = small_config(tmp_path, loss=LossConfig(w_lpips=0.0, w_gan=0.0), steps=2, checkpoint_every=2)
     Trainer(config).fit()
     Trainer(replace(config, resume=False)).fit()
-    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    log = metrics_log(tmp_path)
     assert [entry["step"] for entry in log] == [1, 2]
 
 
@@ -203,9 +213,9 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_message(tm
     assert codes == [1, 1], [error[-2000:] for error in errors]
     for error in errors:
         assert any(line.endswith(message) for line in error.splitlines()), error[-2000:]
-    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    log = metrics_log(tmp_path / "run")
     assert [entry["step"] for entry in log] == [1]
-    assert json.loads((tmp_path / "run" / "guidesr.json").read_text())["training"]["step"] == 1
+    assert checkpoint_step(tmp_path / "run") == 1
 
 
 # ---- the command line and the run folder ------------------------------------------------------
@@ -299,7 +309,7 @@ def test_resumed_log_drops_lines_after_the_checkpoint(tmp_path):
     with (tmp_path / "metrics.jsonl").open("a") as log:  # a run stopped after logging step 3, before saving it
         log.write(json.dumps({"step": 3, "total": 1.0}) + "\n")
     Trainer(config).fit()
-    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    log = metrics_log(tmp_path)
     assert [entry["step"] for entry in log] == [1, 2, 3]
     assert log[-1]["total"] != 1.0
 
@@ -312,7 +322,7 @@ def test_resumed_log_time_continues_from_the_state(tmp_path):
     Trainer(config).fit()
     state = tmp_path / "state" / "state.json"
     record = json.loads(state.read_text())
-    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    log = metrics_log(tmp_path)
     assert [entry["step"] for entry in log] == [1, 2]
     assert 0 < log[0]["time"] < log[1]["time"] == round(record["elapsed_s"], 2)
     del record["elapsed_s"]
@@ -332,7 +342,7 @@ def test_finished_run_rewrites_a_missing_checkpoint_and_a_torn_state_is_refused(
     (tmp_path / "guidesr.safetensors").unlink()
     assert Trainer(config).fit() == []  # nothing left to train ...
     again = load_file(tmp_path / "guidesr.safetensors")  # ... but the checkpoint is written again
-    assert json.loads((tmp_path / "guidesr.json").read_text())["training"]["step"] == 2
+    assert checkpoint_step(tmp_path) == 2
     assert all(torch.equal(weights[k], again[k]) for k in weights)
     state = tmp_path / "state" / "state.json"
     state.write_text(state.read_text().replace('"step": 2', '"step": 1'))
@@ -571,9 +581,9 @@ def test_a_non_finite_loss_stops_the_run_naming_its_step_and_term_before_logging
     with pytest.raises(FloatingPointError, match=r"^step 2: loss term r1/mse is nan \(micro-batch 2 of 2\); stopped "
                                                  r"before logging or saving it, the last checkpoint is at step 1$"):
         trainer.fit()
-    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    log = metrics_log(tmp_path)
     assert [entry["step"] for entry in log] == [1]
-    assert json.loads((tmp_path / "guidesr.json").read_text())["training"]["step"] == 1
+    assert checkpoint_step(tmp_path) == 1
 
 
 def test_a_non_finite_gradient_norm_with_finite_losses_stops_the_run_before_logging_or_saving(tmp_path):
@@ -588,9 +598,9 @@ def test_a_non_finite_gradient_norm_with_finite_losses_stops_the_run_before_logg
                                                  r"step's update made the weights non-finite; stopped before logging "
                                                  r"or saving it, the last checkpoint is at step 1$"):
         trainer.fit()
-    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    log = metrics_log(tmp_path)
     assert [entry["step"] for entry in log] == [1]
-    assert json.loads((tmp_path / "guidesr.json").read_text())["training"]["step"] == 1
+    assert checkpoint_step(tmp_path) == 1
 
 
 def test_weights_that_are_not_finite_are_never_saved(tmp_path):

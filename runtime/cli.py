@@ -11,7 +11,7 @@ import contextlib
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -138,13 +138,11 @@ def write_json(data: dict, path: Path) -> None:
 
 
 def write_whole(path: Path, data: bytes | memoryview) -> None:
-    """Into a new hidden `.NAME.XXXX.partial` beside `path` (made with O_EXCL, so a file or link already there is
-    never written through, and two writers never share one), synced, then renamed over `path`: a write that fails
-    leaves the previous file or none, never part of one; a killed one also leaves its hidden temporary."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    """Into a new hidden temporary beside `path` (`new_partial_file`), synced, then renamed over `path`: a write that
+    fails leaves the previous file or none, never part of one; a killed one also leaves its hidden temporary."""
+    fd, temporary = new_partial_file(path)
     try:
         with os.fdopen(fd, "wb") as stream:
-            os.fchmod(fd, 0o644)  # mkstemp makes 0600; give the output an ordinary file's mode
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
@@ -153,3 +151,15 @@ def write_whole(path: Path, data: bytes | memoryview) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def new_partial_file(path: Path) -> tuple[int, Path]:
+    """(descriptor open for reading and writing, name) of a new hidden `.NAME.XXXXXXXX.partial` beside `path`, made
+    with O_EXCL, so a file or link already there is never written through and two writers never share one, and with
+    the mode the umask gives any new file (mkstemp's would be 0600, whatever the umask)."""
+    while True:
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+        try:
+            return os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), temporary
+        except FileExistsError:
+            continue

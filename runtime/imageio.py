@@ -40,7 +40,6 @@ import secrets
 import shutil
 import struct
 import sys
-import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -49,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
+
+from .cli import new_partial_file
 
 DEFAULT_MAX_MEGAPIXELS = 64.0
 
@@ -672,14 +673,13 @@ def _atomic_file(path: Path, overwrite: bool):
 
 @contextlib.contextmanager
 def _named_temp_file(path: Path, overwrite: bool):
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600; give the output an ordinary file's mode
+    fd, temp = new_partial_file(path)
     try:
         with os.fdopen(fd, "w+b") as stream:
             yield stream
             stream.flush()
             os.fsync(fd)
-        _publish_named(Path(temp), path, overwrite)
+        _publish_named(temp, path, overwrite)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):  # _publish_named may have removed it already
             os.unlink(temp)

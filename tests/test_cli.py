@@ -163,8 +163,25 @@ def test_write_whole_never_writes_through_a_link_at_its_temporary_name(tmp_path)
     write_whole(out, b"{}\n")
     assert victim.read_text() == "not yours"
     assert not out.is_symlink() and out.read_bytes() == b"{}\n"
-    assert stat.S_IMODE(out.stat().st_mode) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.json.partial", "victim.txt"]
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o022, 0o002], ids=["umask-077", "umask-022", "umask-002"])
+def test_write_whole_gives_the_mode_the_umask_gives_a_new_file(tmp_path, umask):
+    """A fixed 0644 made results readable by everyone under umask 077 and took the group's write under 002; a
+    replaced file gets the new file's mode too, as a rename does."""
+    previous = os.umask(umask)
+    try:
+        (tmp_path / "plain.json").write_bytes(b"{}\n")
+        write_whole(tmp_path / "results.json", b"{}\n")
+        replaced = tmp_path / "replaced.json"
+        replaced.write_bytes(b"old")
+        replaced.chmod(0o600)
+        write_whole(replaced, b"{}\n")
+    finally:
+        os.umask(previous)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["plain.json", "results.json", "replaced.json"], 0o666 & ~umask)
 
 
 def test_write_whole_leaves_the_previous_file_and_no_temporary_when_the_write_fails(tmp_path):

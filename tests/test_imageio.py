@@ -528,6 +528,20 @@ def test_a_file_that_appears_during_the_write_is_not_replaced(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
 
 
+@pytest.mark.parametrize("unnamed", [True, False], ids=["o_tmpfile", "named-temporary"])
+@pytest.mark.parametrize("umask", [0o077, 0o002], ids=["umask-077", "umask-002"])
+def test_an_image_gets_the_mode_the_umask_gives_a_new_file(tmp_path, monkeypatch, unnamed, umask):
+    """The named temporary had a fixed 0644: readable by everyone under umask 077, not group-writable under 002."""
+    if not unnamed:
+        monkeypatch.setattr(imageio, "_open_unnamed", lambda folder: None)
+    previous = os.umask(umask)
+    try:
+        write_image(tmp_path / "out.png", np.zeros((4, 6, 3), np.float32))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out.png").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 @pytest.mark.parametrize("name,channels,bits", [
     ("grey.png", 1, 8), ("rgb.png", 3, 8), ("grey16.png", 1, 16), ("rgba16.png", 4, 16), ("rgb.jpg", 3, 8),
     ("rgb.tif", 3, 8), ("grey16.tif", 1, 16), ("rgba16.tif", 4, 16), ("rgb.bmp", 3, 8), ("rgba.webp", 4, 8),

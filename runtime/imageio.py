@@ -511,9 +511,9 @@ def write_image(path: str | os.PathLike, array: np.ndarray, *, bit_depth: int = 
 
     16 bits are kept for PNG and TIFF (else 8); alpha is kept for PNG, WebP and TIFF and dropped
     for JPEG and BMP, each loss with an OutputFormatWarning. `quality` is the JPEG / WebP quality.
-    `dpi` (horizontal, vertical pixels per inch) goes to PNG pHYs, JPEG JFIF density (whole numbers up to
-    65535; a larger one is dropped with an OutputFormatWarning), TIFF resolution tags, the BMP header or WebP
-    EXIF; None writes no physical resolution.
+    `dpi` (horizontal, vertical pixels per inch) goes to PNG pHYs, JPEG JFIF density, TIFF resolution tags, the
+    BMP header or WebP EXIF; one past what the format's field holds (`_RESOLUTION_FIELDS`: JPEG 65535 dpi) is
+    dropped with an OutputFormatWarning; None writes no physical resolution.
     """
     path = Path(path)
     fmt = output_format(path)
@@ -528,8 +528,9 @@ def write_image(path: str | os.PathLike, array: np.ndarray, *, bit_depth: int = 
         warnings.warn(f"{path}: {fmt.upper()} has no alpha channel; the alpha channel is dropped "
                       f"(PNG, WebP and TIFF keep it)", OutputFormatWarning, stacklevel=2)
         array = array[..., : array.shape[2] - 1]
-    if dpi is not None and fmt == "jpeg" and round(max(dpi)) > _JFIF_MAX_DENSITY:
-        warnings.warn(f"{path}: JPEG holds at most {_JFIF_MAX_DENSITY} pixels per inch; the resolution "
+    per_inch, largest = _RESOLUTION_FIELDS[fmt]
+    if dpi is not None and round(max(dpi) * per_inch) > largest:
+        warnings.warn(f"{path}: {fmt.upper()} holds at most {largest / per_inch:.0f} pixels per inch; the resolution "
                       f"{dpi[0]:g}x{dpi[1]:g} dpi is not written", OutputFormatWarning, stacklevel=2)
         dpi = None
     depth = bit_depth if fmt in SIXTEEN_BIT_FORMATS else 8
@@ -546,7 +547,12 @@ def write_image(path: str | os.PathLike, array: np.ndarray, *, bit_depth: int = 
     return path
 
 
-_JFIF_MAX_DENSITY = 65535  # a 16-bit field; Pillow would write a larger value modulo 65536
+# (field units per inch, the field's largest value) of each format's resolution: JFIF density in whole dots per inch,
+# 16 bits (Pillow would write a larger one modulo 65536); PNG pHYs and the BMP header in pixels per metre, 32 bits
+# (Pillow's BMP writer multiplies by 39.3701, a little more than 1 / 0.0254); TIFF and EXIF rationals, a 32-bit
+# numerator. Past them the encoders raise, or write a number that reads back as another.
+_RESOLUTION_FIELDS = {"jpeg": (1.0, 2**16 - 1), "png": (39.3701, 2**32 - 1), "bmp": (39.3701, 2**32 - 1),
+                      "tiff": (1.0, 2**32 - 1), "webp": (1.0, 2**32 - 1)}
 
 
 def _encode(stream, pixels: np.ndarray, fmt: str, quality: int, icc_profile: bytes | None,

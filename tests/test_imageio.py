@@ -588,3 +588,17 @@ def test_a_resolution_jpeg_cannot_hold_is_not_written_and_says_so(tmp_path):
                                                  "70000x300 dpi is not written"):
         path = write_image(tmp_path / "fine.jpg", random_pixels(5, 6, 3, 8) / 255, dpi=(70000, 300))
     assert read_image(path)[1].dpi is None  # not 70000 modulo 65536
+
+
+@pytest.mark.parametrize("name,bits,largest", [("scan.png", 8, "109092110"), ("scan16.png", 16, "109092110"),
+                                               ("scan.bmp", 8, "109092110"), ("scan16.tif", 16, "4294967295")])
+def test_a_resolution_past_the_formats_field_is_not_written_and_says_so(tmp_path, name, bits, largest):
+    """PNG pHYs and the BMP header hold 32-bit pixels per metre: a 30-million-dpi PNG (a 0.85 nm pixel, which the
+    field holds) upscaled x4 made the encoder raise OverflowError, and the upscale command stop with a traceback."""
+    pixels = random_pixels(5, 6, 3, bits) / (255 if bits == 8 else 65535)
+    with pytest.warns(OutputFormatWarning, match=f"holds at most {largest} pixels per inch; the resolution "
+                                                 "2e\\+10x1.2e\\+08 dpi is not written"):
+        path = write_image(tmp_path / name, pixels, bit_depth=bits, dpi=(2e10, 1.2e8))
+    assert read_image(path)[1].dpi is None
+    near = write_image(tmp_path / f"near-{name}", pixels, bit_depth=bits, dpi=(1.09e8, 1.09e8))
+    np.testing.assert_allclose(read_image(near)[1].dpi, (1.09e8, 1.09e8), rtol=1e-6)

@@ -52,6 +52,10 @@ and report/{report.json, report.md, latency.png, accuracy.png}: 8 files, 1 folde
 machine returns at most 8 files, 2 folders deep). Where any of them exists already (an earlier session
 in OUT), it stops before the first step (status 2) unless --overwrite is given, which removes them
 first, so that no step and no summary reads a file of the earlier session.
+
+SIGTERM (the device call's timeout) or Ctrl-C stops the running step's processes (each step runs in a session of
+its own, which a terminal's Ctrl-C does not reach), runs no later step, and still writes summary.json and prints the
+targets table from what was measured (the report writes its files when stopped); status 130.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .cli import bounded_float, bounded_int, check_output_files, plural
+from .cli import EXIT_INTERRUPTED, bounded_float, bounded_int, check_output_files, plural
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"
@@ -131,8 +135,21 @@ class Step:
     parts: list[dict] = field(default_factory=list)  # a step of parallel processes: each one's name, status, seconds
 
 
+class SessionInterrupted(Exception):
+    """SIGTERM (the device call's time limit) or Ctrl-C while a step runs: its processes are stopped, the later steps
+    do not run, and the summary of what was measured is still written."""
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise SessionInterrupted(signal.Signals(signum).name)
+
+
 class Session:
-    """Runs the steps against one deadline and logs their output to OUT/session.log."""
+    """Runs the steps against one deadline and logs their output to OUT/session.log.
+
+    Each step's processes run in a session of their own (so a step is stopped as a whole: `_stop_group`), which a
+    terminal's Ctrl-C does not reach: an interruption of this process (SessionInterrupted, KeyboardInterrupt) stops
+    the running step's processes itself, records the step as interrupted and passes the interruption on."""
 
     def __init__(self, out: Path, budget_s: float):
         self.deadline = time.monotonic() + budget_s
@@ -170,6 +187,10 @@ class Session:
             except subprocess.TimeoutExpired:
                 _stop_group(process)
                 status = f"timed out after {limit:.0f} s"
+            except (SessionInterrupted, KeyboardInterrupt) as stop:
+                _stop_group(process)
+                self._record(Step(name, f"interrupted ({interruption_name(stop)})", time.monotonic() - start))
+                raise
         print(_tail(self.log, offset, 12), flush=True)
         return self._record(Step(name, status, time.monotonic() - start))
 
@@ -201,24 +222,32 @@ class Session:
                 parts.append({"name": part, "status": status, "seconds": round(time.monotonic() - started, 1)})
                 print(f"   {part}: {status} ({parts[-1]['seconds']:.0f} s)", flush=True)
 
-            while pending or running:
-                while pending and len(running) < jobs:
-                    part, command = pending.pop(0)
-                    output = Path(scratch) / f"{len(commands) - len(pending)}.log"
-                    with output.open("w") as handle:
-                        process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                                                   env=self.env | (extra_env or {}), start_new_session=True)
-                    running[part] = (process, output, time.monotonic())
+            def stop_all(status: str) -> None:
                 for part, (process, _, _) in list(running.items()):
-                    if process.poll() is not None:
-                        finish(part, "ok" if process.returncode == 0 else f"failed (exit {process.returncode})")
-                if time.monotonic() - start >= limit:
+                    _stop_group(process)
+                    finish(part, status)
+                parts.extend({"name": part, "status": "not started", "seconds": 0.0} for part, _ in pending)
+                pending.clear()
+
+            try:
+                while pending or running:
+                    while pending and len(running) < jobs:
+                        part, command = pending.pop(0)
+                        output = Path(scratch) / f"{len(commands) - len(pending)}.log"
+                        with output.open("w") as handle:
+                            process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                                       env=self.env | (extra_env or {}), start_new_session=True)
+                        running[part] = (process, output, time.monotonic())
                     for part, (process, _, _) in list(running.items()):
-                        _stop_group(process)
-                        finish(part, f"timed out after {limit:.0f} s")
-                    parts += [{"name": part, "status": "not started", "seconds": 0.0} for part, _ in pending]
-                    pending = []
-                time.sleep(0.2)
+                        if process.poll() is not None:
+                            finish(part, "ok" if process.returncode == 0 else f"failed (exit {process.returncode})")
+                    if time.monotonic() - start >= limit:
+                        stop_all(f"timed out after {limit:.0f} s")
+                    time.sleep(0.2)
+            except (SessionInterrupted, KeyboardInterrupt) as stop:
+                stop_all("interrupted")
+                self._record(Step(name, f"interrupted ({interruption_name(stop)})", time.monotonic() - start, parts))
+                raise
         print(_tail(self.log, offset, 12), flush=True)
         unfinished = [p["name"] for p in parts if p["status"] != "ok"]
         if not unfinished:
@@ -234,6 +263,10 @@ class Session:
         self.steps.append(step)
         print(f"== {step.name}: {step.status} ({step.seconds:.0f} s)", flush=True)
         return step
+
+
+def interruption_name(stop: BaseException) -> str:
+    return "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else str(stop)
 
 
 def _stop_group(process: subprocess.Popen) -> None:
@@ -455,34 +488,45 @@ def main(argv: list[str] | None = None) -> int:
     for name in SESSION_FILES:
         (out / name).unlink(missing_ok=True)
     session = Session(out, args.budget_s)
-
-    wheels = sorted(WHEELS.glob("*.whl"))
-    if not wheels:
-        session.skip("wheels", f"no wheels in {WHEELS}")
-    elif session.run("wheels", [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                                "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, wheels)],
-                     settings.caps["wheels"]).status == "ok":
-        session.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), str(REPO), os.environ.get("PYTHONPATH")]))
-    run_gpu_tests(session, settings.caps["pytest-gpu"], args.test_jobs)
-    if settings.device != "cuda":
-        session.skip("kernels-benchmark", "it needs CUDA")
-    else:
-        session.run("kernels-benchmark",
-                    [sys.executable, "-m", "kernels.benchmark", "--json", str(out / "kernels.json")],
-                    settings.caps["kernels-benchmark"])
     if args.triton_kernels == "auto":
-        triton_kernels, kernels_why = kernels_choice(out / "kernels.json")
+        triton_kernels, kernels_why = "auto", "not chosen: the session was interrupted first"
     else:
         triton_kernels, kernels_why = args.triton_kernels, "asked for (--triton-kernels)"
-    print(f"== Triton kernels in the report: {triton_kernels} ({kernels_why})", flush=True)
     report_env = ATEN_ONLY if args.autotune == "aten" else {}
-    session.run("report", report_command(settings, out / "report", args.engine, args.autotune, triton_kernels),
-                settings.caps["report"], report_env)
-    profile = ["--profile-compiled", str(PROFILED_REPLAYS)] if settings.device == "cuda" else []
-    session.run("stage-timing", [sys.executable, "-m", "runtime.stage_timing", "--preset", settings.preset,
-                                 "--random-weights", "--device", settings.device, "--size", str(settings.sizes[0]),
-                                 "--triton-kernels", triton_kernels, *profile, "--json", str(out / "stages.json")],
-                settings.caps["stage-timing"])
+    interrupted = None
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        wheels = sorted(WHEELS.glob("*.whl"))
+        if not wheels:
+            session.skip("wheels", f"no wheels in {WHEELS}")
+        elif session.run("wheels", [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                                    "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(SITE),
+                                    *map(str, wheels)], settings.caps["wheels"]).status == "ok":
+            session.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), str(REPO),
+                                                                      os.environ.get("PYTHONPATH")]))
+        run_gpu_tests(session, settings.caps["pytest-gpu"], args.test_jobs)
+        if settings.device != "cuda":
+            session.skip("kernels-benchmark", "it needs CUDA")
+        else:
+            session.run("kernels-benchmark",
+                        [sys.executable, "-m", "kernels.benchmark", "--json", str(out / "kernels.json")],
+                        settings.caps["kernels-benchmark"])
+        if args.triton_kernels == "auto":
+            triton_kernels, kernels_why = kernels_choice(out / "kernels.json")
+        print(f"== Triton kernels in the report: {triton_kernels} ({kernels_why})", flush=True)
+        session.run("report", report_command(settings, out / "report", args.engine, args.autotune, triton_kernels),
+                    settings.caps["report"], report_env)
+        profile = ["--profile-compiled", str(PROFILED_REPLAYS)] if settings.device == "cuda" else []
+        session.run("stage-timing", [sys.executable, "-m", "runtime.stage_timing", "--preset", settings.preset,
+                                     "--random-weights", "--device", settings.device, "--size", str(settings.sizes[0]),
+                                     "--triton-kernels", triton_kernels, *profile, "--json", str(out / "stages.json")],
+                    settings.caps["stage-timing"])
+    except (SessionInterrupted, KeyboardInterrupt) as stop:
+        interrupted = interruption_name(stop)
+        print(f"== interrupted ({interrupted}): the running step was stopped, the later ones did not run",
+              file=sys.stderr, flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
     report_path = out / "report" / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
@@ -491,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     device = env.get("gpu") or env.get("cpu") or "unknown device"
     summary = {
         "device": device, "date_utc": env.get("date_utc"), "git_commit": env.get("git_commit"),
-        "report_complete": bool(report and report["complete"]), "autotune": args.autotune,
+        "report_complete": bool(report and report["complete"]), "interrupted": interrupted, "autotune": args.autotune,
         "triton_kernels": {"report": triton_kernels, "why": kernels_why},
         "inductor_env": report_env, "settings": settings.__dict__,
         "steps": [step.__dict__ for step in session.steps], "checks": checks,
@@ -500,11 +544,13 @@ def main(argv: list[str] | None = None) -> int:
     print("\nsteps: " + "; ".join(f"{s.name} {s.status} ({s.seconds:.0f} s)" for s in session.steps))
     if report is None:
         print(f"no report: {report_path} was not written (see {session.log})")
-        return 1
+        return EXIT_INTERRUPTED if interrupted else 1
     title = (f"issue 7 targets: {device}, {settings.preset} random weights, {settings.precision}, batch 1"
              + ("" if report["complete"] else " (report INCOMPLETE: stopped early)"))
     print(format_checks(checks, title))
     failed_steps = [s for s in session.steps if not (s.status == "ok" or s.status.startswith("skipped"))]
+    if interrupted:
+        return EXIT_INTERRUPTED
     return 1 if failed_steps or any(c["passed"] is False for c in checks) else 0
 
 

@@ -423,3 +423,75 @@ def test_gpu_session_refuses_an_earlier_sessions_files_unless_overwrite_which_re
     summary = json.loads((out / "summary.json").read_text())
     assert summary["report_complete"] is False and summary["checks"] == []
     assert f"no report: {earlier} was not written" in capsys.readouterr().out
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by its parent, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_for_pids(folder: Path, count: int, seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pids = [int(p.read_text()) for p in folder.glob("*.pid") if p.read_text()]
+        if len(pids) == count:
+            return pids
+        time.sleep(0.05)
+    raise AssertionError(f"{count} processes did not start within {seconds} s")
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["one process", "parallel"])
+def test_an_interrupted_step_stops_its_processes_records_itself_and_passes_the_interruption_on(
+        parallel, tmp_path, monkeypatch):
+    """Steps run in sessions of their own, which a terminal's Ctrl-C does not reach: the session stops them."""
+    from runtime import gpu_session
+
+    monkeypatch.setattr(gpu_session, "MIN_STEP_S", 0)
+    session = gpu_session.Session(tmp_path, budget_s=60)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    sleeper = ("import os, sys, time; open(os.path.join(sys.argv[1], str(os.getpid()) + '.pid'), 'w')"
+               ".write(str(os.getpid())); time.sleep(60)")
+    command = [sys.executable, "-c", sleeper, str(pids)]
+    previous = signal.signal(signal.SIGALRM, gpu_session._interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 3.0)
+        start = time.monotonic()
+        with pytest.raises(gpu_session.SessionInterrupted, match="SIGALRM"):
+            if parallel:
+                session.run_parallel("tests", {"a": command, "b": command, "c": command}, cap_s=60, jobs=2)
+            else:
+                session.run("step", command, cap_s=60)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - start < 20  # stopped, not waited for
+    started = _wait_for_pids(pids, 2 if parallel else 1, seconds=1)
+    assert not any(_alive(pid) for pid in started)
+    step = session.steps[-1]
+    assert step.status == "interrupted (SIGALRM)"
+    if parallel:
+        assert sorted((p["name"], p["status"]) for p in step.parts) == [
+            ("a", "interrupted"), ("b", "interrupted"), ("c", "not started")]
+
+
+def test_gpu_session_stopped_by_sigterm_stops_its_step_writes_the_summary_and_exits_130(tmp_path):
+    """SIGTERM (the device call's timeout) during the first step: pytest's collection of the gpu tests here."""
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "runtime.gpu_session", "--cpu-smoke", "--out", str(out)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out / "session.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the collection's subprocess
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stdout + stderr
+    assert "== interrupted (SIGTERM): the running step was stopped" in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] == "SIGTERM" and summary["report_complete"] is False
+    assert "report" not in {step["name"] for step in summary["steps"]}
+    assert summary["triton_kernels"]["why"] == "not chosen: the session was interrupted first"

@@ -114,7 +114,6 @@ def test_profile_compiled_accounts_for_the_forward():
     assert all(isinstance(op, str) and count > 0 for op, count in profile["memset_launchers"].items())
     calls = profile["call_ms"]
     assert set(calls) == {"graph replay", "device tensors", "CPU tensors"} and all(ms > 0 for ms in calls.values())
-    assert calls["CPU tensors"] > calls["graph replay"]
     text = stage_timing.format_profile(profile)
     assert "| convolution |" in text and "whole calls, median ms" in text
 

@@ -53,7 +53,7 @@ machine returns at most 8 files, 2 folders deep). Where any of them exists alrea
 in OUT), it stops before the first step (status 2) unless --overwrite is given, which removes them
 first, so that no step and no summary reads a file of the earlier session.
 
-SIGTERM (the device call's timeout) or Ctrl-C stops the running step's processes (each step runs in a session of
+SIGTERM (e.g. a timeout around the command) or Ctrl-C stops the running step's processes (each step runs in a session of
 its own, which a terminal's Ctrl-C does not reach), runs no later step, and still writes summary.json and prints the
 targets table from what was measured (the report writes its files when stopped); status 130.
 """
@@ -136,8 +136,8 @@ class Step:
 
 
 class SessionInterrupted(Exception):
-    """SIGTERM (the device call's time limit) or Ctrl-C while a step runs: its processes are stopped, the later steps
-    do not run, and the summary of what was measured is still written."""
+    """SIGTERM (e.g. a timeout around the command) or Ctrl-C while a step runs: its processes are stopped, the later
+    steps do not run, and the summary of what was measured is still written."""
 
 
 def _interrupt(signum: int, frame) -> None:

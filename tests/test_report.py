@@ -479,7 +479,7 @@ def test_an_interrupted_step_stops_its_processes_records_itself_and_passes_the_i
 
 
 def test_gpu_session_stopped_by_sigterm_stops_its_step_writes_the_summary_and_exits_130(tmp_path):
-    """SIGTERM (the device call's timeout) during the first step: pytest's collection of the gpu tests here."""
+    """SIGTERM (e.g. a timeout around the command) during the first step: pytest's collection of the gpu tests here."""
     out = tmp_path / "out"
     process = subprocess.Popen([sys.executable, "-m", "runtime.gpu_session", "--cpu-smoke", "--out", str(out)],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from guidesr.checkpoint import CheckpointError, checkpoint_config, checkpoint_paths, load_checkpoint, save_checkpoint
+from guidesr.checkpoint import (CheckpointError, checkpoint_config, checkpoint_paths, load_checkpoint, save_checkpoint,
+                                tensors_sha256)
 from guidesr.config import GuidanceConfig, tiny_config
 from guidesr.loading import BaseModelError, build_model, load_base_modules, load_model
 from guidesr.model import GuideSR
@@ -345,3 +346,16 @@ def test_without_the_hash_check_the_model_is_keyed_by_the_tensors_it_holds(tmp_p
     model = GuideSR(tiny_config())
     digest = load_checkpoint(model, tmp_path / "ckpt", verify_hash=False)
     assert digest == file_sha256(tmp_path / "ckpt.safetensors") == model.descriptor.checkpoint_sha256 != recorded
+
+
+def test_tensors_sha256_tells_dtypes_and_shapes_apart_and_ignores_order_and_layout():
+    """The fingerprint of weights and evaluation inputs: the same bytes as another dtype or shape are other tensors; the
+    same tensors in another order or memory layout are the same."""
+    x, y = torch.arange(6, dtype=torch.int16), torch.ones(3)
+    digest = tensors_sha256({"x": x, "y": y})
+    assert tensors_sha256({"y": y, "x": x}) == digest
+    assert tensors_sha256({"x": x.view(torch.float16), "y": y}) != digest
+    assert tensors_sha256({"x": x.view(2, 3), "y": y}) != digest
+    assert tensors_sha256({"x": x, "z": y}) != digest
+    transposed = x.view(2, 3).t()
+    assert tensors_sha256({"x": transposed}) == tensors_sha256({"x": transposed.contiguous()})

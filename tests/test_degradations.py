@@ -4,6 +4,7 @@ and the whole pipeline is reproducible from its generator."""
 import io
 import math
 import weakref
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -381,7 +382,7 @@ def test_isotropic_kernels_are_symmetric_and_anisotropic_ones_are_not():
 def test_sinc_cutoff_range_depends_on_the_kernel_size():
     """Real-ESRGAN: cut-off in [pi/3, pi] below 13 taps, [pi/5, pi] from 13 up. The centre tap of a normalised
     sinc kernel grows with the cut-off, so it bounds the cut-off from below."""
-    for size, low in ((7, math.pi / 3), (21, math.pi / 5)):
+    for size, low in ((7, math.pi / 3), (11, math.pi / 3), (13, math.pi / 5), (21, math.pi / 5)):
         kernels = random_blur_kernels(400, (size,), ("iso",), (1.0,), 1.0, (1.0, 2.0), (0.5, 4.0), (1.0, 2.0),
                                       torch.Generator().manual_seed(size))
         centre = kernels[:, 10, 10]
@@ -454,3 +455,56 @@ def test_grey_poisson_noise_is_the_shot_noise_of_the_luma():
     luma = (0.587 * image[:, 1] + 0.114 * image[:, 2])
     assert torch.equal(noise[0, 0], noise[0, 1])
     assert float((noise[0, 0] ** 2).mean() / luma.mean()) == pytest.approx(1 / 256, rel=0.15)
+
+
+# Per stage, a setting and two values of it that change what a fixed seed gives (the seed's other draws stay the
+# same): a stage that is skipped, a probability that is ignored, or the other stage's setting read in its place leaves
+# the output unchanged.
+STAGE_SETTINGS = {
+    "first blur": ("blur_sigma", (0.2, 0.2), (3.0, 3.0)),
+    "first resize": ("resize_prob", (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
+    "first noise": ("noise_range", (1.0, 1.0), (30.0, 30.0)),
+    "first noise kind": ("gaussian_noise_prob", 0.0, 1.0),
+    "first grey noise": ("gray_noise_prob", 0.0, 1.0),
+    "first JPEG": ("jpeg_range", (30.0, 30.0), (95.0, 95.0)),
+    "second blur": ("blur_sigma2", (0.2, 0.2), (1.5, 1.5)),
+    "second resize": ("resize_prob2", (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
+    "second noise": ("noise_range2", (1.0, 1.0), (25.0, 25.0)),
+    "second noise kind": ("gaussian_noise_prob2", 0.0, 1.0),
+    "second grey noise": ("gray_noise_prob2", 0.0, 1.0),
+    "final sinc": ("final_sinc_prob", 0.0, 1.0),
+    "final JPEG": ("jpeg_range2", (30.0, 30.0), (95.0, 95.0)),
+}
+
+
+@pytest.mark.parametrize("stage", STAGE_SETTINGS)
+def test_every_stage_reads_its_own_settings(stage):
+    field, low, high = STAGE_SETTINGS[stage]
+    base = DegradationConfig(sinc_prob=0.0, sinc_prob2=0.0, second_blur_prob=1.0, kernel_types=("iso",) * 6,
+                             gaussian_noise_prob=1.0, gaussian_noise_prob2=1.0)  # noise_range is Gaussian noise's
+    hr, configs = hr_batch(), [replace(base, **{field: value}) for value in (low, high)]
+    for seed in (0, 1):  # the final stage's two orders: JPEG then resize, resize then JPEG
+        runs = [degrade(hr, config, torch.Generator().manual_seed(seed)) for config in configs]
+        assert not torch.equal(*runs), (stage, seed)
+
+
+def test_the_final_resize_and_jpeg_come_in_either_order(monkeypatch):
+    """Real-ESRGAN's final stage is resize (+ sinc) then JPEG, or JPEG then resize, each with probability 1/2 per
+    batch; the first stage always compresses after its resize and the second stage has no JPEG."""
+    import guidesr.degradations as degradations
+
+    calls = []
+    real_resize, real_jpeg = degradations.resize, degradations.random_jpeg
+    monkeypatch.setattr(degradations, "resize",
+                        lambda images, size, mode: calls.append("resize") or real_resize(images, size, mode))
+    monkeypatch.setattr(degradations, "random_jpeg",
+                        lambda images, jpeg_range, generator: calls.append("jpeg") or real_jpeg(images, jpeg_range,
+                                                                                                 generator))
+    hr = photo(size=(32, 32)).repeat(2, 1, 1, 1)
+    jpeg_last = []
+    for seed in range(16):
+        calls.clear()
+        degrade(hr, DegradationConfig(), torch.Generator().manual_seed(seed))
+        assert calls[:3] == ["resize", "jpeg", "resize"] and sorted(calls[3:]) == ["jpeg", "resize"], (seed, calls)
+        jpeg_last.append(calls[-1] == "jpeg")
+    assert 3 <= sum(jpeg_last) <= 13, jpeg_last  # Binomial(16, 1/2): outside this range p < 0.005

@@ -271,3 +271,17 @@ def test_the_discriminator_step_scores_hr_as_real_and_both_branches_as_fake():
         expected = F.softplus(-real).mean() + 0.5 * (F.softplus(fake1).mean() + F.softplus(fake2).mean())
         torch.testing.assert_close(discriminator_loss(disc, hr, r1, r2), expected)
         torch.testing.assert_close(discriminator_gan_loss(real, [fake1, fake2]), expected)
+
+
+def test_the_gan_term_trains_both_branches_through_the_discriminator():
+    """GAN(R) = -E[log D(R)] reaches R1 and R2 through D: with the other terms off, each branch's gradient is that of
+    its eq. 8 weight x w_gan x -mean(log sigmoid(D(R)))."""
+    disc = PatchDiscriminator(channels=8).eval()  # eval: spectral norm does no power iteration per call
+    r1, r2 = images(1).requires_grad_(True), images(2).requires_grad_(True)
+    total, _ = GuideSRLoss(LossConfig(w_mse=0.0, w_lpips=0.0))(r1, r2, images(0), disc)
+    total.backward()
+    for restored, weight in ((r1, 0.9 * 0.5), (r2, 0.1 * 0.5)):
+        reference = restored.detach().clone().requires_grad_(True)
+        (weight * -torch.log(torch.sigmoid(disc(reference))).mean()).backward()
+        assert reference.grad.abs().sum() > 0
+        torch.testing.assert_close(restored.grad, reference.grad)

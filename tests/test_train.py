@@ -695,3 +695,21 @@ def test_cli_sets_the_gpu_scale_training_options():
                                "generator", "--disc-weight-decay", "0"))
     assert (config.max_grad_norm, config.weight_decay_scope, config.disc_lr_schedule, config.disc_weight_decay) == (
         1.0, "matrices", "generator", 0.0)
+
+
+def test_grad_accum_steps_on_the_mean_of_its_micro_batches_gradients(tmp_path):
+    """--grad-accum k divides each micro-batch's loss by k: the step's gradient is the mean of the k micro-batches'
+    gradients, as one k times larger batch gives, not their sum (which AdamW would barely show, but --max-grad-norm
+    would clip k times harder)."""
+    trainer = Trainer(small_config(tmp_path, loss=LossConfig(w_lpips=0.0, w_gan=0.0), batch_size=1, grad_accum=2))
+    batches = [next(trainer.batches) for _ in range(2)]
+    for lq, hr in batches:
+        out = trainer.model(lq)
+        trainer.criterion(out.r1, out.r2, hr, None)[0].backward()
+    summed = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.batches = iter(batches)
+    trainer.train_step()
+    stepped = {name: p.grad for name, p in trainer.model.named_parameters() if p.grad is not None}
+    assert stepped.keys() == summed.keys() and any(grad.abs().sum() > 0 for grad in summed.values())
+    for name, grad in stepped.items():
+        torch.testing.assert_close(grad, summed[name] / 2, msg=name)

@@ -62,3 +62,11 @@ def test_batch_scores_are_the_mean_of_per_image_scores():
         for y_channel in (False, True):
             per_image = [metric(a[i], b[i], crop=2, y_channel=y_channel) for i in range(3)]
             assert metric(a, b, crop=2, y_channel=y_channel) == pytest.approx(sum(per_image) / 3, rel=1e-9)
+
+
+def test_max_abs_is_the_largest_difference_of_either_sign():
+    a = torch.zeros(1, 3, 2, 2)
+    b = a.clone()
+    b[0, 1, 0, 1] = 0.75
+    b[0, 2, 1, 0] = -0.25
+    assert max_abs(a, b) == 0.75 and max_abs(b, a) == 0.75

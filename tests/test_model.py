@@ -11,8 +11,9 @@ from guidesr.config import preset_config, sd_turbo_config, tiny_config
 from guidesr.diffusion import vae_encode
 from guidesr.guidance import GuidanceBranch
 from guidesr.injection import build_injections
-from guidesr.model import GuideSR, pad_to_multiple
+from guidesr.model import GuideSR, pad_to_multiple, set_kernels_enabled
 from helpers import randomize_trainable
+from runtime.tiling import BicubicSource
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_merge_lora_keeps_output():
         before = model(x).r1
         model.merge_lora()
         after = model(x).r1
-    assert not any("lora_" in n for n, _ in model.named_parameters())
+    assert not any("lora_" in n for n, _ in model.named_parameters()) and model.lora_merged
     fp32_rounding = (before.double() - unmerged64).abs().max().item()
     assert (before - after).abs().max().item() <= max(1e-5, 2 * fp32_rounding)
 
@@ -127,6 +128,27 @@ def test_sd_turbo_parameter_counts_on_meta_device():
     injection = sum(p.numel() for p in model.injections.parameters())
     assert injection <= 0.10 * unet
     assert model.config.size_multiple == 64 and model.config.injection_scales == [8, 16, 32, 64]
+
+
+def test_upscale_runs_the_model_on_the_runtimes_bicubic_upsample(tiny):
+    """GuideSR.upscale (the Python API) and runtime.upscale's tiles (BicubicSource) feed the model the same
+    bicubic x4 upsample, clamped to [-1, 1]."""
+    low_res = torch.rand(1, 3, 5, 4, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    upsampled = BicubicSource(low_res[0], tiny.config.scale)(0, 0, 20, 16)
+    with torch.no_grad():
+        expected = tiny(upsampled[None]).r1
+    assert torch.equal(tiny.upscale(low_res), expected)
+
+
+def test_set_kernels_enabled_switches_every_kernel_call_site():
+    """report's and stage_timing's --triton-kernels on/off: every FCA block and injection follows the switch."""
+    model = nn.ModuleList([GuidanceBranch(4, num_frb=1, fca_per_frb=2), build_injections(8, [4, 6], [2, 4], 8)])
+    switches = [m for m in model.modules() if hasattr(m, "use_kernel")]
+    assert len(switches) == 4 and all(m.use_kernel for m in switches)
+    set_kernels_enabled(model, False)
+    assert not any(m.use_kernel for m in switches)
+    set_kernels_enabled(model, True)
+    assert all(m.use_kernel for m in switches)
 
 
 def test_pad_to_multiple_reflects_and_replicates():
@@ -256,3 +278,5 @@ def test_injection_widths_follow_the_unet_and_the_unshuffle_budget():
     assert isinstance(model.injections[0].narrow, nn.Identity)
     small = build_injections(8, [4, 6], [2, 4], injection_channels=8)
     assert [(m.narrow.out_channels, m.project.in_channels) for m in small] == [(2, 4 + 2 * 4), (1, 4 + 16)]
+    wide = build_injections(2, [4], [2], injection_channels=16)[0]  # budget 16 / 2^2 = 4 > 2C = 2: no widening
+    assert isinstance(wide.narrow, nn.Identity) and wide.project.in_channels == 4 + 2 * 4

@@ -46,6 +46,7 @@ def make_inputs(batch, ch, cf, ho, wo, s, dtype, seed=0):
         (1, 64, 1, 3, 2, 8),  # the model's widest h next to one f channel (s = 8)
         (2, 17, 64, 3, 5, 1),  # s = 1: a plain concat
         (1, 2, 1, 2, 520, 8),  # two column blocks per row (512 + a ragged 8)
+        (1, 100, 1, 50, 1, 2),  # 5000 h rows: two h programs (4096 rows each at s = 2, W/s = 1)
     ],
 )
 def test_matches_pytorch_exactly_and_writes_every_element(batch, ch, cf, ho, wo, s, dtype):
@@ -74,6 +75,8 @@ def test_rejects_mismatched_shapes():
         pixel_unshuffle_concat_triton(h, f, 3)
     with pytest.raises(ValueError):
         pixel_unshuffle_concat_triton(h, f[..., :-1], 2)
+    with pytest.raises(ValueError):
+        pixel_unshuffle_concat_triton(h, f[..., :-2, :], 2)
     with pytest.raises(ValueError):
         pixel_unshuffle_concat_triton(h, f.half(), 2)
     with pytest.raises(ValueError):

@@ -23,7 +23,7 @@ from guidesr import metrics
 from runtime.backends import TorchBackend
 from runtime.imageio import read_image
 from runtime.upscale import main, upscale_file
-from runtime.validate import ReferenceBackend, ValidationError, Validator, compare_images
+from runtime.validate import ReferenceBackend, ValidationError, ValidationReport, Validator, compare_images
 from helpers import save_randomized_tiny
 
 
@@ -60,7 +60,7 @@ def graphs(model, tmp_path_factory) -> dict[str, Path]:
 # -------------------------------------------------------------------------------------------- metrics
 
 
-@pytest.mark.parametrize("height,width", [(300, 40), (64, 64), (75, 11), (11, 30)])
+@pytest.mark.parametrize("height,width", [(300, 40), (64, 64), (75, 11), (11, 30), (42, 40)])
 def test_band_metrics_equal_guidesr_metrics_on_the_whole_image(height, width):
     rng = np.random.default_rng(height * width)
     reference = rng.random((height, width, 3), dtype=np.float32)
@@ -76,6 +76,12 @@ def test_band_metrics_of_identical_and_of_small_images():
     image = np.random.default_rng(0).random((20, 16, 3), dtype=np.float32)
     assert compare_images(image, image.copy()) == (float("inf"), pytest.approx(1.0), 0.0)
     assert compare_images(image[:8, :8], image[:8, :8] * 0.5)[1] is None  # smaller than the SSIM window
+
+
+
+def test_a_psnr_equal_to_the_threshold_passes():
+    """--min-psnr is the least PSNR that passes ("at least N dB")."""
+    assert ValidationReport(psnr=60.0, ssim=None, max_abs=0.0, min_psnr=60.0).passed
 
 
 @pytest.mark.parametrize("nan_row", [0, 40])
@@ -172,19 +178,21 @@ def test_a_static_graph_and_the_reference_see_the_same_padded_tile(model, graphs
 def test_the_reference_runs_with_the_triton_kernels_off_and_switches_them_back(model):
     """On CUDA the FCA blocks and injections run the Triton kernels where `use_kernel` is set; the reference is the
     PyTorch definition, so every switch is off while it runs (else --validate would check the kernels against
-    themselves) and back on afterwards. Seen here from the switches' state during the forward, not from which
-    code ran: on the CPU both settings run the PyTorch code."""
+    themselves) and as it was afterwards: a switch that was off (report's --triton-kernels off) stays off. Seen
+    here from the switches' state during the forward, not from which code ran: on the CPU both settings run the
+    PyTorch code."""
     reference = ReferenceBackend(model)
     switches = [m for m in reference.model.modules() if hasattr(m, "use_kernel")]
     before = [m.use_kernel for m in switches]
     seen = []
     handle = reference.model.register_forward_pre_hook(lambda *_: seen.append([m.use_kernel for m in switches]))
     try:
-        for m in switches:
-            m.use_kernel = True
+        states = [True, False] * 3
+        for m, state in zip(switches, states):
+            m.use_kernel = state
         reference(torch.zeros(1, 3, 16, 16))
         assert len(switches) == 6 and seen == [[False] * 6]
-        assert all(m.use_kernel for m in switches)
+        assert [m.use_kernel for m in switches] == states
     finally:
         handle.remove()
         for m, state in zip(switches, before):

@@ -36,7 +36,6 @@ outputs, which is what a validation pass (PSNR / max-abs against a reference) ne
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -313,9 +312,3 @@ def run_tiled(
         weight[th - done :] = 0
     assert outputs is not None
     return outputs
-
-
-def psnr(a: np.ndarray, b: np.ndarray, data_range: float) -> float:
-    """Peak signal-to-noise ratio in dB between two arrays of the same shape."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)

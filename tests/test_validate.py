@@ -78,7 +78,6 @@ def test_band_metrics_of_identical_and_of_small_images():
     assert compare_images(image[:8, :8], image[:8, :8] * 0.5)[1] is None  # smaller than the SSIM window
 
 
-
 def test_a_psnr_equal_to_the_threshold_passes():
     """--min-psnr is the least PSNR that passes ("at least N dB")."""
     assert ValidationReport(psnr=60.0, ssim=None, max_abs=0.0, min_psnr=60.0).passed

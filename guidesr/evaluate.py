@@ -19,12 +19,13 @@ the model or its arithmetic changed; other input digests: the degradation gave o
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from runtime.cli import bounded_int, check_output_file_argument, plural, write_json
+from runtime.cli import EXIT_INTERRUPTED, bounded_int, check_output_file_argument, plural, write_json
 from runtime.environment import environment
 
 from .checkpoint import tensors_sha256, weights_sha256
@@ -131,7 +132,15 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _evaluate(argv)
+    except KeyboardInterrupt:
+        print("interrupted (SIGINT): no results written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _evaluate(argv: list[str] | None) -> int:
     scale = DegradationConfig().scale
     p = argparse.ArgumentParser(prog="python -m guidesr.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
             write_json(results, args.json)
         except OSError as error:
             p.exit(1, f"{p.prog}: error: cannot write --json {args.json}: {error}\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -33,14 +33,16 @@ shapes, concat + 1x1 projection against the equivalent 1x1 + (s x s, stride s) c
 that never builds the concatenation.
 
 Cases run in priority order (issue 5's acceptance shapes first: 1024², C = 64, batch 1), every
-measured case is written to --json at once, and SIGTERM (a session's time limit) stops the run
-after printing the table of what was measured.
+measured case is written to --json at once, and SIGTERM (a session's time limit) or Ctrl-C stops
+the run after printing the table of what was measured; Ctrl-C exits 130 with a line saying what
+was written.
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -48,7 +50,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from runtime.cli import check_output_file_argument, write_json
+from runtime.cli import EXIT_INTERRUPTED, check_output_file_argument, plural, write_json
 
 SIZES = (512, 1024, 2048)
 BATCHES = (1, 4)
@@ -444,15 +446,26 @@ def print_graph_comparison(results: list[dict], section: str, keys: tuple[str, .
         print(f"  {r['shape']}: {' / '.join(f'{ms:.3f}' for ms in graph)}   {detail(r, graph)}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.benchmark", description=__doc__.split("\n\n")[0],
                                      epilog="Exit status: 2 when the command could not run (bad options, no CUDA GPU), "
-                                            "else 0 (also when SIGTERM stopped it: what was measured is printed and "
-                                            "written).")
+                                            "130 when Ctrl-C stopped it, else 0 (also when SIGTERM stopped it); "
+                                            "either way what was measured is printed and written.")
     parser.add_argument("--json", metavar="PATH", help="write every measurement to this JSON file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json (default: refuse it)")
     args = parser.parse_args(argv)
-    check_output_file_argument(parser, "--json", Path(args.json) if args.json else None, overwrite=args.overwrite)
+    json_path = Path(args.json) if args.json else None
+    check_output_file_argument(parser, "--json", json_path, overwrite=args.overwrite)
+    results: list[dict] = []
+    try:
+        return _benchmark(parser, json_path, results)
+    except KeyboardInterrupt:
+        print(interrupted_summary(results, json_path), file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _benchmark(parser: argparse.ArgumentParser, json_path: Path | None, results: list[dict]) -> int:
+    """main's measurements, each appended to `results` as it is taken."""
     if not torch.cuda.is_available():  # status 2, as every command here says "could not run"
         parser.exit(2, f"{parser.prog}: error: it needs a CUDA GPU and Triton; torch.cuda.is_available() is False "
                        f"here\n")
@@ -463,14 +476,28 @@ def main(argv: list[str] | None = None) -> None:
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     signal.signal(signal.SIGTERM, _stop)
-    start = time.perf_counter()
     copy_gbs = copy_bandwidth_gbs()
     data = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "dtype": str(DTYPE), "copy_bandwidth_gbs": copy_gbs, "complete": False, "results": []}
-    compiled = Compiled()
+            "dtype": str(DTYPE), "copy_bandwidth_gbs": copy_gbs, "complete": False, "results": results}
+    stopped_by = measure_cases(plan(Compiled()), data, json_path)
+    if stopped_by == "SIGTERM":
+        print("stopped by SIGTERM: the table shows what was measured", flush=True)
+    if json_path is not None:
+        write_json(data, json_path)
+    print_table(results, copy_gbs)
+    if stopped_by == "SIGINT":
+        print(interrupted_summary(results, json_path), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def measure_cases(cases: list[tuple[str, Callable[[], dict]]], data: dict, json_path: Path | None) -> str | None:
+    """Run `cases` ((label, case) in priority order) into data["results"], `data` written to `json_path` after each
+    row and data["complete"] set once all ran. Returns what stopped them early ("SIGTERM", "SIGINT"), or None."""
+    start = time.perf_counter()
     try:
         with torch.no_grad():
-            for label, case in plan(compiled):
+            for label, case in cases:
                 try:
                     row = case() | {"label": label}
                 except torch.cuda.OutOfMemoryError as err:  # a too-large shape fails its row only
@@ -479,15 +506,23 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[{time.perf_counter() - start:6.1f} s] {label}: "
                       + (row.get("error") or ", ".join(f"{k} {v:.3f} ms" for k, v in row["ms"].items())), flush=True)
                 torch.cuda.empty_cache()
-                if args.json:
-                    write_json(data, Path(args.json))
+                if json_path is not None:
+                    write_json(data, json_path)
         data["complete"] = True
     except Stop as stop:
-        print(f"stopped by {stop}: the table shows what was measured", flush=True)
-    if args.json:
-        write_json(data, Path(args.json))
-    print_table(data["results"], copy_gbs)
+        return str(stop)
+    except KeyboardInterrupt:
+        return "SIGINT"
+    return None
+
+
+def interrupted_summary(results: list[dict], json_path: Path | None) -> str:
+    """The line Ctrl-C prints: how many cases were measured, and where they were written."""
+    if not results:
+        return "interrupted (SIGINT) before the first case was measured: nothing written"
+    written = f"written to {json_path} (complete: false)" if json_path is not None else "nothing written (no --json)"
+    return f"interrupted (SIGINT) after {plural(len(results), 'measured case')}: {written}"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

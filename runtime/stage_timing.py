@@ -37,7 +37,8 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cli import add_model_arguments, bounded_int, check_model_arguments, check_output_file_argument, plural, write_json
+from .cli import (EXIT_INTERRUPTED, add_model_arguments, bounded_int, check_model_arguments, check_output_file_argument,
+                  plural, write_json)
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
@@ -226,6 +227,19 @@ def format_table(rows: list[dict], title: str, matmul_tflop_s: float | None, pre
 
 
 def main(argv: list[str] | None = None) -> int:
+    profile_written_to: list[Path] = []
+    try:
+        return _stage_timing(argv, profile_written_to)
+    except KeyboardInterrupt:
+        written = (f"--json {profile_written_to[0]} has the compiled profile only, no stage times"
+                   if profile_written_to else "nothing written")
+        print(f"interrupted (SIGINT): {written}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _stage_timing(argv: list[str] | None, profile_written_to: list[Path]) -> int:
+    """main's work; the --json holding the compiled profile alone, once written, is appended to
+    `profile_written_to`."""
     from guidesr.config import PRESETS
 
     from .backends.base import BackendError
@@ -280,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_profile(profile), flush=True)
         if args.json is not None:
             _write_json(parser, args.json, {"compiled_profile": profile})
+            profile_written_to.append(args.json)
     prepared = inference_copy(model, device, DTYPES[precision])
     rows = measure(prepared, device, precision, height, width, args.batch, args.repeats)
     rate = matmul_rate(device, precision) / 1e12 if device.type == "cuda" else None

@@ -210,3 +210,22 @@ def test_results_record_the_environment_and_fingerprints_that_split_input_from_m
     assert {k: other_model["fingerprints"][k] for k in ("lq_sha256", "hr_sha256")} == {
         k: fingerprints[k] for k in ("lq_sha256", "hr_sha256")}
     assert other_model["images"][0]["draws"][0]["model"] != first["images"][0]["draws"][0]["model"]
+
+
+def test_ctrl_c_during_the_evaluation_is_one_line_and_130_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import guidesr.evaluate as evaluate_module
+
+    model = load_model(None, None, None)
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "forward", ctrl_c)
+    monkeypatch.setattr(evaluate_module, "load_model", lambda *args: model)
+    try:
+        status = main(["--crop-size", "20", "--draws", "1", "--json", str(tmp_path / "results.json")])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main() as a traceback")
+    assert status == 130
+    assert capsys.readouterr().err == "interrupted (SIGINT): no results written\n"
+    assert not (tmp_path / "results.json").exists()

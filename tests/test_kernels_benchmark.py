@@ -1,6 +1,9 @@
-"""kernels.benchmark's command line on the CPU: it refuses to run, with status 2 as the other commands do."""
+"""kernels.benchmark on the CPU: it refuses to run without CUDA, with status 2 as the other commands do, and Ctrl-C
+stops it with one line and status 130, keeping what was measured."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -40,3 +43,33 @@ def test_an_existing_json_is_refused_before_it_measures_unless_overwrite(tmp_pat
     with pytest.raises(SystemExit):
         benchmark.main(["--json", str(earlier), "--overwrite"])
     assert "it needs a CUDA GPU" in capsys.readouterr().err  # past the check, to the measuring part
+
+
+def test_ctrl_c_before_the_first_case_is_one_line_and_130(tmp_path, capsys, monkeypatch):
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.cuda, "is_available", ctrl_c)
+    try:
+        status = benchmark.main(["--json", str(tmp_path / "kernels.json")])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main() as a traceback")
+    assert status == 130
+    assert capsys.readouterr().err == "interrupted (SIGINT) before the first case was measured: nothing written\n"
+    assert not (tmp_path / "kernels.json").exists()
+
+
+def test_ctrl_c_during_the_cases_keeps_the_measured_rows_in_the_json(tmp_path, capsys):
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    cases = [("first 1", lambda: {"section": "first", "ms": {"triton": 0.5}}), ("second 1", ctrl_c),
+             ("third 1", lambda: pytest.fail("a case ran after Ctrl-C"))]
+    data = {"complete": False, "results": []}
+    path = tmp_path / "kernels.json"
+    assert benchmark.measure_cases(cases, data, path) == "SIGINT"
+    assert json.loads(path.read_text()) == {"complete": False,
+                                            "results": [{"section": "first", "ms": {"triton": 0.5}, "label": "first 1"}]}
+    assert "first 1: triton 0.500 ms" in capsys.readouterr().out
+    assert benchmark.interrupted_summary(data["results"], path) == (
+        f"interrupted (SIGINT) after 1 measured case: written to {path} (complete: false)")

@@ -136,3 +136,18 @@ def test_cli_turns_a_bad_model_or_device_into_an_error_line(argv, message, capsy
 def test_table_names_the_precision_of_the_matmul_rate():
     rows = [{"stage": "unet", "ms": 1.0, "flops": 2e9, "tflop_s": 2.0, "share": 1.0}]
     assert stage_timing.format_table(rows, "t", 700.0, "fp32").endswith("measured fp32 matmul rate: 700 TFLOP/s")
+
+
+def test_ctrl_c_while_timing_the_stages_is_one_line_and_130_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage_timing, "measure", ctrl_c)
+    try:
+        status = stage_timing.main(["--preset", "tiny", "--random-weights", "--device", "cpu", "--size", "64",
+                                    "--json", str(tmp_path / "stages.json")])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main() as a traceback")
+    assert status == 130
+    assert capsys.readouterr().err == "interrupted (SIGINT): nothing written\n"
+    assert not (tmp_path / "stages.json").exists()

@@ -39,9 +39,11 @@ PyTorch is compared with tuned cuDNN algorithms too.
 sample photos or a folder of HR images, degraded as guidesr.evaluate does.
 
 Writes into --out: report.json, report.md, latency.png and accuracy.png; where any of them exists
-already, it stops before measuring (status 2) unless --overwrite is given. report.json is rewritten
-after every measured row ("complete": false until the end), so an interrupted run keeps what it
-measured; SIGTERM or Ctrl-C stops the run and still writes all four files ("interrupted" says so).
+already, it stops before measuring (status 2) unless --overwrite is given, which removes them before
+the first measurement, so that a run killed midway never leaves its files beside an earlier run's.
+report.json is rewritten after every measured row ("complete": false until the end), so an
+interrupted run keeps what it measured; SIGTERM or Ctrl-C stops the run and still writes all four
+files ("interrupted" says so).
 Exit status: 0 when every row was measured, 1 when any failed (the error is in its row) or SIGTERM
 stopped the run (a session's time limit), 2 for bad options, 130 when Ctrl-C stopped it.
 """
@@ -611,7 +613,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("artifacts/report"),
                         help="output folder (default artifacts/report)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the report's files already in --out (default: refuse them)")
+                        help="remove the report's files already in --out before the first measurement (default: "
+                             "refuse them)")
     return parser
 
 
@@ -740,6 +743,8 @@ def _report(argv: list[str] | None) -> int:
         report.data["quality"] = {"data": args.quality, "crop_size": args.quality_crop, "border": model.config.scale,
                                   "images": names, "bicubic": quality_scores(lq.clamp(-1, 1), hr, model.config.scale),
                                   "results": []}
+    for name in REPORT_FILES:
+        (Path(args.out) / name).unlink(missing_ok=True)
     previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     progress = tqdm(total=sum(len(items) for _, _, groups in plan for items in groups.values()), desc="report",
                     unit="case")

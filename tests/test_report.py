@@ -158,6 +158,25 @@ def test_a_report_file_already_in_out_is_refused_before_the_model_loads_unless_o
         main(CI_ARGS + ["--out", str(tmp_path), "--overwrite"])  # past the check, to the model
 
 
+def test_overwrite_removes_the_earlier_report_before_the_first_measurement(tmp_path, monkeypatch):
+    """A run killed midway (SIGKILL: nothing runs after it) leaves only its own files, never its report.json beside an
+    earlier run's Markdown and plots."""
+    for name in ("report.json", "report.md", "latency.png", "accuracy.png"):
+        (tmp_path / name).write_text("an earlier run's")
+    measure, folder_at_each_measurement = report_module.Report.measure, []
+
+    def measure_noting_the_folder(self, backend, geometry):
+        folder_at_each_measurement.append(sorted(path.name for path in tmp_path.iterdir()))
+        return measure(self, backend, geometry)
+
+    monkeypatch.setattr(report_module.Report, "measure", measure_noting_the_folder)
+    assert main(CI_ARGS + ["--backends", "torch", "--tiled", "--sizes", "64", "--out", str(tmp_path),
+                           "--overwrite"]) == 0
+    assert folder_at_each_measurement == [[]]
+    assert json.loads((tmp_path / "report.json").read_text())["complete"] is True
+    assert (tmp_path / "latency.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
 def test_the_overlap_is_checked_against_the_tile_actually_used(tmp_path, capsys):
     """--tile 90 passes the command-line check; the tiny model's size multiple (16) makes it 80, and an overlap of 64
     would compute every output pixel 25 times: the tiled row fails with the reason, the report exits 1."""

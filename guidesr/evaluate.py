@@ -7,7 +7,9 @@ Every HR image is centre-cropped to `--crop-size`, degraded `--draws` times with
 Real-ESRGAN pipeline under fixed seeds (the same LR inputs every run; each image and draw on its
 own, see `guidesr.data.eval_pairs`), and restored 4x. Metrics: RGB and Y (BT.601), with a border
 of `scale` pixels cropped, as is usual for SR; an image's scores are the mean over its draws, and
-the table's mean is over images.
+the table's mean is over images. PSNR is infinite for an output identical to its HR crop (a flat
+crop that a draw's degradation left unchanged, say), and so is every mean it enters: the table
+prints inf, the JSON null (JSON has no infinity; guidesr.train's metrics.jsonl does the same).
 
 The results (--json) carry what they were measured on, so that a number that moves between runs
 can be traced: `environment` (machine, CPU, Python, torch's CPU kernels and threads, torch / numpy /
@@ -19,6 +21,7 @@ the model or its arithmetic changed; other input digests: the degradation gave o
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -127,9 +130,19 @@ def format_table(results: dict) -> str:
             lines.append(f"| {row['image']} | {method} | {s['psnr_rgb']:.2f} | {s['ssim_rgb']:.4f} | "
                          f"{s['psnr_y']:.2f} | {s['ssim_y']:.4f} |")
     gain = results["mean"]["model"]["psnr_rgb"] - results["mean"]["bicubic"]["psnr_rgb"]
-    lines.append(f"\nmodel - bicubic: {gain:+.2f} dB PSNR (RGB); {plural(results['draws'], 'degradation draw')} per "
+    gain_text = "undefined (both mean PSNRs are infinite)" if math.isnan(gain) else f"{gain:+.2f} dB PSNR"
+    lines.append(f"\nmodel - bicubic: {gain_text} (RGB); {plural(results['draws'], 'degradation draw')} per "
                  f"image, seed {results['degradation_seed']}")
     return "\n".join(lines)
+
+
+def infinities_as_null(value):
+    """`value` with every infinite float (a PSNR) made None: JSON has no infinity."""
+    if isinstance(value, dict):
+        return {key: infinities_as_null(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [infinities_as_null(item) for item in value]
+    return None if isinstance(value, float) and math.isinf(value) else value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +192,7 @@ def _evaluate(argv: list[str] | None) -> int:
     print(format_table(results), flush=True)  # first: the results are not lost if --json cannot be written
     if args.json is not None:
         try:
-            write_json(results, args.json)
+            write_json(infinities_as_null(results), args.json)
         except OSError as error:
             p.exit(1, f"{p.prog}: error: cannot write --json {args.json}: {error}\n")
     return 0

@@ -229,3 +229,31 @@ def test_ctrl_c_during_the_evaluation_is_one_line_and_130_and_writes_nothing(tmp
     assert status == 130
     assert capsys.readouterr().err == "interrupted (SIGINT): no results written\n"
     assert not (tmp_path / "results.json").exists()
+
+
+def test_an_output_identical_to_its_hr_crop_is_inf_in_the_table_and_null_in_the_json(tmp_path, capsys):
+    """A black crop that seed 3's degradation leaves black: bicubic equals the HR crop, its PSNR is infinite."""
+    import json
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "black.png")
+    assert main(["--data", str(tmp_path), "--crop-size", "64", "--seed", "3", "--draws", "1",
+                 "--json", str(tmp_path / "results.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| black.png | bicubic | inf | 1.0000 | inf | 1.0000 |" in out
+    assert "model - bicubic: -inf dB PSNR (RGB)" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    for scores in (results["images"][0]["draws"][0]["bicubic"], results["images"][0]["bicubic"],
+                   results["mean"]["bicubic"]):
+        assert scores == {"psnr_rgb": None, "ssim_rgb": 1.0, "psnr_y": None, "ssim_y": 1.0}
+    assert results["mean"]["model"]["psnr_rgb"] > 0
+
+
+def test_the_gain_line_of_two_infinite_means_says_it_is_undefined():
+    from guidesr.evaluate import format_table
+
+    identical = {"psnr_rgb": float("inf"), "ssim_rgb": 1.0, "psnr_y": float("inf"), "ssim_y": 1.0}
+    results = {"images": [{"image": "flat.png", "model": identical, "bicubic": identical}],
+               "mean": {"model": identical, "bicubic": identical}, "draws": 1, "degradation_seed": 0}
+    table = format_table(results)
+    assert "| flat.png | model | inf | 1.0000 | inf | 1.0000 |" in table
+    assert "model - bicubic: undefined (both mean PSNRs are infinite) (RGB); 1 degradation draw per image" in table

@@ -461,7 +461,8 @@ def _run_verify(args, model: GuideSR, weights: str, progress: Progress) -> int:
         progress.compared.append(path)
     print("\nall comparisons passed" if passed else "\nSOME COMPARISONS FAILED")
     if problems:
-        print(f"{len(problems)} of the {len(graphs)} graphs were not compared (the errors above say why)")
+        print(f"{len(problems)} of {plural(len(graphs), 'graph')} {'was' if len(problems) == 1 else 'were'} not "
+              f"compared (the errors above say why)")
     if engine_problem is not None:
         print(f"{args.engine} was not checked (the error above says why)")
     if problems or engine_problem is not None:

@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="remove an earlier session's files from --out first (default: refuse them)")
     args = parser.parse_args(argv)
     if args.engine is not None and not args.engine.is_file():
-        parser.error(f"--engine {args.engine}: no such file")
+        parser.error(f"--engine {args.engine}: {'is a folder' if args.engine.is_dir() else 'no such file'}")
     settings = CPU_SMOKE if args.cpu_smoke else GPU
     caps = dict(settings.caps)
     for item in args.cap:

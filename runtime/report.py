@@ -627,7 +627,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         if path is None:
             continue
         if not path.is_file():
-            parser.error(f"{option} {path}: no such file")
+            parser.error(f"{option} {path}: {'is a folder' if path.is_dir() else 'no such file'}")
         if args.backends is not None and backend not in args.backends + (args.tiled_backends or []):
             parser.error(f"{option} is for the {backend} backend, which --backends leaves out")
     problem = overlap_problem(args.overlap, (args.tile, args.tile), f"--tile {args.tile}")

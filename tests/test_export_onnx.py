@@ -670,7 +670,9 @@ def test_verify_names_every_graph_of_another_model_and_compares_the_others(graph
             "compare a graph with the model it came from") in err
     assert f"PASS  {good.name} vs pytorch" in out
     assert "other-seed.onnx vs" not in out and "other-checkpoint.onnx vs" not in out
-    assert out.endswith("\nall comparisons passed\n2 of the 3 graphs were not compared (the errors above say why)\n")
+    assert out.endswith("\nall comparisons passed\n2 of 3 graphs were not compared (the errors above say why)\n")
+    assert main(["verify", "--onnx", str(other_seed), str(good)]) == EXIT_USAGE
+    assert capsys.readouterr().out.endswith("\n1 of 2 graphs was not compared (the errors above say why)\n")
 
 
 def test_verify_names_every_file_it_is_given_that_is_not_an_exported_graph(graphs, tmp_path, capsys, no_model_loading):

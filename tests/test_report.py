@@ -129,6 +129,8 @@ def test_parse_size():
     (["--out", "{tmp}/file/report"], "--out {tmp}/file/report: {tmp}/file is not a folder"),
     (["--tile", "64", "--overlap", "56"], "--overlap 56 with --tile 64 computes every output pixel about 64 times"),
     (["--onnx", "{tmp}/missing.onnx"], "--onnx {tmp}/missing.onnx: no such file"),
+    (["--onnx", "{tmp}"], "--onnx {tmp}: is a folder"),
+    (["--engine", "{tmp}"], "--engine {tmp}: is a folder"),
     (["--engine", "{tmp}/missing.engine"], "--engine {tmp}/missing.engine: no such file"),
     (["--backends", "torch", "--onnx", "{tmp}/file"],
      "--onnx is for the onnxruntime backend, which --backends leaves out"),
@@ -400,6 +402,7 @@ def test_warm_up_makes_at_least_the_calls_and_continues_until_the_time_is_spent(
     (["--budget-s", "0"], "argument --budget-s: 0 must be > 0"),
     (["--sizes", "512", "-1"], "argument --sizes: -1 must be >= 1"),
     (["--engine", "missing.engine"], "--engine missing.engine: no such file"),  # the report would refuse it
+    (["--engine", "/"], "--engine /: is a folder"),
 ])
 def test_gpu_session_refuses_malformed_arguments_before_any_step(argv, message, tmp_path, capsys):
     from runtime import gpu_session

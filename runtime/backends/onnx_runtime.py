@@ -98,7 +98,6 @@ class ONNXRuntimeBackend(Backend):
             self.precision = resolve_precision(precision, self.device, self.descriptor)
             self.spec = guidesr_graph(self.descriptor.size_multiple, tile, "static", batch=batch)
             if self.descriptor.checkpoint_sha256 is None:
-
                 with tempfile.TemporaryDirectory(prefix="guidesr-onnx-") as scratch:
                     (graph,) = export_graphs(model, scratch, [self.spec], [self.precision], weights="untrained")
                     self.session = self._session(graph.path)  # the session holds the graph; the file can go
@@ -111,7 +110,6 @@ class ONNXRuntimeBackend(Backend):
         self.provider = self.session.get_providers()[0]
 
     def _check_given_graph(self, path: Path, precision: str | None, model: GuideSR) -> tuple[GraphSpec, str]:
-
         metadata = _graph_metadata(path)
         graph_checkpoint = metadata["checkpoint_sha256"]
         model_checkpoint = self.descriptor.checkpoint_sha256 or "none"
@@ -164,7 +162,6 @@ class ONNXRuntimeBackend(Backend):
 
 
 def _graph_metadata(path: Path) -> dict[str, str]:
-
     if not path.is_file():
         raise BackendError(f"ONNX graph {path} does not exist")
     try:
@@ -179,7 +176,6 @@ def cached_graph(model: GuideSR, spec: GraphSpec, precision: str, cache_dir: Pat
     """The cached graph of `model` (which has a checkpoint) for `spec` and `precision`, exported when
     missing or stale; returns its path and where it came from. The export runs in a scratch folder named after its
     process, which a later export into the folder removes if that process was killed (`remove_dead_scratch`)."""
-
     checkpoint, weights_digest = model.descriptor.checkpoint_sha256, weights_sha256(model)
     folder = cache_dir / checkpoint / weights_digest[:16]
     path = folder / graph_filename(model.config.preset, spec, precision)
@@ -200,7 +196,6 @@ def cached_graph(model: GuideSR, spec: GraphSpec, precision: str, cache_dir: Pat
 
 def _stale_reason(path: Path, checkpoint: str, weights_digest: str, spec: GraphSpec, precision: str) -> str | None:
     """Why the cached file cannot be used, or None when it can."""
-
     if not path.is_file():
         return "the first use of this graph"
     try:

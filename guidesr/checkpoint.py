@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
-from runtime.cli import plural
+from runtime.cli import plural, write_whole_files
 
 from .config import GuideSRConfig
 
@@ -73,22 +72,17 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, base_model: str | 
     json_path, tensor_path = checkpoint_paths(path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.trained_state_dict().items()}
-    tmp_tensors = tensor_path.with_name(tensor_path.name + ".tmp")
-    save_file(tensors, tmp_tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    data = save_tensors(tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     record = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
         "tensors": tensor_path.name,
-        "sha256": file_sha256(tmp_tensors),
+        "sha256": hashlib.sha256(data).hexdigest(),
         "base_model": base_model,
         **(extra or {}),
     }
-    tmp_json = json_path.with_name(json_path.name + ".tmp")
-    tmp_json.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    shutil.copymode(tmp_json, tmp_tensors)  # safetensors writes 0600; both files get the umask's mode
-    os.replace(tmp_tensors, tensor_path)
-    os.replace(tmp_json, json_path)
+    write_whole_files({tensor_path: data, json_path: (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()})
     return json_path
 
 

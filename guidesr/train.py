@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -30,12 +29,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from runtime.cli import EXIT_INTERRUPTED, bounded_float, bounded_int, plural
+from runtime.cli import EXIT_INTERRUPTED, bounded_float, bounded_int, plural, write_whole_files
 
 from .checkpoint import CheckpointError, read_checkpoint_record, save_checkpoint
 from .config import PRESETS, preset_config
@@ -194,11 +194,8 @@ def save_train_state(path: Path, step: int, elapsed_s: float, model: GuideSR, di
         disc_tensors, disc_groups = _flatten_optimizer(disc_optimizer, "disc_optimizer")
         tensors |= disc_tensors
         record["disc_optimizer"] = disc_groups
-    save_file(tensors, path / "state.safetensors.tmp", metadata={"step": str(step)})
-    (path / "state.json.tmp").write_text(json.dumps(record, indent=2, default=str))
-    shutil.copymode(path / "state.json.tmp", path / "state.safetensors.tmp")  # safetensors writes 0600
-    os.replace(path / "state.safetensors.tmp", path / "state.safetensors")
-    os.replace(path / "state.json.tmp", path / "state.json")
+    write_whole_files({path / "state.safetensors": save_tensors(tensors, metadata={"step": str(step)}),
+                       path / "state.json": json.dumps(record, indent=2, default=str).encode()})
 
 
 # Settings a resumed run may change: where and how often it writes, and how far it goes.

@@ -140,16 +140,28 @@ def write_json(data: dict, path: Path) -> None:
 def write_whole(path: Path, data: bytes | memoryview) -> None:
     """Into a new hidden temporary beside `path` (`new_partial_file`), synced, then renamed over `path`: a write that
     fails leaves the previous file or none, never part of one; a killed one also leaves its hidden temporary."""
-    fd, temporary = new_partial_file(path)
+    write_whole_files({path: data})
+
+
+def write_whole_files(files: dict[Path, bytes | memoryview]) -> None:
+    """`write_whole` of several files at once: every one into its new hidden temporary and synced first, then all
+    renamed over their paths, in order. A write that fails or is killed before the renames leaves every previous
+    file as it was."""
+    temporaries: list[Path] = []
     try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
+        for path, data in files.items():
+            fd, temporary = new_partial_file(path)
+            temporaries.append(temporary)
+            with os.fdopen(fd, "wb") as stream:
+                stream.write(data)
+                stream.flush()
+                os.fsync(stream.fileno())
+        for temporary, path in zip(temporaries, files):
+            os.replace(temporary, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
+        for temporary in temporaries:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
         raise
 
 

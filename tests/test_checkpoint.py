@@ -55,6 +55,19 @@ def test_round_trip_is_bit_exact(tmp_path):
         assert torch.equal(saved[name], loaded[name]), name
 
 
+def test_saving_never_writes_through_a_link_planted_at_a_temporary_name(tmp_path):
+    """The checkpoint's temporaries are new files (O_EXCL) with random names: links at the names a save once used are
+    left alone, and the file they point to is not written."""
+    victim = tmp_path / "victim"
+    victim.write_text("not the checkpoint's")
+    for name in ("ckpt.json.tmp", "ckpt.safetensors.tmp"):
+        (tmp_path / name).symlink_to(victim)
+    json_path = save_checkpoint(trained_model(0), tmp_path / "ckpt")
+    assert victim.read_text() == "not the checkpoint's"
+    target = GuideSR(tiny_config())
+    assert load_checkpoint(target, json_path) == json.loads(json_path.read_text())["sha256"]
+
+
 def test_only_trained_parts_are_stored(tmp_path):
     model = trained_model(0)
     save_checkpoint(model, tmp_path / "ckpt")

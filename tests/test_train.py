@@ -472,6 +472,25 @@ def test_the_training_state_keeps_the_fp16_loss_scale(tmp_path):
     assert resumed.state_dict() == scaler.state_dict()
 
 
+def test_saving_the_training_state_never_writes_through_a_link_planted_at_a_temporary_name(tmp_path):
+    """The state's temporaries are new files (O_EXCL) with random names: links at the names a save once used are
+    left alone, and the file they point to is not written."""
+    trainer = Trainer(small_config(tmp_path / "run"))
+    parts = (trainer.model, trainer.discriminator, trainer.optimizer, trainer.disc_optimizer)
+    state = tmp_path / "state"
+    state.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("not the run's")
+    for name in ("state.json.tmp", "state.safetensors.tmp"):
+        (state / name).symlink_to(victim)
+    scaler = torch.amp.GradScaler("cpu")
+    save_train_state(state, 3, 1.5, *parts, scaler, trainer.config)
+    assert victim.read_text() == "not the run's"
+    assert sorted(path.name for path in state.iterdir()) == ["state.json", "state.json.tmp", "state.safetensors",
+                                                             "state.safetensors.tmp"]
+    assert load_train_state(state, *parts, scaler) == (3, 1.5)
+
+
 @pytest.mark.parametrize("max_grad_norm", [None, 1e-3])
 def test_under_ddp_a_step_all_reduces_each_models_gradients_once_whatever_the_grad_accum(tmp_path, max_grad_norm):
     """The generator's and the discriminator's micro-batches but the last accumulate their gradients locally

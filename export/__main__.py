@@ -373,7 +373,8 @@ def _run_onnx(args, model: GuideSR, weights: str, progress: Progress) -> int:
 
 
 def _run_engine(args, model: GuideSR, weights: str, progress: Progress) -> int:
-    (graph,) = export_graphs(model, args.out_dir, _specs(args, model, [args.variant], for_tensorrt=True), [args.precision], weights)
+    (graph,) = export_graphs(model, args.out_dir, _specs(args, model, [args.variant], for_tensorrt=True),
+                             [args.precision], weights)
     progress.written.append(graph.path)
     print(f"wrote {graph.path}")
     try:

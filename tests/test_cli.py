@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cli import (add_model_arguments, bounded_float, bounded_int, check_model_arguments, nearest_existing_folder,
-                         output_file_problem, output_folder_problem, plural, write_whole)
+from runtime.cli import (add_model_arguments, bounded_float, bounded_int, check_model_arguments,
+                         nearest_existing_folder, output_file_problem, output_folder_problem, plural, write_whole)
 
 
 @pytest.mark.parametrize("parse, text, value", [

@@ -68,8 +68,8 @@ def test_ctrl_c_during_the_cases_keeps_the_measured_rows_in_the_json(tmp_path, c
     data = {"complete": False, "results": []}
     path = tmp_path / "kernels.json"
     assert benchmark.measure_cases(cases, data, path) == "SIGINT"
-    assert json.loads(path.read_text()) == {"complete": False,
-                                            "results": [{"section": "first", "ms": {"triton": 0.5}, "label": "first 1"}]}
+    first = {"section": "first", "ms": {"triton": 0.5}, "label": "first 1"}
+    assert json.loads(path.read_text()) == {"complete": False, "results": [first]}
     assert "first 1: triton 0.500 ms" in capsys.readouterr().out
     assert benchmark.interrupted_summary(data["results"], path) == (
         f"interrupted (SIGINT) after 1 measured case: written to {path} (complete: false)")

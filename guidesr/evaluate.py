@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from runtime.cli import EXIT_INTERRUPTED, bounded_int, check_output_file_argument, plural, write_json
+from runtime.cli import (EXIT_INTERRUPTED, bounded_int, check_output_file_argument, non_finite_as_null, plural,
+                         write_json)
 from runtime.environment import environment
 
 from .checkpoint import tensors_sha256, weights_sha256
@@ -136,15 +137,6 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def infinities_as_null(value):
-    """`value` with every infinite float (a PSNR) made None: JSON has no infinity."""
-    if isinstance(value, dict):
-        return {key: infinities_as_null(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [infinities_as_null(item) for item in value]
-    return None if isinstance(value, float) and math.isinf(value) else value
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         return _evaluate(argv)
@@ -192,7 +184,7 @@ def _evaluate(argv: list[str] | None) -> int:
     print(format_table(results), flush=True)  # first: the results are not lost if --json cannot be written
     if args.json is not None:
         try:
-            write_json(infinities_as_null(results), args.json)
+            write_json(non_finite_as_null(results), args.json)
         except OSError as error:
             p.exit(1, f"{p.prog}: error: cannot write --json {args.json}: {error}\n")
     return 0

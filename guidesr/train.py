@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from runtime.cli import EXIT_INTERRUPTED, bounded_float, bounded_int, plural, write_whole_files
+from runtime.cli import EXIT_INTERRUPTED, bounded_float, bounded_int, non_finite_as_null, plural, write_whole_files
 
 from .checkpoint import CheckpointError, read_checkpoint_record, save_checkpoint
 from .config import PRESETS, preset_config
@@ -525,8 +525,7 @@ class Trainer:
 def log_line(entry: dict[str, float]) -> str:
     """One line of metrics.jsonl: strict JSON, with null for a value that is not finite (under fp16, a loss or
     gradient norm of a step that GradScaler skipped)."""
-    return json.dumps({key: value if math.isfinite(value) else None for key, value in entry.items()},
-                      allow_nan=False) + "\n"
+    return json.dumps(non_finite_as_null(entry), allow_nan=False) + "\n"
 
 
 def _drop_log_lines_after(log_path: Path, step: int) -> None:

@@ -131,6 +131,16 @@ def plural(count: int, noun: str, nouns: str | None = None) -> str:
     return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
+def non_finite_as_null(value):
+    """`value` (JSON data: dicts, lists, numbers, strings) with every float that is not finite made None: strict JSON
+    has no infinity or NaN."""
+    if isinstance(value, dict):
+        return {key: non_finite_as_null(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [non_finite_as_null(item) for item in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def write_json(data: dict, path: Path) -> None:
     """`write_whole` of the JSON (no NaN/inf), its folder made first."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,12 +175,20 @@ def write_whole_files(files: dict[Path, bytes | memoryview]) -> None:
         raise
 
 
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_name(path: Path) -> Path:
+    """A new random hidden name beside `path` for its temporary: `.NAME.XXXXXXXX.partial`."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+
+
 def new_partial_file(path: Path) -> tuple[int, Path]:
-    """(descriptor open for reading and writing, name) of a new hidden `.NAME.XXXXXXXX.partial` beside `path`, made
+    """(descriptor open for reading and writing, name) of a new hidden temporary of `path` (`partial_name`), made
     with O_EXCL, so a file or link already there is never written through and two writers never share one, and with
     the mode the umask gives any new file (mkstemp's would be 0600, whatever the umask)."""
     while True:
-        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+        temporary = partial_name(path)
         try:
             return os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), temporary
         except FileExistsError:

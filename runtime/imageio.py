@@ -36,7 +36,6 @@ import math
 import numbers
 import os
 import re
-import secrets
 import shutil
 import struct
 import sys
@@ -49,7 +48,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
 
-from .cli import new_partial_file
+from .cli import PARTIAL_SUFFIX, new_partial_file, partial_name
 
 DEFAULT_MAX_MEGAPIXELS = 64.0
 
@@ -637,9 +636,6 @@ def _write_png_16bit(stream, pixels: np.ndarray, icc_profile: bytes | None,
     stream.write(_png_chunk(b"IEND", b""))
 
 
-PARTIAL_SUFFIX = ".partial"
-
-
 def stale_partial_files(path: str | os.PathLike) -> list[Path]:
     """Hidden temporaries of `path` left by a writer that was killed (only where O_TMPFILE is unavailable)."""
     path = Path(path)
@@ -714,7 +710,7 @@ def _link_unnamed(fd: int, path: Path, overwrite: bool) -> bool:
         except FileExistsError:
             raise OutputExistsError(path) from None
     # Overwrite: link the complete file under a hidden name beside it, then rename it over `path`.
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+    temp = partial_name(path)
     if not _linkat(fd, temp):
         return False
     try:

@@ -2,7 +2,9 @@
 tests' tools."""
 
 from pathlib import Path
+from typing import Callable
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -80,3 +82,12 @@ def require_interpreted_kernel(kernel, module_name: str) -> None:
             f"{module_name} was imported before tests/conftest.py set TRITON_INTERPRET=1, so its kernels "
             "cannot run on the CPU; set TRITON_INTERPRET=1 in the environment or tests/conftest.py"
         )
+
+
+def status_after_ctrl_c(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """`main(argv)`'s exit status where the test makes Ctrl-C happen inside it: a KeyboardInterrupt that escapes main
+    (a traceback for the user) fails the test, instead of stopping this pytest run."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main() as a traceback")

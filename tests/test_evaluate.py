@@ -9,6 +9,8 @@ from PIL import Image
 from guidesr.evaluate import evaluate, main
 from guidesr.loading import load_model
 
+from helpers import status_after_ctrl_c
+
 
 def test_help_names_the_module_and_states_every_default(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
@@ -222,11 +224,8 @@ def test_ctrl_c_during_the_evaluation_is_one_line_and_130_and_writes_nothing(tmp
 
     monkeypatch.setattr(model, "forward", ctrl_c)
     monkeypatch.setattr(evaluate_module, "load_model", lambda *args: model)
-    try:
-        status = main(["--crop-size", "20", "--draws", "1", "--json", str(tmp_path / "results.json")])
-    except KeyboardInterrupt:
-        pytest.fail("Ctrl-C escaped main() as a traceback")
-    assert status == 130
+    argv = ["--crop-size", "20", "--draws", "1", "--json", str(tmp_path / "results.json")]
+    assert status_after_ctrl_c(main, argv) == 130
     assert capsys.readouterr().err == "interrupted (SIGINT): no results written\n"
     assert not (tmp_path / "results.json").exists()
 

@@ -34,7 +34,7 @@ from export.trt_supported_ops import tensorrt_problems
 from export.verify import compare
 from guidesr.checkpoint import CheckpointError, weights_sha256
 from guidesr.loading import DEFAULT_CHECKPOINT
-from helpers import randomized_tiny
+from helpers import randomized_tiny, status_after_ctrl_c
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [(64, 64), (48, 80), (96, 64)]  # multiples of the tiny preset's 16, one non-square each way
@@ -783,13 +783,6 @@ def test_the_largest_tensor_formula_matches_the_exported_graphs(graphs, model, t
     assert expected.shape == (1, 8, 400, 400) and expected.shape in {shapes[name] for name in scores}
 
 
-def _main_not_raising_ctrl_c(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except KeyboardInterrupt:
-        pytest.fail("Ctrl-C escaped main() as a traceback")  # and would stop this pytest run
-
-
 def test_ctrl_c_during_an_export_exits_130_saying_which_graphs_are_written(model, tmp_path, monkeypatch, capsys):
     finish_graph, finished = onnx_export.finish_graph, []
 
@@ -801,7 +794,7 @@ def test_ctrl_c_during_an_export_exits_130_saying_which_graphs_are_written(model
     monkeypatch.setattr(onnx_export, "finish_graph", interrupted_in_the_second_graph)
     monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
     argv = ["onnx", "--tile", "32", "--variant", "static", "dynamic", "--precision", "fp32", "--out-dir", str(tmp_path)]
-    assert _main_not_raising_ctrl_c(argv) == EXIT_INTERRUPTED
+    assert status_after_ctrl_c(main, argv) == EXIT_INTERRUPTED
     out, err = capsys.readouterr()
     static = tmp_path / "tiny-static-b1-32x32-fp32.onnx"
     assert out == f"wrote {static}\n"
@@ -817,7 +810,7 @@ def test_ctrl_c_during_engine_and_verify_exits_130_saying_what_is_done(graphs, m
     monkeypatch.setattr("export.__main__.load_from_args", lambda args: (model, "test: random tiny"))
     monkeypatch.setattr("export.__main__.import_tensorrt", ctrl_c)
     argv = ["engine", "--tile", "32", "--out-dir", str(tmp_path)]
-    assert _main_not_raising_ctrl_c(argv) == EXIT_INTERRUPTED
+    assert status_after_ctrl_c(main, argv) == EXIT_INTERRUPTED
     assert capsys.readouterr().err == (
         "interrupted: tiny-static-b1-32x32-fp16.onnx is written, its engine is not: nothing half-written was "
         "published (an engine is used only with its NAME.engine.json, written last); the same command again builds "
@@ -836,7 +829,7 @@ def test_ctrl_c_during_engine_and_verify_exits_130_saying_what_is_done(graphs, m
 
     monkeypatch.setattr(verify, "compare", interrupted_in_the_second_graph)
     first, second = (graphs[(precision, "static", SIZES[0])].path for precision in ("fp32", "fp16"))
-    assert _main_not_raising_ctrl_c(["verify", "--onnx", str(first), str(second)]) == EXIT_INTERRUPTED
+    assert status_after_ctrl_c(main, ["verify", "--onnx", str(first), str(second)]) == EXIT_INTERRUPTED
     out, err = capsys.readouterr()
     assert f"PASS  {first.name} vs pytorch" in out
     assert err == "interrupted: 1 of 2 graphs compared (results above); verify writes no files\n"

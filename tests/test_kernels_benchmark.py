@@ -10,6 +10,8 @@ import torch
 
 from kernels import benchmark
 
+from helpers import status_after_ctrl_c
+
 
 def test_without_cuda_it_stops_with_status_2_and_one_line(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -50,11 +52,7 @@ def test_ctrl_c_before_the_first_case_is_one_line_and_130(tmp_path, capsys, monk
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch.cuda, "is_available", ctrl_c)
-    try:
-        status = benchmark.main(["--json", str(tmp_path / "kernels.json")])
-    except KeyboardInterrupt:
-        pytest.fail("Ctrl-C escaped main() as a traceback")
-    assert status == 130
+    assert status_after_ctrl_c(benchmark.main, ["--json", str(tmp_path / "kernels.json")]) == 130
     assert capsys.readouterr().err == "interrupted (SIGINT) before the first case was measured: nothing written\n"
     assert not (tmp_path / "kernels.json").exists()
 

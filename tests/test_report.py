@@ -22,7 +22,7 @@ import runtime.report as report_module
 from runtime.gpu_session import GUIDANCE_CASE, check_targets, format_checks, kernels_choice
 from runtime.report import format_markdown, main, parse_size, warm_up
 
-from helpers import refuse_report_model_loading
+from helpers import refuse_report_model_loading, status_after_ctrl_c
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -242,11 +242,7 @@ def test_ctrl_c_writes_what_was_measured_and_exits_130(tmp_path, monkeypatch, ca
         return measure(self, backend, geometry)
 
     monkeypatch.setattr(report_module.Report, "measure", interrupted_on_the_second_row)
-    try:
-        status = main(CI_ARGS + ["--backends", "torch", "--tiled", "--out", str(tmp_path)])
-    except KeyboardInterrupt:
-        pytest.fail("Ctrl-C escaped main() as a traceback")
-    assert status == 130
+    assert status_after_ctrl_c(main, CI_ARGS + ["--backends", "torch", "--tiled", "--out", str(tmp_path)]) == 130
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["complete"] is False and "SIGINT" in data["interrupted"] and len(data["results"]) == 1
     assert "**Incomplete**" in (tmp_path / "report.md").read_text()
@@ -261,11 +257,7 @@ def test_ctrl_c_while_the_model_loads_is_one_line_and_130(tmp_path, monkeypatch,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(report_module, "load_model_from_args", interrupted)
-    try:
-        status = main(CI_ARGS + ["--out", str(tmp_path / "out")])
-    except KeyboardInterrupt:
-        pytest.fail("Ctrl-C escaped main() as a traceback")
-    assert status == 130
+    assert status_after_ctrl_c(main, CI_ARGS + ["--out", str(tmp_path / "out")]) == 130
     assert capsys.readouterr().err == "interrupted (SIGINT) before the report files were all written\n"
     assert not (tmp_path / "out" / "report.json").exists()
 

@@ -10,7 +10,7 @@ from export.merge import inference_copy
 from guidesr import model_for_preset
 from runtime import stage_timing
 
-from helpers import refuse_report_model_loading
+from helpers import refuse_report_model_loading, status_after_ctrl_c
 
 
 def test_stages_add_up_to_the_whole_forward():
@@ -143,11 +143,7 @@ def test_ctrl_c_while_timing_the_stages_is_one_line_and_130_and_writes_nothing(t
         raise KeyboardInterrupt
 
     monkeypatch.setattr(stage_timing, "measure", ctrl_c)
-    try:
-        status = stage_timing.main(["--preset", "tiny", "--random-weights", "--device", "cpu", "--size", "64",
-                                    "--json", str(tmp_path / "stages.json")])
-    except KeyboardInterrupt:
-        pytest.fail("Ctrl-C escaped main() as a traceback")
-    assert status == 130
+    assert status_after_ctrl_c(stage_timing.main, ["--preset", "tiny", "--random-weights", "--device", "cpu", "--size",
+                                                   "64", "--json", str(tmp_path / "stages.json")]) == 130
     assert capsys.readouterr().err == "interrupted (SIGINT): nothing written\n"
     assert not (tmp_path / "stages.json").exists()

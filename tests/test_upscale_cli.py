@@ -29,6 +29,8 @@ import runtime.upscale as upscale_module
 from runtime.upscale import (EXIT_CANNOT_RUN, EXIT_FAILED_IMAGES, EXIT_INTERRUPTED, collect_jobs, effective_tile, main,
                              upscale_array, upscale_file)
 
+from helpers import status_after_ctrl_c
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -526,11 +528,7 @@ def test_ctrl_c_leaves_whole_outputs_and_says_the_same_command_finishes(tmp_path
     for name in ("a", "b", "c"):
         write_image(tmp_path / "in" / f"{name}.png", RNG.random((5, 6, 3), dtype=np.float32))
     args = [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--tile", "0"]
-    try:
-        status = main(args)
-    except KeyboardInterrupt:
-        pytest.fail("Ctrl-C escaped main() as a traceback")  # and would stop this pytest run
-    assert status == EXIT_INTERRUPTED
+    assert status_after_ctrl_c(main, args) == EXIT_INTERRUPTED
     assert "interrupted" in capsys.readouterr().err
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["a.png"]
     assert read_image(tmp_path / "out" / "a.png")[0].shape == (20, 24, 3)
